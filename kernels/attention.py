@@ -1,0 +1,659 @@
+"""Attention: softmax(q k^T * scale + mask) v, with causal masking, GQA and key padding.
+
+Shapes: q (B, nh, Tq, hs); k, v (B, n_kv, Tk, hs) with nh % n_kv == 0 (GQA: query head h reads kv head
+h // (nh // n_kv)); key_padding_mask (B, Tk) bool, True = attend.
+Causal masking is aligned bottom-right, as in FlashAttention-2: query i sees key j iff j <= i + (Tk - Tq),
+so the same call serves training (Tq == Tk), cached prefill and one-token decoding (Tq = 1 sees all keys).
+A query row that sees no key at all (a padding row) outputs zeros.
+
+The Triton path has four layers, as in Liger-Kernel and Triton tutorial 06:
+  1. kernels   _attn_fwd_kernel (FlashAttention-2 forward), _attn_bwd_preprocess_kernel, _attn_bwd_dkdv_kernel,
+               _attn_bwd_dq_kernel (the atomic-free two-kernel backward), _attn_decode_split_kernel and
+               _attn_decode_reduce_kernel (flash-decoding for Tq == 1);
+  2. launchers attention_forward, attention_decode, attention_backward: validate limits, pick block sizes;
+  3. AttentionFunction, the torch.autograd.Function;
+  4. attention(), the functional alias, which falls back to attention_reference on purpose for what the
+     kernels do not cover (head sizes other than 16/32/64/128, other dtypes, empty sequences).
+
+The math of the kernels, for one (batch, head) and scores in the log2 domain (exp2 is the native instruction):
+    s_ij  = (q_i . k_j) * scale * LOG2E,   masked entries -inf
+    m_i   = max_j s_ij,  l_i = sum_j 2^(s_ij - m_i)            (online: rescale by 2^(m_old - m_new) per key block)
+    o_i   = sum_j 2^(s_ij - m_i) v_j / l_i
+    lse_i = m_i + log2(l_i)                                    (saved; +inf for a row that sees no key -> p = 0)
+Backward, with p_ij = 2^(s_ij - lse_i) recomputed from the saved lse:
+    delta_i = sum_d do_id o_id = sum_j p_ij dp_ij,  dp_ij = do_i . v_j
+    ds_ij   = p_ij (dp_ij - delta_i)
+    dv_j = sum_i p_ij do_i,   dk_j = scale sum_i ds_ij q_i,   dq_i = scale sum_j ds_ij k_j
+For GQA, dk/dv of a kv head also sum over its nh // n_kv query heads (inside one program: no atomics).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels
+
+LOG2E = 1.4426950408889634  # 1 / ln(2): e^x = 2^(x * LOG2E)
+HEAD_SIZES = (16, 32, 64, 128)  # hs must be a power of two >= 16 (tl.dot and tl.arange need it)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def attention_reference(q, k, v, causal: bool, key_padding_mask=None, scale=None):
+    """Plain-torch attention; the CPU path and the test oracle. Softmax in fp32."""
+    B, nh, Tq, hs = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    scale = hs ** -0.5 if scale is None else scale
+    if n_kv != nh:  # GQA: each kv head serves nh // n_kv query heads
+        k = k.repeat_interleave(nh // n_kv, dim=1)  # (B, nh, Tk, hs)
+        v = v.repeat_interleave(nh // n_kv, dim=1)  # (B, nh, Tk, hs)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, nh, Tq, Tk)
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.ones_like(visible).tril(diagonal=Tk - Tq)  # j <= i + (Tk - Tq)
+    visible = visible.view(1, 1, Tq, Tk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.view(B, 1, 1, Tk)  # (B, 1, Tq, Tk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+    return torch.matmul(probs, v.float()).to(q.dtype)  # (B, nh, Tq, hs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool tile: query row offs_m may attend key offs_n (bounds, causal, padding)."""
+    vis = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))  # bottom-right aligned diagonal
+    if HAS_MASK:
+        keep = tl.load(KPM + offs_n, mask=offs_n < Tk, other=0)  # (BLOCK_N,) key_padding_mask row of this batch
+        vis = vis & (keep[None, :] != 0)
+    return vis
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one key block into the running (max m_i, sum l_i, acc), all fp32, s in the log2 domain.
+
+    s (M, N) scores with -inf where masked; v (N, hs). A row that has seen no visible key yet has
+    m = -inf; its exponent base is taken as 0 so that no -inf - (-inf) = nan appears (p and alpha are 0).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # (M,)
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_base[:, None])  # (M, N) fp32, in [0, 1]
+    alpha = tl.exp2(m_i - m_base)  # (M,) rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # p is rounded to v's dtype (fp16/bf16) for the tensor-core matmul, as FlashAttention does; sums stay fp32
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # (M, hs)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_inner(
+    m_i, l_i, acc, q,
+    K,  # pointer to k[b, kv_head, 0, 0]
+    V,  # pointer to v[b, kv_head, 0, 0]
+    KPM,  # pointer to key_padding_mask[b, 0] (unused unless HAS_MASK)
+    stride_kt, stride_vt,  # token strides of k and v (head dim is contiguous)
+    offs_m, lo, hi, Tq, Tk, qk_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+    HS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Key blocks [lo, hi). MASKED=False: blocks fully inside Tk and fully visible to every row of the query
+    block (no bounds or causal checks, only the padding mask); MASKED=True: the diagonal / ragged-end blocks."""
+    offs_d = tl.arange(0, HS)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, HS)
+        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]  # (BLOCK_N, HS)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, log2
+        if MASKED:
+            s = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK), s, float("-inf"))
+        elif HAS_MASK:
+            keep = tl.load(KPM + offs_n)  # (BLOCK_N,)
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,    # q (B, nh, Tq, hs), any dtype of DTYPES
+    K,    # k (B, n_kv, Tk, hs)
+    V,    # v (B, n_kv, Tk, hs)
+    KPM,  # key_padding_mask (B, Tk) bool, True = attend (a dummy pointer when HAS_MASK is False)
+    O,    # out (B, nh, Tq, hs), q's dtype
+    LSE,  # out (B, nh, Tq) fp32 contiguous: logsumexp of the log2-domain scores, saved for backward
+    stride_qb, stride_qh, stride_qt,  # q strides of batch, head, token (head dim stride is 1)
+    stride_kb, stride_kh, stride_kt,  # k strides of batch, kv head, token
+    stride_vb, stride_vh, stride_vt,  # v strides of batch, kv head, token
+    stride_ob, stride_oh, stride_ot,  # out strides of batch, head, token
+    stride_mb,  # key_padding_mask batch stride (token stride 1)
+    nh, Tq, Tk,
+    G,  # query heads per kv head, nh // n_kv
+    qk_scale,  # scale * LOG2E
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (batch, head) against all the keys they can see."""
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)  # b * nh + h
+    b = pid_bh // nh
+    h = pid_bh % nh
+    kv_h = h // G  # GQA
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HS)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=offs_m[:, None] < Tq, other=0.0)  # (BLOCK_M, HS), stays in registers
+    K += b * stride_kb + kv_h * stride_kh
+    V += b * stride_vb + kv_h * stride_vh
+    KPM += b * stride_mb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HS], dtype=tl.float32)  # fp32 accumulator of p @ v
+
+    # keys [0, full_hi) are visible to every row of this block; [full_hi, hi) need the per-element mask
+    if CAUSAL:
+        full_hi = tl.minimum(Tk, tl.maximum(start_m + (Tk - Tq) + 1, 0))  # row start_m sees j < this
+        hi = tl.minimum(Tk, tl.maximum(start_m + BLOCK_M + (Tk - Tq), 0))  # last row sees j < this
+    else:
+        full_hi = Tk
+        hi = Tk
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    m_i, l_i, acc = _attn_fwd_inner(m_i, l_i, acc, q, K, V, KPM, stride_kt, stride_vt, offs_m, 0, full_hi,
+                                    Tq, Tk, qk_scale, CAUSAL, HAS_MASK, False, HS, BLOCK_N, DOT_PRECISION)
+    m_i, l_i, acc = _attn_fwd_inner(m_i, l_i, acc, q, K, V, KPM, stride_kt, stride_vt, offs_m, full_hi, hi,
+                                    Tq, Tk, qk_scale, CAUSAL, HAS_MASK, True, HS, BLOCK_N, DOT_PRECISION)
+
+    # a row that saw no key has l = 0: output 0 and lse = +inf so that backward's p = 2^(s - lse) is 0
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]  # (BLOCK_M, HS)
+    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))  # (BLOCK_M,)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=offs_m[:, None] < Tq)
+    tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,      # out (B, nh, Tq, hs) of the forward
+    DO,     # grad of out (B, nh, Tq, hs)
+    Delta,  # out (B, nh, Tq) fp32 contiguous: delta_i = sum_d do_id * o_id
+    stride_ob, stride_oh, stride_ot,     # out strides of batch, head, token
+    stride_dob, stride_doh, stride_dot,  # grad-out strides of batch, head, token
+    nh, Tq,
+    HS: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // nh
+    h = pid_bh % nh
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HS)
+    row_ok = offs_m[:, None] < Tq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,) fp32
+    tl.store(Delta + pid_bh * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V,  # q (B, nh, Tq, hs); k, v (B, n_kv, Tk, hs)
+    KPM,      # key_padding_mask (B, Tk) bool (dummy unless HAS_MASK)
+    DO,       # grad of out (B, nh, Tq, hs)
+    LSE,      # (B, nh, Tq) fp32 contiguous, from the forward
+    Delta,    # (B, nh, Tq) fp32 contiguous, from the preprocess kernel
+    DK, DV,   # out: grads of k, v (B, n_kv, Tk, hs)
+    stride_qb, stride_qh, stride_qt,     # q strides of batch, head, token (head dim stride is 1, as below)
+    stride_kb, stride_kh, stride_kt,     # k strides of batch, kv head, token
+    stride_vb, stride_vh, stride_vt,     # v strides of batch, kv head, token
+    stride_dob, stride_doh, stride_dot,  # grad-out strides of batch, head, token
+    stride_dkb, stride_dkh, stride_dkt,  # dk strides of batch, kv head, token
+    stride_dvb, stride_dvh, stride_dvt,  # dv strides of batch, kv head, token
+    stride_mb,  # key_padding_mask batch stride
+    nh, n_kv, Tq, Tk, G, qk_scale, scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dk, dv of BLOCK_N keys of one (batch, kv head), looping over the G query heads that read
+    this kv head and over the query blocks that can see these keys. Every block is masked (bounds, causal,
+    padding): simpler than the forward's split, and the five matmuls per block dominate the cost."""
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bkv = tl.program_id(1)  # b * n_kv + kv_h
+    b = pid_bkv // n_kv
+    kv_h = pid_bkv % n_kv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HS)
+    col_ok = offs_n[:, None] < Tk
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok, other=0.0)  # (BLOCK_N, HS)
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok, other=0.0)  # (BLOCK_N, HS)
+    KPM += b * stride_mb
+    dk = tl.zeros([BLOCK_N, HS], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HS], dtype=tl.float32)
+
+    lo = 0
+    if CAUSAL:  # query i sees key j iff i >= j - (Tk - Tq): earlier query blocks see none of these keys
+        lo = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
+    for g in range(G):
+        h = kv_h * G + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        row0 = (b * nh + h) * Tq  # offset of this head's rows in LSE and Delta
+        for start_m in range(lo, Tq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < Tq
+            q = tl.load(Qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DOh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+            delta = tl.load(Delta + row0 + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2
+            p = tl.exp2(s - lse[:, None])  # softmax probabilities recomputed from the saved lse
+            p = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK), p, 0.0)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)  # (BLOCK_N, HS)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N) fp32, grad of the unscaled scores
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)  # (BLOCK_N, HS)
+    dk = dk * scale  # s = scale * q.k, so dk = scale * ds^T q
+    tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta,
+    K, V,  # pointers to k[b, kv_head, 0, 0], v[b, kv_head, 0, 0]
+    KPM,   # pointer to key_padding_mask[b, 0] (unused unless HAS_MASK)
+    stride_kt, stride_vt,  # token strides of k and v
+    offs_m, lo, hi, Tq, Tk, qk_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+    HS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Key blocks [lo, hi) of one query block; the MASKED split is the same as in _attn_fwd_inner."""
+    offs_d = tl.arange(0, HS)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, HS)
+        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]  # (BLOCK_N, HS)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK), p, 0.0)
+        elif HAS_MASK:
+            keep = tl.load(KPM + offs_n)  # (BLOCK_N,)
+            p = tl.where(keep[None, :] != 0, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # (BLOCK_M, HS)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V,  # q (B, nh, Tq, hs); k, v (B, n_kv, Tk, hs)
+    KPM,      # key_padding_mask (B, Tk) bool (dummy unless HAS_MASK)
+    DO,       # grad of out (B, nh, Tq, hs)
+    LSE,      # (B, nh, Tq) fp32 contiguous, from the forward
+    Delta,    # (B, nh, Tq) fp32 contiguous, from the preprocess kernel
+    DQ,       # out: grad of q (B, nh, Tq, hs)
+    stride_qb, stride_qh, stride_qt,     # q strides of batch, head, token (head dim stride is 1, as below)
+    stride_kb, stride_kh, stride_kt,     # k strides of batch, kv head, token
+    stride_vb, stride_vh, stride_vt,     # v strides of batch, kv head, token
+    stride_dob, stride_doh, stride_dot,  # grad-out strides of batch, head, token
+    stride_dqb, stride_dqh, stride_dqt,  # dq strides of batch, head, token
+    stride_mb,  # key_padding_mask batch stride
+    nh, Tq, Tk, G, qk_scale, scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dq of BLOCK_M query rows of one (batch, head); same key-block walk as the forward."""
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)  # b * nh + h
+    b = pid_bh // nh
+    h = pid_bh % nh
+    kv_h = h // G
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HS)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HS)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HS)
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=row_ok, other=float("inf"))  # (BLOCK_M,)
+    delta = tl.load(Delta + pid_bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+    K += b * stride_kb + kv_h * stride_kh
+    V += b * stride_vb + kv_h * stride_vh
+    KPM += b * stride_mb
+    dq = tl.zeros([BLOCK_M, HS], dtype=tl.float32)
+
+    if CAUSAL:
+        full_hi = tl.minimum(Tk, tl.maximum(start_m + (Tk - Tq) + 1, 0))
+        hi = tl.minimum(Tk, tl.maximum(start_m + BLOCK_M + (Tk - Tq), 0))
+    else:
+        full_hi = Tk
+        hi = Tk
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM, stride_kt, stride_vt, offs_m, 0, full_hi,
+                            Tq, Tk, qk_scale, CAUSAL, HAS_MASK, False, HS, BLOCK_N, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM, stride_kt, stride_vt, offs_m, full_hi, hi,
+                            Tq, Tk, qk_scale, CAUSAL, HAS_MASK, True, HS, BLOCK_N, DOT_PRECISION)
+    dq = dq * scale  # s = scale * q.k, so dq = scale * ds k
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_decode_split_kernel(
+    Q,    # q (B, nh, 1, hs): one new query token per head
+    K,    # k cache (B, n_kv, Tk, hs)
+    V,    # v cache (B, n_kv, Tk, hs)
+    KPM,  # key_padding_mask (B, Tk) bool (dummy unless HAS_MASK)
+    M_part, L_part,  # out (B, nh, num_splits) fp32 contiguous: running max (log2 domain) and sum of each split
+    Acc_part,        # out (B, nh, num_splits, hs) fp32 contiguous: unnormalised sum_j p_j v_j of each split
+    stride_qb, stride_qh,             # q strides of batch, head (the token dim has size 1; head dim stride 1)
+    stride_kb, stride_kh, stride_kt,  # k strides of batch, kv head, token
+    stride_vb, stride_vh, stride_vt,  # v strides of batch, kv head, token
+    stride_mb,  # key_padding_mask batch stride
+    n_kv, Tk, G, split_len, num_splits, qk_scale,
+    HAS_MASK: tl.constexpr, HS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Flash-decoding, step 1. One program: keys [split * split_len, +split_len) of one (batch, kv head),
+    for all G query heads of the group at once (rows of a (BLOCK_G, hs) tile, padded to >= 16 for tl.dot),
+    so the cache is read once per kv head. The single query is the last token: it sees every key (causal or
+    not), so only the padding mask applies."""
+    pid_bkv = tl.program_id(0)  # b * n_kv + kv_h
+    split = tl.program_id(1)
+    b = pid_bkv // n_kv
+    kv_h = pid_bkv % n_kv
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    h = kv_h * G + offs_g  # (BLOCK_G,) query heads of this kv head
+    offs_d = tl.arange(0, HS)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    K += b * stride_kb + kv_h * stride_kh
+    V += b * stride_vb + kv_h * stride_vh
+    KPM += b * stride_mb
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HS], dtype=tl.float32)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, Tk)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < hi
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(KPM + offs_n, mask=key_ok, other=0) != 0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N), log2
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+
+    part = (b * n_kv * G + h) * num_splits + split  # (BLOCK_G,) row of (B, nh, num_splits)
+    tl.store(M_part + part, m_i, mask=g_ok)
+    tl.store(L_part + part, l_i, mask=g_ok)
+    tl.store(Acc_part + part[:, None] * HS + offs_d[None, :], acc, mask=g_ok[:, None])
+
+
+@triton.jit
+def _attn_decode_reduce_kernel(
+    M_part, L_part, Acc_part,  # (B, nh, num_splits), (B, nh, num_splits), (B, nh, num_splits, hs) fp32
+    O,    # out (B, nh, 1, hs), q's dtype
+    LSE,  # out (B, nh, 1) fp32 contiguous, as the forward kernel's (for backward)
+    stride_ob, stride_oh,  # out strides of batch, head
+    nh, num_splits,
+    HS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Flash-decoding, step 2. One program per (batch, head): combine the splits' partial softmaxes,
+    M = max_s m_s, L = sum_s 2^(m_s - M) l_s, o = sum_s 2^(m_s - M) acc_s / L (0 when nothing was visible)."""
+    row = tl.program_id(0)  # b * nh + h
+    b = row // nh
+    h = row % nh
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HS)
+    s_ok = offs_s < num_splits
+    m = tl.load(M_part + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
+    l = tl.load(L_part + row * num_splits + offs_s, mask=s_ok, other=0.0)  # (BLOCK_S,)
+    acc = tl.load(Acc_part + (row * num_splits + offs_s[:, None]) * HS + offs_d[None, :],
+                  mask=s_ok[:, None], other=0.0)  # (BLOCK_S, HS)
+    m_max = tl.max(m, 0)
+    m_base = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: avoid -inf - (-inf)
+    w = tl.exp2(m - m_base)  # (BLOCK_S,) 0 for empty splits
+    l_tot = tl.sum(w * l, 0)
+    l_safe = tl.where(l_tot == 0.0, 1.0, l_tot)
+    o = tl.sum(w[:, None] * acc, 0) / l_safe  # (HS,)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, o.to(O.dtype.element_ty))
+    tl.store(LSE + row, tl.where(l_tot == 0.0, float("inf"), m_base + tl.log2(l_safe)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Launchers: validate, pick block sizes, launch
+# ----------------------------------------------------------------------------------------------------------
+# On CUDA the three big kernels are autotuned over a few configs, keyed on (hs, causal, mask, dtype) only:
+# one benchmark per model setting, so a new prompt length never re-triggers tuning in the middle of generation.
+# Without CUDA (TRITON_INTERPRET=1) one fixed small config runs, small enough that tiny test shapes still
+# span several blocks (ragged last blocks, multi-block online softmax).
+_CPU_BLOCK = 16
+_TUNE_KEY = ["HS", "CAUSAL", "HAS_MASK"]
+
+
+def _configs(pairs):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
+
+
+_attn_fwd_tuned = triton.autotune(
+    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
+    key=_TUNE_KEY)(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = triton.autotune(
+    _configs([(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 4)]),
+    key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = triton.autotune(
+    _configs([(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]),
+    key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+def _launch(kernel, tuned, grid_fn, x, args, **constexprs):
+    """Autotuned kernel on CUDA; the fixed interpreter config otherwise. grid_fn(BLOCK_M, BLOCK_N) -> grid."""
+    if x.is_cuda:
+        tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+    else:
+        kernel[grid_fn(_CPU_BLOCK, _CPU_BLOCK)](*args, **constexprs, BLOCK_M=_CPU_BLOCK, BLOCK_N=_CPU_BLOCK)
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: exact fp32 products ("ieee"), not TF32 (10-bit mantissa), so fp32 matches the reference
+    # to ~1e-6. fp16/bf16 inputs run on tensor cores whatever this says.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q, k, v, key_padding_mask):
+    """Limits of the kernels; attention() routes everything else to the reference before getting here."""
+    B, nh, Tq, hs = q.shape
+    assert hs in HEAD_SIZES, f"attention kernel: head size {hs} not in {HEAD_SIZES}"
+    assert q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype, \
+        f"attention kernel: dtypes q {q.dtype} k {k.dtype} v {v.dtype}; need one of {DTYPES}"
+    assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == hs and nh % k.shape[1] == 0, \
+        f"attention kernel: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
+    assert Tq >= 1 and k.shape[2] >= 1, f"attention kernel: empty sequence Tq={Tq} Tk={k.shape[2]}"
+    if key_padding_mask is not None:
+        assert key_padding_mask.dtype == torch.bool and key_padding_mask.shape == (B, k.shape[2]), \
+            f"attention kernel: key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+
+
+def attention_forward(q, k, v, causal: bool, key_padding_mask=None, scale=None):
+    """FlashAttention-2 forward. Returns out (B, nh, Tq, hs) and lse (B, nh, Tq) fp32 (log2 domain)."""
+    _check(q, k, v, key_padding_mask)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, nh, Tq, hs = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    scale = hs ** -0.5 if scale is None else scale
+    kpm = q if key_padding_mask is None else key_padding_mask.contiguous()  # q: a dummy pointer, never read
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, nh, Tq, hs)
+    lse = torch.empty(B, nh, Tq, device=q.device, dtype=torch.float32)
+    args = (q, k, v, kpm, o, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            kpm.stride(0), nh, Tq, Tk, nh // n_kv, scale * LOG2E)
+    _launch(_attn_fwd_kernel, _attn_fwd_tuned, lambda bm, bn: (triton.cdiv(Tq, bm), B * nh), q, args,
+            CAUSAL=causal, HAS_MASK=key_padding_mask is not None, HS=hs, DOT_PRECISION=_dot_precision(q.dtype))
+    return o, lse
+
+
+def _decode_split_len(B, n_kv, Tk, block_n, device):
+    """Keys per split (a multiple of block_n). CUDA: enough (batch, kv head, split) programs to fill the GPU
+    about twice over; CPU: two blocks per split, so small test caches still exercise the reduce."""
+    n_blocks = triton.cdiv(Tk, block_n)
+    if device.type != "cuda":
+        return 2 * block_n
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    num_splits = max(1, min(n_blocks, 128, triton.cdiv(2 * n_sm, B * n_kv)))
+    return triton.cdiv(n_blocks, num_splits) * block_n
+
+
+def attention_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):
+    """Flash-decoding for one query token (Tq == 1) against a KV cache of Tk keys.
+
+    The cache is cut into num_splits chunks along Tk; one program per (batch, kv head, chunk) writes a partial
+    (max, sum, acc), a second kernel combines them. Returns out (B, nh, 1, hs) and lse (B, nh, 1) fp32, the
+    same as attention_forward (so AttentionFunction's backward works after it). num_splits=None: heuristic.
+    """
+    _check(q, k, v, key_padding_mask)
+    B, nh, Tq, hs = q.shape
+    assert Tq == 1, f"attention_decode: one query token per sequence, got Tq={Tq}"
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    n_kv, Tk = k.shape[1], k.shape[2]
+    G = nh // n_kv
+    scale = hs ** -0.5 if scale is None else scale
+    block_n = 64 if q.is_cuda else _CPU_BLOCK
+    if num_splits is None:
+        split_len = _decode_split_len(B, n_kv, Tk, block_n, q.device)
+    else:
+        split_len = triton.cdiv(triton.cdiv(Tk, block_n), num_splits) * block_n
+    num_splits = triton.cdiv(Tk, split_len)  # every split holds >= 1 key
+    kpm = q if key_padding_mask is None else key_padding_mask.contiguous()  # q: a dummy pointer, never read
+    m_part = torch.empty(B, nh, num_splits, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(B, nh, num_splits, hs, device=q.device, dtype=torch.float32)
+    _attn_decode_split_kernel[(B * n_kv, num_splits)](
+        q, k, v, kpm, m_part, l_part, acc_part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        kpm.stride(0), n_kv, Tk, G, split_len, num_splits, scale * LOG2E,
+        HAS_MASK=key_padding_mask is not None, HS=hs, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=4)
+    o = torch.empty(B, nh, 1, hs, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, nh, 1, device=q.device, dtype=torch.float32)
+    _attn_decode_reduce_kernel[(B * nh,)](
+        m_part, l_part, acc_part, o, lse, o.stride(0), o.stride(1), nh, num_splits,
+        HS=hs, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, causal: bool, key_padding_mask=None, scale=None):
+    """Backward from the saved (o, lse): preprocess delta, then dk/dv and dq kernels (no atomics).
+    Returns dq (B, nh, Tq, hs), dk, dv (B, n_kv, Tk, hs) in the inputs' dtype."""
+    q, k, v, o, do = (_last_dim_contiguous(x) for x in (q, k, v, o, do))
+    B, nh, Tq, hs = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    G = nh // n_kv
+    scale = hs ** -0.5 if scale is None else scale
+    kpm = q if key_padding_mask is None else key_padding_mask.contiguous()  # q: a dummy pointer, never read
+    block_m = 64 if q.is_cuda else _CPU_BLOCK
+    delta = torch.empty_like(lse)  # (B, nh, Tq) fp32
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m), B * nh)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        nh, Tq, HS=hs, BLOCK_M=block_m)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    constexprs = dict(CAUSAL=causal, HAS_MASK=key_padding_mask is not None, HS=hs,
+                      DOT_PRECISION=_dot_precision(q.dtype))
+    strides_in = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, lambda bm, bn: (triton.cdiv(Tk, bn), B * n_kv), q,
+            (q, k, v, kpm, do, lse, delta, dk, dv, *strides_in,
+             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+             kpm.stride(0), nh, n_kv, Tq, Tk, G, scale * LOG2E, scale), **constexprs)
+    _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, lambda bm, bn: (triton.cdiv(Tq, bm), B * nh), q,
+            (q, k, v, kpm, do, lse, delta, dq, *strides_in, dq.stride(0), dq.stride(1), dq.stride(2),
+             kpm.stride(0), nh, Tq, Tk, G, scale * LOG2E, scale), **constexprs)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. autograd Function, 4. functional alias
+# ----------------------------------------------------------------------------------------------------------
+
+class AttentionFunction(torch.autograd.Function):
+    """Triton attention with gradients for q, k, v. Tq == 1 runs the flash-decoding kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, key_padding_mask=None, scale=None):
+        if q.shape[2] == 1:
+            o, lse = attention_decode(q, k, v, key_padding_mask, scale)  # one query sees every key
+        else:
+            o, lse = attention_forward(q, k, v, causal, key_padding_mask, scale)
+        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.causal, key_padding_mask, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _validate(q, k, v, key_padding_mask):
+    """Shape errors that neither path can run; raised before dispatch so both paths fail the same way."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be 4-d (B, heads, T, hs); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, nh, Tq, hs = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != hs or k.shape[1] == 0 or nh % k.shape[1]:
+        raise ValueError(f"attention: q {tuple(q.shape)} needs k, v (B, n_kv, Tk, hs) with nh % n_kv == 0; "
+                         f"got k {tuple(k.shape)} v {tuple(v.shape)}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or tuple(key_padding_mask.shape) != (B, k.shape[2])):
+        raise ValueError(f"attention: key_padding_mask must be bool (B, Tk) = ({B}, {k.shape[2]}); got "
+                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+
+def _kernel_supports(q, k, v):
+    return (q.shape[-1] in HEAD_SIZES and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[2] >= 1 and k.shape[2] >= 1)
+
+
+def attention(q, k, v, causal: bool, key_padding_mask=None, scale=None):
+    """Attention through the Triton kernels when :func:`kernels.enabled` and the shape is supported (head size
+    16/32/64/128, fp16/bf16/fp32, non-empty sequences); otherwise, on purpose, :func:`attention_reference`."""
+    _validate(q, k, v, key_padding_mask)
+    if kernels.enabled(q) and _kernel_supports(q, k, v):
+        return AttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)
+    return attention_reference(q, k, v, causal, key_padding_mask, scale)

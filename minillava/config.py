@@ -1,0 +1,205 @@
+"""Model configuration: frozen dataclasses, named presets, and the round trip through official config.json files.
+
+`from_hf_config` is a pure function from the dicts found in official checkpoints (llava-hf `model_type "llava"`,
+original LLaVA `"llava_llama"`, plain `"llama"` + a CLIP `"clip"` / `"clip_vision_model"` config) to a
+`LlavaConfig`; fields an official file leaves out take the defaults transformers would give them.
+`to_hf_config` writes the llava-hf form back (layout A).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+
+IMAGE_TOKEN_INDEX = -200  # the original LLaVA code's sentinel id for `<image>` (not in the vocabulary)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT vision tower. Defaults: ViT-L/14 at 336 px (openai/clip-vit-large-patch14-336)."""
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768  # unused by LLaVA; kept so config.json round-trips
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """LLaMA / Vicuna decoder. Defaults: Vicuna-7B v1.5 (LLaMA-2 7B)."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector_type: str = "mlp2x_gelu"  # "linear" (LLaVA v1), "mlp2x_gelu" (1.5), "mlpNx_gelu"
+    vision_feature_layer: int = -2  # hidden state of the second-to-last CLIP layer
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    image_token_id: int = 32000  # ONE such id per image in input_ids; llava-hf: 32000, original: -200
+    pad_token_id: int = 32001
+    image_aspect_ratio: str = "pad"  # "pad": pad to square with the mean colour before resizing
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Np: how many embeddings one image becomes in the LLM's sequence (576 at 336 px)."""
+        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    def replace(self, **changes) -> "LlavaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS = {
+    "llava-1.5-7b": LlavaConfig(text=TextConfig(vocab_size=32064)),
+    "llava-1.5-13b": LlavaConfig(text=TextConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824,
+                                                 num_hidden_layers=40, num_attention_heads=40,
+                                                 num_key_value_heads=40)),
+    "llava-v1-7b": LlavaConfig(vision=VisionConfig(image_size=224), projector_type="linear",
+                               image_aspect_ratio="square",
+                               text=TextConfig(vocab_size=32064, max_position_embeddings=2048, rms_norm_eps=1e-6)),
+    # A few-M-parameter model for tests: GQA, odd-ish sizes, 16 patches per image.
+    "tiny": LlavaConfig(vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=3, num_attention_heads=2, projection_dim=16),
+                        text=TextConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+                        image_token_id=318, pad_token_id=319),
+}
+
+
+def get_preset(name: str) -> LlavaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official config.json <-> LlavaConfig
+
+# transformers' defaults for fields an official file may leave out (CLIPVisionConfig, LlamaConfig).
+_HF_CLIP_DEFAULTS = dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+                         num_hidden_layers=12, num_attention_heads=12, num_channels=3, layer_norm_eps=1e-5,
+                         projection_dim=512)
+_HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                          rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+# llava-hf's LlavaConfig fills a missing vision_config with ViT-L/14-336.
+_HF_LLAVA_VISION_DEFAULT = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                                num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+
+
+def _pick(cls, d: dict, defaults: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: d.get(k, v) for k, v in defaults.items() if k in names}
+    return cls(**values)
+
+
+def vision_config_from_hf(d: dict) -> VisionConfig:
+    """From a CLIP config.json (`"clip"` with a nested vision_config, or `"clip_vision_model"`)."""
+    if d.get("model_type") == "clip" or "vision_config" in d:
+        d = d.get("vision_config") or {}
+    elif d.get("model_type") not in (None, "clip_vision_model"):
+        raise ValueError(f"expected a CLIP vision config, got model_type {d.get('model_type')!r}")
+    return _pick(VisionConfig, d, _HF_CLIP_DEFAULTS)
+
+
+def text_config_from_hf(d: dict) -> TextConfig:
+    if d.get("model_type") not in (None, "llama", "llava_llama"):
+        raise ValueError(f"unsupported language model_type {d.get('model_type')!r} (minillava runs LLaMA/Vicuna)")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}; LLaMA uses silu")
+    rope_scaling = d.get("rope_scaling")
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling {rope_scaling!r}")
+    theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    text = _pick(TextConfig, {**d, "rope_theta": theta}, _HF_LLAMA_DEFAULTS)
+    n_kv = d.get("num_key_value_heads") or text.num_attention_heads
+    head_dim = d.get("head_dim")
+    if head_dim is not None and head_dim != text.head_dim:
+        raise ValueError(f"head_dim {head_dim} != hidden_size / num_attention_heads = {text.head_dim}")
+    return dataclasses.replace(text, num_key_value_heads=n_kv)
+
+
+def from_hf_config(d: dict, vision: dict | None = None, projector_type: str | None = None) -> LlavaConfig:
+    """An official config.json (as a dict) -> LlavaConfig.
+
+    d:      the model's config.json: `"llava"` (llava-hf, layout A/A'), `"llava_llama"` (original LLaVA,
+            layout B) or `"llama"` (a plain Vicuna/LLaMA, layout C).
+    vision: the separate CLIP config.json, needed for layouts B and C (the tower is not in those files).
+    """
+    model_type = d.get("model_type")
+    if model_type == "llava":
+        if d.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"unsupported projector_hidden_act {d['projector_hidden_act']!r}")
+        text = text_config_from_hf(d.get("text_config") or {})
+        vision_d = d.get("vision_config")
+        vcfg = _pick(VisionConfig, vision_d, _HF_CLIP_DEFAULTS) if vision_d else \
+            VisionConfig(**_HF_LLAVA_VISION_DEFAULT)
+        layer = d.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+        return LlavaConfig(vision=vcfg, text=text, projector_type=projector_type or d.get("projector_type", "mlp2x_gelu"),
+                           vision_feature_layer=layer,
+                           vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+                           image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+                           pad_token_id=d.get("pad_token_id", text.vocab_size - 1) or 0,
+                           image_aspect_ratio=d.get("image_aspect_ratio", "pad"))
+    if model_type in ("llava_llama", "llama"):
+        if vision is None:
+            raise ValueError(f"a {model_type!r} checkpoint has no vision tower: give the CLIP directory "
+                             "(vision_path / --vision)")
+        select = d.get("mm_vision_select_feature", "patch")
+        if select not in ("patch", "cls_patch"):
+            raise ValueError(f"unsupported mm_vision_select_feature {select!r}")
+        ptype = projector_type or d.get("mm_projector_type", "linear" if model_type == "llava_llama" else
+                                        "mlp2x_gelu")
+        return LlavaConfig(vision=vision_config_from_hf(vision), text=text_config_from_hf(d), projector_type=ptype,
+                           vision_feature_layer=d.get("mm_vision_select_layer", -2),
+                           vision_feature_select_strategy="default" if select == "patch" else "full",
+                           image_token_id=IMAGE_TOKEN_INDEX, pad_token_id=0,
+                           image_aspect_ratio=d.get("image_aspect_ratio", "pad"))
+    raise ValueError(f"unknown model_type {model_type!r}: expected 'llava' (llava-hf), 'llava_llama' "
+                     "(original LLaVA) or 'llama' (with a separate CLIP directory)")
+
+
+def to_hf_config(cfg: LlavaConfig) -> dict:
+    """LlavaConfig -> llava-hf config.json dict (layout A), loadable by transformers' LlavaConfig."""
+    v, t = cfg.vision, cfg.text
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": cfg.image_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "projector_hidden_act": "gelu",
+        "projector_type": cfg.projector_type,  # not a llava-hf field: minillava reads it back
+        "image_aspect_ratio": cfg.image_aspect_ratio,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "image_seq_length": cfg.num_image_tokens,
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "vision_config": {"model_type": "clip_vision_model", "hidden_act": "quick_gelu",
+                          **dataclasses.asdict(v)},
+        "text_config": {"model_type": "llama", "hidden_act": "silu", "attention_bias": False,
+                        "mlp_bias": False, "head_dim": t.head_dim, **dataclasses.asdict(t)},
+    }

@@ -1,0 +1,154 @@
+"""LLaMA / Vicuna decoder: RMSNorm, rotary positions, causal GQA attention with a static KV cache, SwiGLU MLP.
+
+Parameter names follow Hugging Face-format LLaMA checkpoints (`model.layers.N.self_attn.q_proj.weight`...).
+Shapes: B batch, T tokens, C width, nh query heads, n_kv key/value heads, hs head size, V vocabulary.
+"""
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+import kernels
+from minillava.config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps)  # fp32 inside, see kernels/rmsnorm.py
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """cos, sin (B, T, hs) for the rotate_half RoPE form: frequencies theta^(-2i/hs), repeated twice."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, hs/2), in fp32 whatever the model dtype
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class KVCache(nn.Module):
+    """A preallocated (B, n_kv, S_max, hs) key/value buffer; slots [start, start + T) are written per call."""
+
+    def __init__(self, batch_size, n_kv, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k, v):
+        """Write k, v (B, n_kv, T, hs) at slots [start, start + T); return all keys/values so far."""
+        end = start + k.shape[2]
+        self.k_cache[:, :, start:end] = k
+        self.v_cache[:, :, start:end] = v
+        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # (B, n_kv, end, hs)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if self.n_head % self.n_kv:
+            raise ValueError(f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads {self.n_kv}")
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.n_head * self.hs, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv * self.hs, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv * self.hs, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hs, C, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, key_padding_mask=None, cache_start=None):
+        """x (B, T, C). key_padding_mask (B, Tk) bool, True = real token (Tk = T, or the cache length so far).
+        With a cache, the T new tokens go to slots [cache_start, cache_start + T) and attend to all earlier ones."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        q, k = kernels.apply_rope(q, k, cos, sin)
+        if cache_start is not None:  # decoding: append to the cache (set up by setup_cache) and read it all
+            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv, Tk, hs), Tk = cache_start + T
+        # Causal with the cache offset: new token i (slot cache_start + i) sees slots j <= cache_start + i,
+        # i.e. the mask is aligned to the bottom-right corner of the (T, Tk) score matrix.
+        y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        C, F = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(C, F, bias=False)
+        self.up_proj = nn.Linear(C, F, bias=False)
+        self.down_proj = nn.Linear(F, C, bias=False)
+
+    def forward(self, x):
+        # SwiGLU: down(silu(gate(x)) * up(x)); the fused kernel never writes gate(x) and up(x) to memory.
+        return self.down_proj(kernels.swiglu(x, self.gate_proj.weight, self.up_proj.weight))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, key_padding_mask=None, cache_start=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds, position_ids, key_padding_mask=None, cache_start=None):
+        """inputs_embeds (B, T, C), position_ids (B, T) -> final hidden states (B, T, C)."""
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                # Keep only each block's input; recompute its activations during backward.
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, key_padding_mask, cache_start,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, key_padding_mask, cache_start)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """With tie_word_embeddings the head reuses the embedding matrix (call again after loading)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
+        w = self.lm_head.weight
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.hs, dtype or w.dtype, device or w.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def forward(self, input_ids, position_ids=None, key_padding_mask=None):
+        """Text-only forward: input_ids (B, T) -> logits (B, T, V)."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.lm_head(self.model(self.model.embed_tokens(input_ids), position_ids, key_padding_mask))

@@ -1,0 +1,147 @@
+"""LLaVA: CLIP vision tower -> projector -> LLaMA decoder, with the image features spliced into the text.
+
+input_ids carry ONE `config.image_token_id` per image; each becomes Np = `config.num_image_tokens` embeddings
+(576 for ViT-L/14-336), so a sequence of T ids with n images is T - n + n*Np long inside the LLM.
+Positions count the image tokens. pixel_values (N, 3, S, S) holds the images in reading order: first
+sequence's images first, each sequence's from left to right.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import kernels
+from minillava.clip import CLIPVisionTower
+from minillava.config import LlavaConfig
+from minillava.llama import LlamaForCausalLM
+from minillava.projector import Projector
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DecodeState:
+    """What decoding needs between steps: the next cache slot, which slots hold real tokens, next positions."""
+    cache_len: int  # slots [0, cache_len) are filled
+    key_mask: torch.Tensor  # (B, S_max) bool, True = a real token (left padding is False)
+    next_position: torch.Tensor  # (B,) RoPE position of each sequence's next token
+    padded: bool  # whether any slot is padding (else the mask is skipped)
+
+
+class Llava(nn.Module):
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionTower(config.vision)
+        self.multi_modal_projector = Projector(config.projector_type, config.vision.hidden_size,
+                                               config.text.hidden_size)
+        self.language_model = LlamaForCausalLM(config.text)
+
+    def encode_images(self, pixel_values):
+        """(N, 3, S, S) -> projected image features (N, Np, C)."""
+        feats = self.vision_tower(pixel_values, self.config.vision_feature_layer)  # (N, Np + 1, Cv)
+        if self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS: (N, Np, Cv)
+        return self.multi_modal_projector(feats)  # (N, Np, C)
+
+    def embed_inputs(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+        """Embed the text and splice in the image features.
+
+        input_ids (B, T); attention_mask (B, T), 1 = real token; labels (B, T) or None.
+        Returns inputs_embeds (B, L, C), attention_mask (B, L) bool, position_ids (B, L), labels (B, L) or None.
+        Sequences that come out shorter than L are padded on the side the input was padded on (left when some
+        row of attention_mask starts with padding, else right)."""
+        B, T = input_ids.shape
+        Np = self.config.num_image_tokens
+        is_img = input_ids == self.config.image_token_id  # (B, T)
+        n_img = int(is_img.sum())
+        n_pix = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_img != n_pix:
+            raise ValueError(f"input_ids hold {n_img} image tokens (id {self.config.image_token_id}) but "
+                             f"{n_pix} images were given")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        embed = self.language_model.model.embed_tokens
+        text = embed(input_ids.masked_fill(is_img, 0))  # (B, T, C); image slots are overwritten below
+        if n_img == 0:
+            position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+            return text, attention_mask, position_ids, labels
+
+        # Where each input token lands: an image token takes Np slots, a text token one.
+        width = torch.where(is_img, Np, 1)  # (B, T)
+        start = width.cumsum(1) - width  # (B, T) first slot of each token
+        lengths = width.sum(1)  # (B,)
+        L = int(lengths.max())
+        left_padded = bool((~attention_mask[:, 0]).any())
+        shift = (L - lengths) if left_padded else torch.zeros_like(lengths)  # (B,)
+        start = start + shift[:, None]
+
+        image_feats = self.encode_images(pixel_values).to(text.dtype)  # (N, Np, C)
+        out = text.new_zeros(B, L, text.shape[-1])
+        new_mask = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
+        tb, tt = (~is_img).nonzero(as_tuple=True)  # text tokens
+        ib, it = is_img.nonzero(as_tuple=True)  # image tokens, in reading order = pixel_values order
+        image_slots = start[ib, it][:, None] + torch.arange(Np, device=input_ids.device)  # (N, Np)
+        out[tb, start[tb, tt]] = text[tb, tt]
+        out[ib[:, None], image_slots] = image_feats
+        new_mask[tb, start[tb, tt]] = attention_mask[tb, tt]
+        new_mask[ib[:, None], image_slots] = attention_mask[ib, it][:, None]
+        position_ids = (new_mask.cumsum(1) - 1).clamp(min=0)  # (B, L): positions count image tokens
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.full((B, L), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+            new_labels[tb, start[tb, tt]] = labels[tb, tt]  # image slots stay ignored
+        return out, new_mask, position_ids, new_labels
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+        embeds, mask, position_ids, labels = self.embed_inputs(input_ids, pixel_values, attention_mask, labels)
+        key_padding_mask = None if bool(mask.all()) else mask
+        return self.language_model.model(embeds, position_ids, key_padding_mask), labels
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None):
+        """-> logits (B, L, V), L = T - n_img + n_img * Np for the longest sequence."""
+        hidden, _ = self.hidden_states(input_ids, pixel_values, attention_mask)
+        return self.language_model.lm_head(hidden)
+
+    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None):
+        """Summed next-token cross-entropy over supervised tokens, and their count: (loss_sum, n_tokens).
+        Returning the sum lets a training loop normalise by the tokens of the whole global batch."""
+        hidden, labels = self.hidden_states(input_ids, pixel_values, attention_mask, labels)
+        logits = self.language_model.lm_head(hidden[:, :-1])  # (B, L-1, V): position t predicts t+1
+        targets = labels[:, 1:]  # (B, L-1)
+        loss = kernels.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX,
+                                     reduction="sum")
+        return loss, int((targets != IGNORE_INDEX).sum())
+
+    # --- generation with the static KV cache -------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids, pixel_values=None, attention_mask=None, max_seq_len=None):
+        """Run the prompt (left-padded when lengths differ) into a fresh cache.
+        -> logits of each sequence's last position (B, V), and the DecodeState for `decode_one_token`."""
+        embeds, mask, position_ids, _ = self.embed_inputs(input_ids, pixel_values, attention_mask)
+        B, L, _ = embeds.shape
+        max_seq_len = max_seq_len or self.config.text.max_position_embeddings
+        if L > max_seq_len:
+            raise ValueError(f"prompt of {L} tokens (images included) exceeds the cache of {max_seq_len}")
+        self.language_model.setup_cache(B, max_seq_len, dtype=embeds.dtype, device=embeds.device)
+        key_mask = torch.zeros(B, max_seq_len, dtype=torch.bool, device=embeds.device)
+        key_mask[:, :L] = mask
+        padded = not bool(mask.all())
+        hidden = self.language_model.model(embeds, position_ids, mask if padded else None, cache_start=0)
+        logits = self.language_model.lm_head(hidden[:, -1])  # (B, V)
+        return logits, DecodeState(L, key_mask, position_ids[:, -1] + 1, padded)
+
+    @torch.no_grad()
+    def decode_one_token(self, token, state: DecodeState):
+        """token (B,) -> logits (B, V) for the next one; appends the token to the cache."""
+        pos = state.cache_len
+        if pos >= state.key_mask.shape[1]:
+            raise ValueError(f"KV cache full ({pos} tokens)")
+        embeds = self.language_model.model.embed_tokens(token[:, None])  # (B, 1, C)
+        state.key_mask[:, pos] = True
+        key_padding_mask = state.key_mask[:, :pos + 1] if state.padded else None
+        hidden = self.language_model.model(embeds, state.next_position[:, None], key_padding_mask, cache_start=pos)
+        state.cache_len += 1
+        state.next_position = state.next_position + 1
+        return self.language_model.lm_head(hidden[:, -1])  # (B, V)
