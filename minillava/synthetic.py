@@ -1,0 +1,486 @@
+"""A synthetic visual-instruction dataset in LLaVA's own formats, for the CPU demo and the tests.
+
+Each image is a small scene (default 64x64) of 1-3 shapes on a plain or lightly noisy background. The
+canvas is a 3x3 grid; every object sits in its own cell (so positions are never ambiguous and objects never
+overlap) and has its own colour (so "the red object" always names exactly one thing):
+
+    shape  circle | square | triangle | star               4
+    colour red | green | blue | yellow | purple | orange   6 (distinct within a scene)
+    size   small | large                                   2
+    cell   row top | middle | bottom  x  col left | center | right   9 (distinct within a scene)
+
+That is small enough for a model of a few M parameters to learn in minutes of CPU training and varied
+enough (counting, binding a colour to a shape, locating it) that chance level is far below a trained model.
+
+`write_dataset(out_dir)` writes, with image paths relative to `out_dir` (it is LLaVA's `image_folder`):
+
+    images/train_000000.png ...   training scenes      images/test_000000.png ...  held-out scenes
+    pretrain.json   stage 1, one caption pair per image: "<image>\\nDescribe the image concisely." -> caption
+    instruct.json   stage 2, one record per image, of four kinds (like LLaVA-Instruct + the 665K VQA mix):
+                    conversation (several Q/A turns), detail (a paragraph), reasoning (an answer with its
+                    reason), vqa (short-answer turns with the official suffix); plus a few text-only records
+    test.json       held-out short-answer questions: {"id", "image", "question", "answer", "kind"},
+                    one per kind ("color", "shape", "count", "position") per test image
+    scenes.json     {image path: scene} with every object's attributes and pixel position (ground truth)
+    corpus.txt      every training text, the vicuna_v1 system prompt and role words, for the tokenizer
+
+Everything is a pure function of `seed` (one numpy Generator per image, one per record's text), uses only
+PIL + numpy, and never touches the network. `train_tokenizer` fits a LLaMA-like SentencePiece model on
+corpus.txt; `chance_level` and `exact_match` score a model's answers on test.json.
+"""
+import json
+import os
+import re
+from collections import Counter
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+          "yellow": (235, 205, 40), "purple": (150, 60, 190), "orange": (245, 140, 30)}
+BACKGROUNDS = {"white": (245, 245, 245), "gray": (200, 200, 200), "beige": (235, 222, 200)}
+SIZES = ("small", "large")
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "center", "right")
+RADIUS = {"small": 0.25, "large": 0.40}   # shape radius as a fraction of the grid cell's side
+NOISE_STD = (0.0, 6.0)                    # plain or lightly noisy (per-pixel Gaussian, in 0..255 units)
+SUPERSAMPLE = 4                           # draw at 4x and box-downsample: anti-aliased edges
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ROLES = ("USER", "ASSISTANT")
+SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
+TEST_KINDS = ("color", "shape", "count", "position")
+
+# A few of the brief-description instructions of LLaVA's 558K pretraining set.
+PRETRAIN_INSTRUCTIONS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+)
+DETAIL_INSTRUCTIONS = (
+    "Describe the image in detail.",
+    "Give a detailed description of the image.",
+    "Explain the visual content of the image in great detail.",
+    "What is in this picture? Describe it thoroughly.",
+    "Can you describe the main features of this image?",
+)
+_NUM = ("no", "one", "two", "three")
+# Phrase for "where" each grid cell is, indexed [row][col].
+_LOC = (("at the top left", "at the top", "at the top right"),
+        ("on the left", "in the center", "on the right"),
+        ("at the bottom left", "at the bottom", "at the bottom right"))
+_COL_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+_ROW_PHRASE = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
+_SPLIT_CODE = {"train": 0, "test": 1, "text": 2}
+
+
+# ----------------------------------------------------------------------------------------------- scenes
+def make_scene(rng: np.random.Generator, image_size: int = 64) -> dict:
+    """Sample a scene: 1-3 objects in distinct grid cells with distinct colours, listed in reading order.
+
+    Positions are pixel centres in the final image: the cell centre plus a jitter small enough that the
+    shape (radius r) stays inside its cell, so shapes never touch and the cell is the true position.
+    """
+    n = int(rng.integers(1, 4))
+    cells = sorted(rng.choice(9, size=n, replace=False).tolist())  # reading order: row-major
+    colors = rng.choice(len(COLORS), size=n, replace=False)
+    cell = image_size / 3
+    objects = []
+    for k, c in enumerate(cells):
+        row, col = divmod(c, 3)
+        size = SIZES[int(rng.integers(2))]
+        r = RADIUS[size] * cell
+        slack = 0.8 * (0.5 * cell - r)  # keeps the shape inside its cell
+        x, y = (col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack)
+        objects.append({"shape": SHAPES[int(rng.integers(len(SHAPES)))], "color": list(COLORS)[int(colors[k])],
+                        "size": size, "row": ROWS[row], "col": COLS[col],
+                        "x": round(float(x), 2), "y": round(float(y), 2), "radius": round(float(r), 2)})
+    return {"background": list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))],
+            "noise": NOISE_STD[int(rng.integers(len(NOISE_STD)))], "objects": objects}
+
+
+def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
+    """Vertices of a square / triangle / five-point star centred (centroid) at (x, y) with outer radius r."""
+    if shape == "square":
+        h = 0.85 * r  # a bit smaller than the bounding box so its area is close to the circle's
+        return [(x - h, y - h), (x + h, y - h), (x + h, y + h), (x - h, y + h)]
+    if shape == "triangle":  # equilateral, pointing up; its centroid is the circumcentre
+        angles, radii = np.deg2rad([-90, 30, 150]), [r] * 3
+    else:  # star: alternate outer and inner (0.5 r) vertices, first point up
+        angles, radii = np.deg2rad(-90 + 36 * np.arange(10)), [r, 0.5 * r] * 5
+    return [(x + rr * np.cos(a), y + rr * np.sin(a)) for a, rr in zip(angles, radii)]
+
+
+def render(scene: dict, image_size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
+    """Draw a scene as an RGB image; `rng` supplies the background noise (required when scene['noise'] > 0)."""
+    s = SUPERSAMPLE
+    img = Image.new("RGB", (image_size * s, image_size * s), BACKGROUNDS[scene["background"]])
+    draw = ImageDraw.Draw(img)
+    for o in scene["objects"]:
+        x, y, r, fill = o["x"] * s, o["y"] * s, o["radius"] * s, COLORS[o["color"]]
+        if o["shape"] == "circle":
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        elif o["shape"] in SHAPES:
+            draw.polygon(_polygon(o["shape"], x, y, r), fill=fill)
+        else:
+            raise ValueError(f"unknown shape {o['shape']!r}; expected one of {SHAPES}")
+    img = img.reduce(s)  # box filter: (S*s, S*s) -> (S, S)
+    if scene["noise"] > 0:
+        if rng is None:
+            raise ValueError("render: a noisy scene needs an rng for its noise")
+        pix = np.asarray(img, dtype=np.float32) + rng.normal(0.0, scene["noise"], (image_size, image_size, 3))
+        img = Image.fromarray(np.clip(np.rint(pix), 0, 255).astype(np.uint8))
+    return img
+
+
+# ----------------------------------------------------------------------------------------------- text
+def _pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _name(o: dict) -> str:
+    return f"{o['color']} {o['shape']}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _count_sentence(n: int, noun: str) -> str:
+    if n == 0:
+        return f"There are no {noun}s in the image."
+    return f"There is one {noun} in the image." if n == 1 else f"There are {_NUM[n]} {noun}s in the image."
+
+
+def caption(scene: dict) -> str:
+    """Short stage-1 caption, objects in reading order: 'a large red circle at the top left and a small ...'."""
+    parts = [f"a {o['size']} {_name(o)} {_LOC[ROWS.index(o['row'])][COLS.index(o['col'])]}" for o in scene["objects"]]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _loc(o: dict) -> str:
+    return _LOC[ROWS.index(o["row"])][COLS.index(o["col"])]
+
+
+def _shape_ref(scene: dict, o: dict) -> str:
+    """Shortest phrase that names `o` without its colour: 'circle', 'small circle' or 'circle at the top'."""
+    same = [p for p in scene["objects"] if p["shape"] == o["shape"]]
+    if len(same) == 1:
+        return o["shape"]
+    if sum(p["size"] == o["size"] for p in same) == 1:
+        return f"{o['size']} {o['shape']}"
+    return f"{o['shape']} {_loc(o)}"
+
+
+def questions(scene: dict, rng: np.random.Generator, kind: str) -> tuple[str, str, str]:
+    """One question of `kind` about the scene -> (question, short answer, full-sentence answer).
+
+    kinds: the four test kinds plus "exists" (yes/no), "size" and "where" (sentence-only location).
+    """
+    objs = scene["objects"]
+    o = _pick(rng, objs)
+    if kind == "color":
+        ref = _shape_ref(scene, o)
+        q = _pick(rng, ("What color is the {}?", "What is the color of the {}?", "Which color does the {} have?"))
+        return q.format(ref), o["color"], f"The {ref} is {o['color']}."
+    if kind == "shape":
+        q = _pick(rng, ("What shape is the {} object?", "What is the shape of the {} object?",
+                        "Which shape is {}?"))
+        return q.format(o["color"]), o["shape"], f"The {o['color']} object is {_article(o['shape'])} {o['shape']}."
+    if kind == "count":
+        if rng.random() < 0.5:
+            q = _pick(rng, ("How many shapes are there?", "How many shapes are in the image?",
+                            "How many objects can you see?", "What is the number of shapes in the picture?"))
+            return q, str(len(objs)), _count_sentence(len(objs), "shape")
+        shape = _pick(rng, SHAPES)
+        n = sum(p["shape"] == shape for p in objs)
+        q = _pick(rng, ("How many {}s are there?", "How many {}s are in the image?", "Count the {}s."))
+        return q.format(shape), str(n), _count_sentence(n, shape)
+    if kind == "position":
+        if rng.random() < 0.5:
+            q = _pick(rng, ("Is the {} on the left, in the center, or on the right?",
+                            "Which side is the {} on: left, center, or right?"))
+            return q.format(_name(o)), o["col"], f"The {_name(o)} is {_COL_PHRASE[o['col']]}."
+        q = _pick(rng, ("Is the {} at the top, in the middle, or at the bottom?",
+                        "Is the {} near the top, in the middle, or near the bottom?"))
+        return q.format(_name(o)), o["row"], f"The {_name(o)} is {_ROW_PHRASE[o['row']]}."
+    if kind == "where":
+        q = _pick(rng, ("Where is the {}?", "Where is the {} located?", "Where can you find the {}?"))
+        cell = _loc(o).split(" the ", 1)[1]  # short answer without the preposition: "top left", "center"
+        return q.format(_name(o)), cell, f"The {_name(o)} is {_loc(o)} of the image."
+    if kind == "size":
+        q = _pick(rng, ("Is the {} large or small?", "What size is the {}?"))
+        return q.format(_name(o)), o["size"], f"The {_name(o)} is {o['size']}."
+    if kind == "exists":
+        if rng.random() < 0.5:  # ask about a present object, else about an absent colour-shape pair
+            q = _pick(rng, ("Is there {} {} in the image?", "Do you see {} {}?", "Is there {} {}?"))
+            return q.format(_article(o["color"]), _name(o)), "yes", f"Yes, there is {_article(o['color'])} {_name(o)} {_loc(o)}."
+        present = {_name(p) for p in objs}
+        absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
+        a = _pick(rng, absent)
+        q = _pick(rng, ("Is there {} {} in the image?", "Do you see {} {}?", "Is there {} {}?"))
+        return q.format(_article(a), a), "no", f"No, there is no {a} in the image."
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+_CONVERSATION_KINDS = ("color", "shape", "count", "position", "where", "size", "exists")
+
+
+def detail(scene: dict) -> str:
+    """A paragraph: how many shapes on which background, each object and where, one spatial relation."""
+    objs = scene["objects"]
+    n = len(objs)
+    noun = "a single shape" if n == 1 else f"{_NUM[n]} shapes"
+    out = [f"The image shows {noun} on a {scene['background']} background."]
+    for o in objs:
+        out.append(f"{_loc(o)[0].upper() + _loc(o)[1:]}, there is {_article(o['size'])} {o['size']} {_name(o)}.")
+    if n > 1:
+        a, b = objs[0], objs[1]  # reading order: a is above b, or on the same row and to its left
+        rel = "above" if a["row"] != b["row"] else "to the left of"
+        out.append(f"The {_name(a)} is {rel} the {_name(b)}.")
+    return " ".join(out)
+
+
+def reasoning(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """One complex-reasoning question with a one-sentence answer that gives its reason."""
+    objs = scene["objects"]
+    options = ["remove", "same_shape"]
+    if len(objs) > 1:
+        options += ["larger"]
+        if sum(o["row"] == objs[0]["row"] for o in objs) == 1:
+            options += ["top"]
+        left = min(COLS.index(o["col"]) for o in objs)
+        if sum(COLS.index(o["col"]) == left for o in objs) == 1:
+            options += ["left"]
+    kind = _pick(rng, options)
+    if kind == "top":  # objects are in reading order, so the first one is the topmost
+        o = objs[0]
+        return ("Which object is closest to the top of the image?",
+                f"The {_name(o)} is closest to the top, because it is in the {o['row']} row "
+                f"and the other shapes are lower.")
+    if kind == "left":
+        o = min(objs, key=lambda p: COLS.index(p["col"]))
+        return ("Which object is furthest to the left?",
+                f"The {_name(o)} is furthest to the left, because it is in the {o['col']} column "
+                f"and the other shapes are further right.")
+    if kind == "larger":
+        i, j = rng.choice(len(objs), size=2, replace=False)
+        a, b = objs[int(i)], objs[int(j)]
+        q = f"Which is larger, the {_name(a)} or the {_name(b)}?"
+        if a["size"] == b["size"]:
+            return q, f"Neither is larger: the {_name(a)} and the {_name(b)} are both {a['size']}."
+        big, small = (a, b) if a["size"] == "large" else (b, a)
+        return q, f"The {_name(big)} is larger, because it is a large shape while the {_name(small)} is small."
+    if kind == "same_shape":
+        q = "Do any two objects have the same shape?"
+        if len(objs) == 1:
+            return q, f"No, there is only one object in the image, {_article(objs[0]['color'])} {_name(objs[0])}."
+        for i, a in enumerate(objs):
+            for b in objs[i + 1:]:
+                if a["shape"] == b["shape"]:
+                    return q, f"Yes, the {_name(a)} and the {_name(b)} are both {a['shape']}s."
+        return q, "No, each object in the image has a different shape."
+    o = _pick(rng, objs)  # "remove"
+    q = f"If the {_name(o)} were removed, how many shapes would be left?"
+    n = len(objs) - 1
+    if n == 0:
+        return q, f"No shapes would be left, because the {_name(o)} is the only shape in the image."
+    return q, (f"{_NUM[n].capitalize()} {'shape' if n == 1 else 'shapes'} would be left, because there are "
+               f"{_NUM[n + 1]} shapes and removing one leaves {_NUM[n]}.")
+
+
+_TEXT_FACTS = (
+    ("How many sides does a triangle have?", "A triangle has three sides."),
+    ("How many sides does a square have?", "A square has four sides of equal length."),
+    ("How many corners does a circle have?", "A circle has no corners."),
+    ("How many points does a star shape usually have?", "A star shape usually has five points."),
+    ("What color do you get when you mix red and yellow?", "Mixing red and yellow gives orange."),
+    ("What color do you get when you mix blue and yellow?", "Mixing blue and yellow gives green."),
+    ("What color do you get when you mix red and blue?", "Mixing red and blue gives purple."),
+    ("What is the opposite of left?", "The opposite of left is right."),
+    ("What is the opposite of top?", "The opposite of top is bottom."),
+    ("Which is larger, a large square or a small square?", "A large square is larger than a small square."),
+)
+
+
+def _with_image(rng, text: str) -> str:
+    """The image placeholder goes before or after the first human turn's text, as in the real data."""
+    return f"<image>\n{text}" if rng.random() < 0.5 else f"{text}\n<image>"
+
+
+def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
+    return [t for q, a in pairs for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+
+
+def _distinct(make, n: int) -> list[tuple[str, str]]:
+    """Up to n (question, answer) pairs from make() with no question asked twice (small scenes repeat)."""
+    pairs, seen = [], set()
+    for _ in range(4 * n):
+        q, a = make()
+        if q not in seen:
+            seen.add(q)
+            pairs.append((q, a))
+            if len(pairs) == n:
+                break
+    return pairs
+
+
+def instruct_record(scene: dict, rng: np.random.Generator, rid: str, image: str) -> dict:
+    """One stage-2 record of a random kind: conversation 35%, vqa 35%, detail 15%, reasoning 15%."""
+    def ask(p_short):  # one question of a random kind; short answer + official suffix with probability p_short
+        q, short, long = questions(scene, rng, _pick(rng, _CONVERSATION_KINDS))
+        return (q + SHORT_SUFFIX, short) if rng.random() < p_short else (q, long)
+
+    u = rng.random()
+    if u < 0.35:  # conversation: 3-5 turns, about a third of them short-answer
+        pairs = _distinct(lambda: ask(0.33), int(rng.integers(3, 6)))
+    elif u < 0.70:  # vqa: 3-5 short-answer turns (the 665K mix's VQAv2 / GQA records look like this)
+        pairs = _distinct(lambda: ask(1.0), int(rng.integers(3, 6)))
+    elif u < 0.85:
+        pairs = [(_pick(rng, DETAIL_INSTRUCTIONS), detail(scene))]
+    else:
+        pairs = _distinct(lambda: reasoning(scene, rng), int(rng.integers(1, 3)))
+    pairs[0] = (_with_image(rng, pairs[0][0]), pairs[0][1])
+    return {"id": rid, "image": image, "conversations": _turns(pairs)}
+
+
+def text_record(rng: np.random.Generator, rid: str) -> dict:
+    """A text-only record (no "image" key), like the ShareGPT part of the 665K mix: 1-2 general questions."""
+    idx = rng.choice(len(_TEXT_FACTS), size=int(rng.integers(1, 3)), replace=False)
+    return {"id": rid, "conversations": _turns([_TEXT_FACTS[int(i)] for i in idx])}
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def _rng(seed: int, split: str, i: int, stream: int) -> np.random.Generator:
+    """Independent generator per (seed, split, index, stream): 0 = scene + pixels, 1 = text."""
+    return np.random.default_rng([seed, _SPLIT_CODE[split], i, stream])
+
+
+def _corpus_lines(records: list[dict], system: bool) -> list[str]:
+    """Each turn's lines (without <image>, which the tokenizer never sees) prefixed with its role word;
+    with system=True each record starts with the vicuna_v1 system prompt, as stage 2 renders it."""
+    lines = []
+    for rec in records:
+        if system:
+            lines.append(SYSTEM)
+        for turn in rec["conversations"]:
+            role = ROLES[turn["from"] == "gpt"]
+            text = [t.strip() for t in turn["value"].replace("<image>", "").split("\n") if t.strip()]
+            lines += [f"{role}: {text[0]}"] + text[1:]
+    return lines
+
+
+def _dump(obj, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_dataset(out_dir: str, n_train: int = 2000, n_test: int = 200, seed: int = 0,
+                  image_size: int = 64) -> dict:
+    """Generate the dataset under out_dir (see the module docstring); return {name: absolute path}.
+
+    Image paths inside the JSON files are relative to out_dir. Test images come from their own seed stream,
+    so they are new renderings never seen in training (scene layouts come from the same distribution).
+    """
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"write_dataset: need n_train >= 1 and n_test >= 0, got {n_train}, {n_test}")
+    if image_size < 24:
+        raise ValueError(f"write_dataset: image_size {image_size} is too small to draw shapes (need >= 24)")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    scenes, pretrain, instruct, test = {}, [], [], []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            rng = _rng(seed, split, i, 0)
+            scene = make_scene(rng, image_size)
+            image = f"images/{split}_{i:06d}.png"
+            render(scene, image_size, rng).save(os.path.join(out_dir, image))
+            scenes[image] = scene
+            trng = _rng(seed, split, i, 1)
+            if split == "train":
+                rid = f"{split}_{i:06d}"
+                instr = _with_image(trng, _pick(trng, PRETRAIN_INSTRUCTIONS))
+                pretrain.append({"id": rid, "image": image, "conversations": _turns([(instr, caption(scene))])})
+                instruct.append(instruct_record(scene, trng, rid, image))
+            else:
+                for kind in TEST_KINDS:
+                    q, a, _ = questions(scene, trng, kind)
+                    test.append({"id": f"{split}_{i:06d}_{kind}", "image": image,
+                                 "question": q + SHORT_SUFFIX, "answer": a, "kind": kind})
+    for i in range(max(1, n_train // 50)):  # ~2% text-only records, spread through the list
+        rec = text_record(_rng(seed, "text", i, 1), f"text_{i:06d}")
+        instruct.insert(int(_rng(seed, "text", i, 0).integers(len(instruct) + 1)), rec)
+    paths = {name: os.path.join(out_dir, f"{name}.json") for name in ("pretrain", "instruct", "test", "scenes")}
+    for name, obj in (("pretrain", pretrain), ("instruct", instruct), ("test", test), ("scenes", scenes)):
+        _dump(obj, paths[name])
+    paths["corpus"] = os.path.join(out_dir, "corpus.txt")
+    lines = _corpus_lines(pretrain, system=False) + _corpus_lines(instruct, system=True)
+    with open(paths["corpus"], "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    paths["image_folder"] = out_dir
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(corpus_path: str, out_dir: str, vocab_size: int = 768) -> str:
+    """Train a LLaMA-like BPE SentencePiece model on corpus_path; return out_dir/tokenizer.model.
+
+    Same special ids and normalizer as LLaMA's tokenizer.model: unk 0, bos 1, eos 2, no pad, byte fallback
+    (so "\\n" and any unseen character become <0xNN> pieces, never <unk>), digits split, identity
+    normalization. The 256 byte pieces and 3 specials come out of vocab_size; the rest are BPE merges.
+    Single-threaded, so the same corpus always gives the same bytes.
+    """
+    import sentencepiece as spm
+
+    if not os.path.isfile(corpus_path):
+        raise FileNotFoundError(f"train_tokenizer: corpus {corpus_path} does not exist")
+    with open(corpus_path, encoding="utf-8") as f:
+        lines = [line for line in f.read().split("\n") if line]
+    if any("<image>" in line for line in lines):
+        raise ValueError(f"train_tokenizer: {corpus_path} contains '<image>'; it is split out before tokenizing")
+    if vocab_size < 259 + 16:
+        raise ValueError(f"train_tokenizer: vocab_size {vocab_size} leaves too few merges beyond 256 bytes + 3 specials")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "tokenizer.model")
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=f, vocab_size=vocab_size, model_type="bpe",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1, minloglevel=2)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                   "eight", "nine", "ten"))}
+
+
+def normalize_answer(s: str) -> str:
+    """VQA-style normalisation: lowercase, punctuation -> space, number words -> digits, drop a/an/the."""
+    words = re.sub(r"[^\w\s]", " ", s.lower()).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """True when prediction and answer are equal after `normalize_answer` ("Red." matches "red")."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def chance_level(test_records: list[dict]) -> float:
+    """Accuracy of always answering each kind's most frequent answer (the floor a model must beat)."""
+    if not test_records:
+        raise ValueError("chance_level: no test records")
+    by_kind: dict[str, Counter] = {}
+    for i, rec in enumerate(test_records):
+        if "kind" not in rec or "answer" not in rec:
+            raise ValueError(f"chance_level: record {i} ({rec.get('id', '?')}) lacks 'kind' or 'answer'")
+        by_kind.setdefault(rec["kind"], Counter())[normalize_answer(rec["answer"])] += 1
+    return sum(c.most_common(1)[0][1] for c in by_kind.values()) / len(test_records)

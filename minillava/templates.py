@@ -1,0 +1,211 @@
+"""Conversation templates: LLaVA's prompt formats, training tokenization with exact labels, generation prompts.
+
+The templates, as in the original code (haotian-liu/LLaVA v1.2.2, llava/conversation.py):
+- `vicuna_v1` (conv_vicuna_v1; stage 2 and all LLaVA-1.5 evaluation): system = VICUNA_SYSTEM, roles
+  ("USER", "ASSISTANT"), sep " ", sep2 "</s>" (SeparatorStyle.TWO):
+      "{system} USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>"
+- `llava_v1` (conv_llava_v1): the same, except the system prompt says "human" where vicuna_v1 says "user"
+  (LLAVA_V1_SYSTEM). Its roles are still ("USER", "ASSISTANT"), not ("Human", "Assistant") (those belong to
+  the v0 templates, which use "###" separators).
+- `plain` (conv_llava_plain; stage 1): "<image>" + caption + "\\n"; the human instruction is dropped
+  (train.py `preprocess_plain` replaces it by "<image>"). Only caption + "\\n" is supervised; no EOS.
+- `llava_hf`: llava-hf's documented prompt "USER: <image>\\n{prompt} ASSISTANT:" = vicuna_v1 without a
+  system prompt (and without the leading space the original would put there). Multi-turn uses "</s>"
+  after assistant turns, like the vicuna_v1 data the weights were trained on.
+In every template a human turn containing `<image>` has it moved to the front: the placeholder is removed,
+the text stripped, and "<image>\\n" prepended (train.py `preprocess_multimodal`, Conversation.get_prompt).
+Two deliberate differences: a turn with k placeholders gets k "<image>\\n" (the original's `.replace` keeps
+only one), and a conversation that does not start with a human turn is an error (the original's
+preprocess_v1 silently drops a leading gpt turn; the data loader should decide that, loudly).
+
+Training labels. The original derives masks by re-tokenizing each round and counting (and silently masks
+the whole sample when the count disagrees). Here ids are built by concatenating per-segment tokenizations
+and the supervised spans are recorded as they are appended:
+    [BOS] sp("{system} USER: ") [img] sp("\\nQ1 ASSISTANT:")   -100
+    sp("A1") [EOS]                                            supervised
+    sp("USER: Q2 ASSISTANT:")                                 -100
+    sp("A2") [EOS]                                            supervised
+The reply is encoded on its own: its dummy "▁" prefix is the space after "ASSISTANT:", so (SentencePiece
+never merges across a word start) the ids equal those of the whole prompt string tokenized the way the
+original does (`tokenize_with_images`: split on "<image>" and "</s>", `sp.encode` each chunk). The tests
+check that equality. Where it cannot hold: an empty reply (the whole string would end the instruction with a
+lone "▁" piece), so empty replies are rejected. The text after each "</s>" starts a new `sp.encode` call
+and so gets a dummy "▁" ("▁USER"), exactly as HF's legacy LlamaTokenizer does in the original; the same
+text inside one string ("A1</s>USER") would encode differently, which is why "</s>" is treated as the
+special token, never as characters.
+"""
+from dataclasses import dataclass
+
+from .tokenizer import EOS_STRING, IMAGE_PLACEHOLDER, Tokenizer, tokenize_with_images
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch cross_entropy's default ignore_index)
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+@dataclass(frozen=True)
+class Template:
+    """A SeparatorStyle.TWO conversation format, or the stage-1 `plain` format."""
+    name: str
+    system: str                          # "" = no system prompt (and no separator after it)
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    sep: str = " "                       # after the system prompt and after each user turn
+    sep2: str = EOS_STRING               # after each assistant turn: "</s>" is the EOS token
+    plain: bool = False                  # "<image>" + caption + "\n", human text dropped
+
+
+TEMPLATES = {
+    "plain": Template("plain", system="", roles=("", ""), sep="\n", sep2="", plain=True),
+    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM),
+    "llava_v1": Template("llava_v1", system=LLAVA_V1_SYSTEM),
+    "llava_hf": Template("llava_hf", system=""),
+}
+
+_ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+def get_template(name) -> Template:
+    """The template called `name` (a Template passes through)."""
+    if isinstance(name, Template):
+        return name
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown conversation template {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def _normalize_turns(turns) -> list[tuple[str, str]]:
+    """[(role, text)] with role in {"human", "gpt"}, from official dicts or (role, text) pairs; checks that
+    roles alternate starting with human."""
+    if not isinstance(turns, (list, tuple)) or len(turns) == 0:
+        raise ValueError(f"conversation must be a non-empty list of turns, got {turns!r}")
+    out = []
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict):
+            if "from" not in turn or "value" not in turn:
+                raise ValueError(f"turn {i}: expected keys 'from' and 'value', got {sorted(turn)}")
+            role, text = turn["from"], turn["value"]
+        elif isinstance(turn, (list, tuple)) and len(turn) == 2:
+            role, text = turn
+        else:
+            raise ValueError(f"turn {i}: expected a {{'from', 'value'}} dict or a (role, text) pair, got {turn!r}")
+        norm = _ROLE_ALIASES.get(str(role).lower())
+        if norm is None:
+            raise ValueError(f"turn {i}: unknown role {role!r} (expected 'human'/'user' or 'gpt'/'assistant')")
+        if not isinstance(text, str):
+            raise ValueError(f"turn {i}: value must be a str, got {type(text).__name__}")
+        expected = "human" if i % 2 == 0 else "gpt"
+        if norm != expected:
+            raise ValueError(f"turn {i}: roles must alternate starting with human; expected {expected!r}, got {role!r}")
+        if norm == "gpt" and IMAGE_PLACEHOLDER in text:
+            raise ValueError(f"turn {i}: {IMAGE_PLACEHOLDER} in an assistant reply (images belong to human turns)")
+        out.append((norm, text))
+    return out
+
+
+def _move_images_to_front(text: str) -> str:
+    """"Q <image>" -> "<image>\\nQ": placeholders removed, text stripped, one "<image>\\n" per image in front."""
+    n = text.count(IMAGE_PLACEHOLDER)
+    if n == 0:
+        return text
+    return (IMAGE_PLACEHOLDER + "\n") * n + text.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def _segments(turns, t: Template) -> list[tuple[str, str]]:
+    """The conversation as (kind, text) segments, kind in {"prompt", "reply", "eos"}; only reply and eos
+    are supervised. Prompt texts may hold "<image>" markers; `_join` turns segments into the prompt string.
+    """
+    if t.plain:
+        if len(turns) != 2:
+            raise ValueError(f"template 'plain' takes exactly one (human, gpt) pair, got {len(turns)} turns")
+        n_img = turns[0][1].count(IMAGE_PLACEHOLDER)
+        if n_img == 0:
+            raise ValueError(f"template 'plain': the human turn has no {IMAGE_PLACEHOLDER}")
+        return [("prompt", IMAGE_PLACEHOLDER * n_img), ("reply", turns[1][1] + t.sep)]
+    segs = []
+    prefix = t.system + t.sep if t.system else ""
+    for k in range(0, len(turns), 2):
+        question = _move_images_to_front(turns[k][1])
+        segs.append(("prompt", prefix + f"{t.roles[0]}: {question}{t.sep}{t.roles[1]}:"))
+        if k + 1 < len(turns):
+            reply = turns[k + 1][1]
+            if reply == "":
+                raise ValueError(f"turn {k + 1}: empty assistant reply (nothing to supervise)")
+            segs.append(("reply", reply))
+            segs.append(("eos", t.sep2))  # "</s>": the model must learn to stop
+        prefix = ""
+    return segs
+
+
+def _join(segs, t: Template) -> str:
+    """Segments -> prompt string: "ASSISTANT:" and its reply are separated by one space (none in plain)."""
+    return "".join(("" if t.plain else " ") + text if kind == "reply" else text for kind, text in segs)
+
+
+def format_conversation(conversations, template) -> str:
+    """The whole training text of a conversation, as the original's `conv.get_prompt()` writes it
+    ("{system} USER: <image>\\nQ1 ASSISTANT: A1</s>USER: ..."); for reading and debugging."""
+    t = get_template(template)
+    return _join(_segments(_normalize_turns(conversations), t), t)
+
+
+def tokenize_conversation(conversations, template, tokenizer: Tokenizer, image_token_id: int,
+                          max_length: int = None) -> tuple[list[int], list[int]]:
+    """Training ids and labels of one conversation [{"from": "human"|"gpt", "value": str}, ...].
+
+    Returns (input_ids, labels), equal lengths; labels[i] = input_ids[i] on the assistant replies and their
+    closing EOS (vicuna_v1 / llava_v1 / llava_hf) or on caption + "\\n" (plain), IGNORE_INDEX (-100)
+    elsewhere (BOS, system, user turns, role names, image ids). Each `<image>` becomes one `image_token_id`.
+    The conversation must alternate human/gpt starting with human and end with a gpt reply.
+
+    max_length: keep the first max_length ids (each image counts as one id here, as in the original's
+    tokenizer truncation; the model glue must re-truncate after expanding images to Np embeddings).
+    Truncation that would drop an image id is an error, since the images would no longer match the ids.
+    """
+    t = get_template(template)
+    turns = _normalize_turns(conversations)
+    if len(turns) % 2 != 0:
+        raise ValueError(f"training conversation must end with a gpt reply; turn {len(turns) - 1} is human")
+    input_ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
+    for kind, text in _segments(turns, t):
+        ids = tokenize_with_images(text, tokenizer, image_token_id, bos=False)
+        input_ids += ids
+        labels += [IGNORE_INDEX] * len(ids) if kind == "prompt" else ids
+    if max_length is not None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if image_token_id in input_ids[max_length:]:
+            raise ValueError(f"max_length={max_length} would cut off an image token "
+                             f"(at position {input_ids.index(image_token_id, max_length)})")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return input_ids, labels
+
+
+def build_prompt(history, template) -> str:
+    """Generation prompt for `history` = [(role, text)] or official dicts, ending with a human turn.
+
+    vicuna_v1: "{system} USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:" (no trailing space: the
+    model's first token carries the space as its "▁"). plain: "<image>" (the stage-1 model only captions;
+    the human text is dropped as in training). Tokenize with `tokenize_with_images(prompt, ...)`.
+    """
+    t = get_template(template)
+    turns = _normalize_turns(history)
+    if turns[-1][0] != "human":
+        raise ValueError(f"generation history must end with a human turn; turn {len(turns) - 1} is {turns[-1][0]!r}")
+    if t.plain:
+        if len(turns) != 1:
+            raise ValueError(f"template 'plain' takes a single human turn for generation, got {len(turns)} turns")
+        n_img = turns[0][1].count(IMAGE_PLACEHOLDER)
+        if n_img == 0:
+            raise ValueError(f"template 'plain': the human turn has no {IMAGE_PLACEHOLDER}")
+        return IMAGE_PLACEHOLDER * n_img
+    return _join(_segments(turns, t), t)
+
+
+def stop_strings(template) -> list[str]:
+    """Strings that end a reply: "</s>" (the EOS id also stops) for the chat templates, "\\n" for plain
+    (as the original's `conv.sep2 if sep_style == TWO else conv.sep`)."""
+    t = get_template(template)
+    return [t.sep] if t.plain else [t.sep2]

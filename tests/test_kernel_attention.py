@@ -1,0 +1,259 @@
+"""Triton attention (kernels/attention.py) against attention_reference: output and dq/dk/dv.
+
+On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1): shapes are tiny but
+odd, so that every case spans ragged blocks of the interpreter's 16x16 tiles. GPU-only tests at the end run
+bf16 and larger shapes; they need CUDA and TRITON_INTERPRET=0.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+from kernels.attention import AttentionFunction, attention, attention_decode, attention_reference
+
+# the module itself (kernels/__init__.py re-exports the function `attention`, which shadows the submodule name)
+A = importlib.import_module("kernels.attention")
+
+# Tightest per-dtype tolerances that pass (atol, rtol). fp32: the kernels accumulate in fp32 like the reference,
+# only the summation order differs. fp16: the output/gradients are rounded to fp16 (ulp 1e-3 near 1) and the
+# kernel rounds p and ds to fp16 before the tensor-core matmuls, as FlashAttention does.
+TOL = {
+    torch.float32: dict(out=(1e-5, 1e-5), grad=(1e-5, 1e-5)),
+    torch.float16: dict(out=(2e-3, 2e-3), grad=(4e-3, 4e-3)),
+}
+
+# (B, nh, n_kv, Tq, Tk, hs, causal, mask)
+CASES = [
+    (1, 2, 2, 37, 37, 16, True, None),      # odd length, 3 ragged blocks, causal
+    (1, 2, 2, 37, 37, 32, False, None),     # bidirectional
+    (2, 2, 2, 5, 23, 16, True, None),       # cached prefill, Tq < Tk: bottom-right diagonal
+    (1, 2, 2, 23, 5, 16, True, None),       # Tq > Tk: the first 18 rows see no key -> zeros
+    (1, 2, 2, 9, 1, 16, False, None),       # Tk = 1
+    (1, 4, 2, 19, 19, 16, True, None),      # GQA, 2 query heads per kv head
+    (1, 4, 1, 19, 19, 32, False, None),     # GQA, one kv head (MQA)
+    (2, 2, 1, 21, 21, 16, True, "left"),    # left padding + causal: padded query rows see nothing
+    (2, 2, 2, 18, 18, 16, False, "left"),   # left padding, bidirectional
+    (1, 2, 2, 33, 33, 16, False, "random"),  # holes anywhere
+    (1, 2, 2, 32, 32, 64, True, None),      # block-aligned: the unmasked fast path of fwd and dq
+    (2, 2, 2, 7, 40, 64, True, "left"),     # prefill against a left-padded cache, hs 64
+]
+
+
+def _inputs(B, nh, n_kv, Tq, Tk, hs, dtype, mask, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*s, generator=g).to(dtype).requires_grad_()
+               for s in [(B, nh, Tq, hs), (B, n_kv, Tk, hs), (B, n_kv, Tk, hs)])
+    do = torch.randn(B, nh, Tq, hs, generator=g).to(dtype)
+    kpm = None
+    if mask == "left":  # batch 0 keeps only its last 3 keys (whole padded 16-key blocks), batch 1 no padding
+        kpm = torch.ones(B, Tk, dtype=torch.bool)
+        kpm[0, : max(Tk - 3, 0)] = False
+    elif mask == "random":
+        kpm = torch.rand(B, Tk, generator=g) > 0.3
+    return q, k, v, do, kpm
+
+
+def _assert_close(actual, expected, atol_rtol, what):
+    atol, rtol = atol_rtol
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_against_reference(q, k, v, do, causal, kpm, dtype, fn):
+    out = fn(q, k, v, causal, kpm)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref = attention_reference(q, k, v, causal, kpm)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    assert out.dtype == dtype and out.shape == ref.shape
+    _assert_close(out, ref, TOL[dtype]["out"], "out")
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        _assert_close(g, r, TOL[dtype]["grad"], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, nh, n_kv, Tq, Tk, hs, causal, mask", CASES)
+def test_forward_backward_matches_reference(B, nh, n_kv, Tq, Tk, hs, causal, mask, dtype):
+    q, k, v, do, kpm = _inputs(B, nh, n_kv, Tq, Tk, hs, dtype, mask)
+    _check_against_reference(q, k, v, do, causal, kpm, dtype,
+                             lambda q, k, v, c, m: AttentionFunction.apply(q, k, v, c, m, None))
+
+
+def test_scale_argument():
+    q, k, v, do, _ = _inputs(1, 2, 2, 20, 20, 16, torch.float32, None)
+    out = AttentionFunction.apply(q, k, v, True, None, 0.3)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    ref = attention_reference(q, k, v, True, None, 0.3)
+    rdq, rdk, rdv = torch.autograd.grad(ref, (q, k, v), do)
+    for a, b in [(out, ref), (dq, rdq), (dk, rdk), (dv, rdv)]:
+        _assert_close(a, b, TOL[torch.float32]["grad"], "scale=0.3")
+
+
+def test_fully_masked_rows_are_zero_with_finite_gradients():
+    # batch 0: every key padded; batch 1: keys 0..9 padded, so causal rows 0..9 see nothing
+    q, k, v, do, _ = _inputs(2, 2, 2, 20, 20, 16, torch.float32, None)
+    kpm = torch.ones(2, 20, dtype=torch.bool)
+    kpm[0] = False
+    kpm[1, :10] = False
+    out = AttentionFunction.apply(q, k, v, True, kpm, None)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert (out[0] == 0).all() and (out[1, :, :10] == 0).all()
+    assert (out[1, :, 10:].abs().sum(-1) > 0).all()
+    assert (dq[0] == 0).all() and (dq[1, :, :10] == 0).all()
+    assert (dk[0] == 0).all() and (dv[0] == 0).all() and (dk[1, :, :10] == 0).all()
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+
+
+# ---- decode (Tq == 1): flash-decoding split + reduce ----
+
+DECODE_CASES = [
+    # (B, nh, n_kv, Tk, hs, mask, num_splits)
+    (2, 2, 2, 1, 16, None, None),      # a one-key cache
+    (1, 2, 2, 16, 32, None, None),     # exactly one block
+    (2, 4, 2, 37, 16, "left", None),   # ragged last block, GQA, batch 0 keeps 3 keys: empty splits
+    (1, 4, 1, 100, 64, None, 3),       # MQA, 3 splits of 48 keys (last one ragged)
+    (2, 2, 2, 100, 16, "random", 1),   # a single split: the reduce is a no-op
+    (1, 2, 2, 70, 16, "left", 70),     # more splits asked than blocks: capped at one block per split
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, nh, n_kv, Tk, hs, mask, num_splits", DECODE_CASES)
+def test_decode_matches_reference(B, nh, n_kv, Tk, hs, mask, num_splits, dtype):
+    q, k, v, _, kpm = _inputs(B, nh, n_kv, 1, Tk, hs, dtype, mask)
+    with torch.no_grad():
+        out, lse = attention_decode(q, k, v, kpm, num_splits=num_splits)
+        ref = attention_reference(q, k, v, True, kpm)
+        _assert_close(out, ref, TOL[dtype]["out"], "decode out")
+        # the lse (log2 domain) is what backward consumes: check it too, against the forward kernel's
+        _, lse_fwd = A.attention_forward(q, k, v, False, kpm)
+    torch.testing.assert_close(lse, lse_fwd, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_fully_masked_cache_outputs_zero():
+    q, k, v, _, _ = _inputs(2, 2, 2, 1, 40, 16, torch.float32, None)
+    kpm = torch.ones(2, 40, dtype=torch.bool)
+    kpm[1] = False
+    with torch.no_grad():
+        out, lse = attention_decode(q, k, v, kpm, num_splits=2)
+    assert (out[1] == 0).all() and torch.isinf(lse[1]).all() and (out[0].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_decode_backward_matches_reference(dtype):
+    # AttentionFunction routes Tq == 1 through the decode kernels; backward uses their lse
+    q, k, v, do, kpm = _inputs(2, 4, 2, 1, 37, 16, dtype, "left")
+    _check_against_reference(q, k, v, do, True, kpm, dtype,
+                             lambda q, k, v, c, m: AttentionFunction.apply(q, k, v, c, m, None))
+
+
+# ---- dispatch, layouts, errors ----
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls of the two forward launchers, which only the Triton path reaches."""
+    calls = []
+    for name in ("attention_forward", "attention_decode"):
+        fn = getattr(A, name)
+        monkeypatch.setattr(A, name, lambda *a, _fn=fn, _name=name, **kw: (calls.append(_name), _fn(*a, **kw))[1])
+    return calls
+
+
+def test_attention_dispatch(monkeypatch, spy):
+    q, k, v, _, kpm = _inputs(1, 2, 2, 9, 9, 16, torch.float32, "left")
+    ref = attention_reference(q, k, v, True, kpm)
+    monkeypatch.setenv("MINILLAVA_KERNELS", "force")
+    _assert_close(attention(q, k, v, True, kpm), ref, TOL[torch.float32]["out"], "force")
+    attention(q[:, :, -1:], k, v, True, kpm)
+    assert spy == ["attention_forward", "attention_decode"]  # Tq == 1 -> flash-decoding
+    spy.clear()
+    monkeypatch.setenv("MINILLAVA_KERNELS", "1")  # default: Triton only for CUDA tensors
+    assert torch.equal(attention(q, k, v, True, kpm), ref)
+    monkeypatch.setenv("MINILLAVA_KERNELS", "0")
+    assert torch.equal(attention(q, k, v, True, kpm), ref)
+    assert spy == []
+
+
+def test_unsupported_head_size_falls_back_to_reference(monkeypatch, spy):
+    monkeypatch.setenv("MINILLAVA_KERNELS", "force")
+    q, k, v, _, _ = _inputs(1, 2, 2, 5, 5, 24, torch.float32, None)
+    assert torch.equal(attention(q, k, v, True), attention_reference(q, k, v, True))
+    assert spy == []
+    with pytest.raises(AssertionError, match="head size 24"):
+        A.attention_forward(q, k, v, True)
+
+
+def test_non_contiguous_inputs(monkeypatch):
+    # the model's layout: (B, T, nh, hs) projections viewed as (B, nh, T, hs) without a copy
+    monkeypatch.setenv("MINILLAVA_KERNELS", "force")
+    g = torch.Generator().manual_seed(1)
+    B, T, nh, n_kv, hs = 1, 19, 4, 2, 16
+    qkv = torch.randn(B, T, nh + 2 * n_kv, hs, generator=g, requires_grad=True)
+    q, k, v = qkv.split([nh, n_kv, n_kv], dim=2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs), strided
+    do = torch.randn(B, nh, T, hs, generator=g).transpose(2, 3).contiguous().transpose(2, 3)  # head dim strided
+    out = attention(q, k, v, True)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    ref = attention_reference(q, k, v, True)
+    (ref_grad,) = torch.autograd.grad(ref, qkv, do)
+    _assert_close(out, ref, TOL[torch.float32]["out"], "out")
+    _assert_close(grad, ref_grad, TOL[torch.float32]["grad"], "dqkv")
+
+
+def test_bad_shapes_raise():
+    q = torch.randn(1, 3, 4, 16)
+    k = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="nh % n_kv"):
+        attention(q, k, k, True)
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attention(q, k, k, True, torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attention(q, k, k, True, torch.ones(1, 4, dtype=torch.int64))
+
+
+# ---- GPU only: compiled kernels, bf16, autotuned configs, realistic lengths ----
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                          reason="needs CUDA and compiled Triton (run with TRITON_INTERPRET=0)")
+# relative to the largest reference value: bf16 has an 8-bit mantissa (2^-8 = 4e-3), fp16 11 bits
+GPU_REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("B, nh, n_kv, Tq, Tk, hs, causal, mask", [
+    (2, 16, 16, 577, 577, 64, False, None),   # ViT-L/14-336
+    (2, 8, 8, 1000, 1000, 128, True, "left"),  # padded LM batch
+    (1, 8, 2, 300, 1100, 128, True, None),     # cached prefill, GQA
+    (1, 4, 4, 513, 513, 32, True, "random"),
+])
+def test_gpu_matches_reference(B, nh, n_kv, Tq, Tk, hs, causal, mask, dtype):
+    q, k, v, do, kpm = (x.cuda() if x is not None else None
+                        for x in _inputs(B, nh, n_kv, Tq, Tk, hs, torch.float32, mask))
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = AttentionFunction.apply(q, k, v, causal, kpm, None)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))  # fp32 oracle, same inputs
+    ref = attention_reference(q32, k32, v32, causal, kpm)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert torch.isfinite(a).all(), name
+        assert _rel_err(a, b) < GPU_REL_TOL[dtype], f"{name}: rel err {_rel_err(a, b):.2e}"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("Tk", [1000, 4133, 16384])
+def test_gpu_decode_matches_reference(Tk, dtype):
+    q, k, v, _, kpm = (x.cuda() for x in _inputs(2, 32, 8, 1, Tk, 128, torch.float32, "left"))
+    with torch.no_grad():
+        out, _ = attention_decode(q.to(dtype), k.to(dtype), v.to(dtype), kpm)
+        ref = attention_reference(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), True, kpm)
+    assert _rel_err(out, ref) < GPU_REL_TOL[dtype]
