@@ -77,6 +77,33 @@ def test_vicuna_single_turn_spelled_out(tok):
     assert gen == ids[:1 + len(prompt)]
 
 
+def test_vicuna_multi_turn_image_after_text_spelled_out(tok):
+    """MULTI (image after the text of the first question, three rounds) as the exact sequence of segments, each
+    tokenized on its own, and the exact (start, end) of the three supervised spans."""
+    enc = tok.encode
+    segments = [  # (ids, supervised)
+        ([1] + enc(VICUNA_SYSTEM + " USER: "), False),
+        ([IMG], False),                                           # moved to the front of the turn ...
+        (enc("\nWhat is the dog doing? ASSISTANT:"), False),     # ... followed by "\n" and the stripped text
+        (enc("The dog is sitting near 2 trees.") + [2], True),
+        (enc("USER: What color is it? ASSISTANT:"), False),
+        (enc("It is black, with a café-au-lait 🙂 spot.") + [2], True),
+        (enc("USER: Count the people. ASSISTANT:"), False),
+        (enc("\nThere are 12 people.") + [2], True),
+    ]
+    ids, labels = tokenize_conversation(MULTI, "vicuna_v1", tok, IMG)
+    assert ids == [i for seg, _ in segments for i in seg]
+    assert labels == [i if sup else IGNORE_INDEX for seg, sup in segments for i in seg]
+    ends = [sum(len(seg) for seg, _ in segments[:k + 1]) for k in range(len(segments))]
+    assert supervised_spans(labels) == [(ends[2], ends[3]), (ends[4], ends[5]), (ends[6], ends[7])]
+    # Boundaries: each reply's first piece carries the space after "ASSISTANT:" as its dummy "▁"; the text
+    # after each "</s>" starts a new encode ("▁USER"); the image sits between two lone "▁" pieces.
+    assert [tok.id_to_piece(ids[e]) for e in (ends[3], ends[5])] == ["▁USER", "▁USER"]
+    assert tok.id_to_piece(ids[ends[2]]).startswith("▁T") and tok.id_to_piece(ids[ends[6]]) == "▁"
+    i = ids.index(IMG)
+    assert [tok.id_to_piece(j) for j in (ids[i - 1], ids[i + 1], ids[i + 2])] == ["▁", "▁", "<0x0A>"]
+
+
 @pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llava_hf"])
 def test_multi_turn_labels_are_exactly_the_replies(tok, name):
     ids, labels = tokenize_conversation(MULTI, name, tok, IMG)
