@@ -15,15 +15,19 @@ HALF_ULP = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}  # relative ro
 ERR_RATIO = 1.5
 
 
-def run_with_grads(fn, inputs, grad_out, *args):
+def run_with_grads(fn, inputs, grad_out, *args, grad_inputs=None):
     """fn(*leaves, *args) on fresh leaf copies of the tensors in `inputs` (None stays None), then backward of
-    grad_out (a tensor, or a tuple for several outputs) -> (outputs as a tuple, [(index, grad)] per input)."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    grad_out (a tensor, or a tuple for several outputs) -> (outputs as a tuple, [(index, grad)] per input that
+    requires grad: those indexed by grad_inputs, or by default every floating-point one)."""
+    if grad_inputs is None:
+        grad_inputs = [i for i, t in enumerate(inputs) if t is not None and t.is_floating_point()]
+    leaves = [None if t is None else t.detach().clone().requires_grad_(i in grad_inputs)
+              for i, t in enumerate(inputs)]
     out = fn(*leaves, *args)
     outs = out if isinstance(out, tuple) else (out,)
     grads = grad_out if isinstance(grad_out, tuple) else (grad_out,)
     torch.autograd.backward(outs, grads)
-    return outs, [(i, t.grad) for i, t in enumerate(leaves) if t is not None and t.requires_grad]
+    return outs, [(i, leaves[i].grad) for i in grad_inputs]
 
 
 def max_err(x, truth):
