@@ -29,6 +29,8 @@ def load_image(path) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"image path is a directory, not a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"image file is empty (0 bytes): {path}")
     try:
         with Image.open(path) as f:  # a multi-frame file starts at frame 0
             f.load()

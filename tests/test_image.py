@@ -185,6 +185,9 @@ def test_load_errors(tmp_path):
         load_image(tmp_path / "nope.jpg")
     with pytest.raises(ValueError, match="directory"):
         load_image(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty .0 bytes.*empty.png"):
+        load_image(tmp_path / "empty.png")
     for name, data in [("empty.png", b""), ("text.jpg", b"this is not an image"),
                        ("zero.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(8) + b"\x08\x02\x00\x00\x00")]:
         (tmp_path / name).write_bytes(data)
