@@ -1,0 +1,332 @@
+"""Load LLaVA weights in every official layout (LLAVA_REFERENCE.md §2, weights/keymaps.py) into a Llava.
+
+    model = load_llava("llava-1.5-7b-hf")                                    # A, A', A'-flat (llava-hf)
+    model = load_llava("llava-v1.5-7b", vision_path="clip-vit-large-patch14-336")         # B (original)
+    model = load_llava("vicuna-7b-v1.5", vision_path="clip-...", projector_path="mm_projector.safetensors")  # C
+
+How, in five steps (as gpt-fast does it):
+1. config.json -> LlavaConfig (minillava/config.py); its model_type picks the layout.
+2. Build the model on the meta device: no memory, no random init.
+3. Open every weight file memory-mapped (safetensors; pickle `.bin` only through torch.load(weights_only=True)).
+4. Rename the keys with weights/keymaps.py and check that the checkpoint holds exactly the model's tensors,
+   each with the model's shape; every problem is reported at once, naming the file, the key and both shapes.
+5. load_state_dict(assign=True): the model's parameters ARE the mapped tensors, no second copy. Only a change
+   of dtype or device copies, one tensor at a time.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from minillava.config import from_hf_config
+from minillava.llava import Llava
+from minillava.projector import Projector
+from weights import keymaps
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Weight files looked for in a checkpoint directory, in this order.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
+MAX_LISTED = 12  # problems listed in one error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk that cannot be loaded; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files
+
+def _existing(path, what: str, is_dir: bool) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if is_dir and not path.is_dir():
+        raise CheckpointError(f"{what} {path} is not a directory")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def _open_safetensors(file: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")  # memory-mapped: tensors are views of the file
+    except Exception as e:  # safetensors raises its own SafetensorError (truncated, corrupt header, ...)
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _open_pickle(file: Path) -> dict:
+    """A pickle `.bin` state dict, read only through torch.load(weights_only=True): that unpickler accepts
+    tensors and plain containers and refuses everything else, so a malicious file cannot run code."""
+    import pickle
+    convert = (f"If you trust {file.name}, convert it once to safetensors and load that instead:\n"
+               f"  python -c \"import torch; from safetensors.torch import save_file; "
+               f"sd = torch.load('{file}', map_location='cpu', weights_only=False); "
+               f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{file.with_suffix('.safetensors')}')\"")
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused to unpickle (it holds more than tensors; plain unpickling could "
+                              f"run arbitrary code): {str(e).splitlines()[0]}\n{convert}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:  # legacy (non-zip) format, truncated file...
+        raise CheckpointError(f"{file}: cannot read it as a torch.save zip archive ({str(e).splitlines()[0]})."
+                              f"\n{convert}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file} does not hold a flat {{name: tensor}} state dict")
+    return sd
+
+
+class TensorFiles:
+    """The tensors of one checkpoint: a directory (single file or shards + index) or one file.
+    Maps each key to its file; tensors are read memory-mapped, on demand."""
+
+    def __init__(self, path: Path, candidates=WEIGHT_FILES):
+        path = Path(path)
+        if path.is_dir():
+            found = [path / name for name in candidates if (path / name).is_file()]
+            if not found:
+                present = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+                raise CheckpointError(f"{path} holds no weights: expected one of {', '.join(candidates)} "
+                                      f"(found: {', '.join(present) or 'nothing'})")
+            path = found[0]
+        self.path = path
+        self._handles = {}  # file -> safe_open handle or state dict
+        self.file_of = {}  # key -> file
+        if path.name.endswith(".index.json"):
+            self._read_index(path)
+        else:
+            for key in self._keys(path):
+                self.file_of[key] = path
+
+    def _read_index(self, index: Path):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map' {{tensor name: shard file}}")
+        for shard in sorted(set(weight_map.values())):
+            file = index.parent / shard
+            if not file.is_file():
+                raise CheckpointError(f"{index} names shard {shard}, which is missing from {index.parent}")
+            listed = {k for k, v in weight_map.items() if v == shard}
+            held = set(self._keys(file))
+            if listed != held:
+                diff = sorted(listed - held)[:3] + sorted(held - listed)[:3]
+                raise CheckpointError(f"{index} and its shard {file} disagree on which tensors the shard holds "
+                                      f"(e.g. {', '.join(diff)})")
+            for key in held:
+                self.file_of[key] = file
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = _open_pickle(file) if file.suffix == ".bin" else _open_safetensors(file)
+        return self._handles[file]
+
+    def _keys(self, file: Path) -> list:
+        return list(self._handle(file).keys())
+
+    def keys(self):
+        return self.file_of.keys()
+
+    def shape(self, key: str) -> tuple:
+        h = self._handle(self.file_of[key])
+        return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        h = self._handle(self.file_of[key])
+        return h[key] if isinstance(h, dict) else h.get_tensor(key)
+
+    def metadata(self) -> dict:
+        h = self._handle(self.path)
+        return {} if isinstance(h, dict) else (h.metadata() or {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Matching checkpoint keys to the model's
+
+def _raise_problems(problems: list, header: str):
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise CheckpointError(header + "\n  " + "\n  ".join(problems[:MAX_LISTED]) + more)
+
+
+def _pick_llava_hf_rules(files: TensorFiles, expected: dict) -> list:
+    """Layouts A / A' / A'-flat share model_type "llava": the prefix family that explains most keys wins
+    (A on a tie). Keys of any other family then show up as unexpected."""
+    def n_matched(rules):
+        return sum(keymaps.to_internal(k, rules) in expected for k in files.keys())
+    return max(keymaps.LLAVA_HF.values(), key=n_matched)
+
+
+def match_tensors(parts: list, expected: dict, config_file: Path, optional=()) -> dict:
+    """parts: [(TensorFiles, keymap rules)]; expected: {internal name: shape} (from the meta model).
+    -> {internal name: (TensorFiles, checkpoint key)}, covering every expected name not in `optional`.
+    Ignored keys are exactly those of keymaps.IGNORED; everything else must map onto the model."""
+    found, problems = {}, []
+    for files, rules in parts:
+        for key in sorted(files.keys()):
+            if keymaps.is_ignored(key):
+                continue
+            name = keymaps.to_internal(key, rules)
+            where = files.file_of[key]
+            if name not in expected:
+                problems.append(f"unexpected tensor {key} in {where}")
+            elif name in found:
+                problems.append(f"tensor {key} in {where} duplicates {found[name][1]} in "
+                                f"{found[name][0].file_of[found[name][1]]}")
+            else:
+                found[name] = (files, key)
+    for name in expected:
+        if name not in found and name not in optional:
+            # Name it as the file that should hold it would (the later parts are the narrower ones).
+            files, key = next((f, keymaps.to_official(name, r)) for f, r in reversed(parts)
+                              if keymaps.to_official(name, r) is not None)
+            problems.append(f"missing tensor {key} (not in {files.path})")
+    _raise_problems(problems, f"the checkpoint does not hold exactly the tensors the model needs "
+                              f"(config: {config_file}):")
+    mis_shaped = []
+    for name, (files, key) in found.items():
+        shape = files.shape(key)
+        if shape != tuple(expected[name]):
+            mis_shaped.append(f"tensor {key} in {files.file_of[key]}: expected shape {tuple(expected[name])}, "
+                              f"found {shape}")
+    _raise_problems(mis_shaped, f"{config_file} does not match the weights (shapes below are expected from the "
+                                f"config vs found in the files):")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layouts
+
+def _config(config_file: Path, d: dict, **kwargs):
+    try:
+        return from_hf_config(d, **kwargs)
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+
+
+def _vision_dir(path: Path, d: dict, vision_path) -> Path:
+    """Layout B/C's CLIP directory: the argument, else (layout B) mm_vision_tower when it is a local dir."""
+    if vision_path is not None:
+        return _existing(vision_path, "CLIP directory", is_dir=True)
+    tower = d.get("mm_vision_tower")
+    if tower and Path(tower).is_dir():
+        return Path(tower)
+    kind = "an original LLaVA checkpoint ('llava_llama')" if d.get("model_type") == "llava_llama" else \
+        "a plain LLaMA checkpoint ('llama')"
+    named = f"; its config.json names mm_vision_tower={tower!r}, which is not a local directory" if tower else ""
+    raise CheckpointError(f"{path} is {kind}: its vision tower is not in it. Pass the CLIP directory "
+                          f"(vision_path= / --vision){named}")
+
+
+def _check_original_config(config_file: Path, d: dict, vision_dir: Path, vision_hidden: int):
+    """Original-LLaVA fields minillava cannot honour are errors, not silently different numbers."""
+    if d.get("mm_use_im_start_end"):
+        raise CheckpointError(f"{config_file}: mm_use_im_start_end=true (<im_start>/<im_end> tokens) is not "
+                              "supported")
+    if d.get("image_aspect_ratio", "pad") not in ("pad", "square"):
+        raise CheckpointError(f"{config_file}: image_aspect_ratio {d['image_aspect_ratio']!r} (LLaVA-1.6 anyres?) "
+                              "is not supported")
+    if d.get("mm_hidden_size", vision_hidden) != vision_hidden:
+        raise CheckpointError(f"{config_file} has mm_hidden_size {d['mm_hidden_size']} but the CLIP tower in "
+                              f"{vision_dir} has hidden_size {vision_hidden}: wrong CLIP directory?")
+
+
+def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32, device="cpu",
+               projector_type=None, new_projector=False) -> Llava:
+    """Load a LLaVA checkpoint in any official layout; see the module docstring and CONTRACTS.md.
+
+    path:           checkpoint dir; config.json's model_type picks the layout: "llava" (A, A', A'-flat),
+                    "llava_llama" (B), "llama" (C).
+    vision_path:    the CLIP dir for layouts B and C.
+    projector_path: layout C's stage-1 projector file (or a dir holding mm_projector.safetensors/.bin).
+    new_projector:  layout C without a projector file: initialise it fresh (training stage 1).
+    projector_type: override config.json's (layouts A/B) or the projector file's (C, default mlp2x_gelu).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype} not supported: use one of {DTYPES}")
+    path = _existing(path, "checkpoint directory", is_dir=True)
+    config_file = path / "config.json"
+    d = read_json(config_file)
+    model_type = d.get("model_type")
+    optional = set()
+
+    if model_type == "llava":  # A, A', A'-flat: one directory holds everything
+        cfg = _config(config_file, d, projector_type=projector_type)
+        files = TensorFiles(path)
+        parts = [(files, None)]  # rules picked below, once the model's names are known
+    elif model_type in ("llava_llama", "llama"):
+        vision_dir = _vision_dir(path, d, vision_path)
+        vision_d = read_json(vision_dir / "config.json")
+        clip = TensorFiles(vision_dir)
+        llm = TensorFiles(path)
+        if model_type == "llava_llama":  # B: LLM + projector in one file, CLIP apart
+            cfg = _config(config_file, d, vision=vision_d, projector_type=projector_type)
+            _check_original_config(config_file, d, vision_dir, cfg.vision.hidden_size)
+            parts = [(llm, keymaps.layout_b_rules(cfg.projector_type))]
+            # A self-trained original checkpoint may also carry the tower; then it is the model's own.
+            has_tower = any(k.startswith(keymaps.B_TOWER_RULES[0][0]) for k in llm.keys())
+            if not has_tower:
+                parts.append((clip, keymaps.CLIP_RULES))
+        else:  # C: CLIP + LLaMA + a stage-1 projector file (or a fresh projector)
+            if projector_path is not None and new_projector:
+                raise ValueError("give projector_path or new_projector=True, not both")
+            if projector_path is None and not new_projector:
+                raise CheckpointError(f"{path} is a plain LLaMA checkpoint: give the stage-1 projector file "
+                                      "(projector_path= / --projector), or new_projector=True to start stage 1 "
+                                      "with a freshly initialised projector")
+            proj = None
+            if projector_path is not None:
+                proj = TensorFiles(_existing(projector_path, "projector file", is_dir=False), PROJECTOR_FILES)
+                file_type = proj.metadata().get("mm_projector_type")
+                if projector_type and file_type and projector_type != file_type:
+                    raise CheckpointError(f"{proj.path} holds a {file_type!r} projector, not {projector_type!r}")
+                projector_type = projector_type or file_type
+            cfg = _config(config_file, d, vision=vision_d, projector_type=projector_type or "mlp2x_gelu")
+            parts = [(clip, keymaps.CLIP_RULES), (llm, keymaps.LLAMA_RULES)]
+            if proj is not None:
+                parts.append((proj, keymaps.stage1_projector_rules(cfg.projector_type)))
+    else:
+        raise CheckpointError(f"{config_file}: unknown model_type {model_type!r}; expected 'llava' (llava-hf), "
+                              "'llava_llama' (original LLaVA, with a CLIP dir) or 'llama' (with a CLIP dir and "
+                              "a projector)")
+
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        model = Llava(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if parts[0][1] is None:
+        parts[0] = (files, _pick_llava_hf_rules(files, expected))
+    fresh = None
+    if model_type == "llama" and projector_path is None:  # new_projector: initialised, not loaded
+        fresh = Projector(cfg.projector_type, cfg.vision.hidden_size, cfg.text.hidden_size)
+        fresh_sd = {keymaps.PROJECTOR + k: v for k, v in fresh.state_dict().items()}
+        expected = {k: v for k, v in expected.items() if k not in fresh_sd}
+    if cfg.text.tie_word_embeddings:
+        optional.add(keymaps.LM_HEAD_KEY)  # tied: the head is the embedding; files may omit it
+
+    found = match_tensors(parts, expected, config_file, optional)
+    state = {}
+    for name, (files, key) in found.items():
+        t = files.get(key)
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor {key} in {files.file_of[key]} has dtype {t.dtype}, expected floating")
+        state[name] = t.to(device=device, dtype=dtype)  # a no-op (no copy) when both already match
+    if fresh is not None:
+        state.update({k: v.to(device=device, dtype=dtype) for k, v in fresh_sd.items()})
+    if cfg.text.tie_word_embeddings:
+        head = state.pop(keymaps.LM_HEAD_KEY, None)
+        if head is not None and not torch.equal(head, state[keymaps.EMBED_KEY]):
+            raise CheckpointError(f"{config_file} says tie_word_embeddings=true but the checkpoint's lm_head "
+                                  "differs from its embed_tokens")
+        state[keymaps.LM_HEAD_KEY] = state[keymaps.EMBED_KEY]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.language_model.tie_weights()
+    assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left on the meta device"
+    return model.eval()

@@ -1,0 +1,165 @@
+"""Save a model in layout A (llava-hf: what transformers' LlavaForConditionalGeneration and minillava.load
+read), or its projector alone in layout C (a stage-1 `mm_projector` file).
+
+Every write is atomic: files go to a temporary sibling, are fsynced, and are renamed into place at the end, so
+an interrupted save leaves the previous checkpoint (if any) untouched and never a half-written one.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from minillava.config import to_hf_config
+from weights import keymaps
+
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size ("5GB")
+VOCAB_MULTIPLE = 64  # llava-hf padded its vocabulary (32000 + <image> + <pad>) to 32064
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_sibling(path: Path, tag: str) -> Path:
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def atomic_dir(out_dir):
+    """Yield a fresh temporary directory beside out_dir; on success it replaces out_dir (renames only)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(out_dir, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+        old = None
+        if out_dir.exists():
+            old = _temp_sibling(out_dir, "old")
+            os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out_dir)  # put the previous checkpoint back
+            raise
+        _fsync(out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
+
+
+def write_json(path: Path, d: dict):
+    Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def write_safetensors(tensors: dict, out_dir: Path, max_shard_bytes=None, metadata=None, stem="model"):
+    """`{stem}.safetensors`, or, above max_shard_bytes, shards `{stem}-0000i-of-0000n.safetensors` plus
+    `{stem}.safetensors.index.json` = {"metadata": {"total_size": bytes}, "weight_map": {key: shard}}."""
+    from safetensors.torch import save_file
+    metadata = {"format": "pt", **(metadata or {})}  # transformers requires format=pt
+    shards, size = [{}], 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.detach().contiguous()
+        size += n
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / f"{stem}.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_json(out_dir / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total},
+                                                             "weight_map": weight_map})
+
+
+def copy_tokenizer(tokenizer_path, out_dir: Path):
+    src = Path(tokenizer_path)
+    if src.is_dir():
+        src = src / "tokenizer.model"
+    if not src.is_file():
+        raise FileNotFoundError(f"tokenizer {src} does not exist")
+    shutil.copyfile(src, out_dir / "tokenizer.model")
+
+
+def llava_hf_state(model) -> tuple[dict, dict]:
+    """The model's tensors under layout-A names and its llava-hf config.json.
+
+    A model using the original -200 image sentinel has no `<image>` in its vocabulary; llava-hf's format needs
+    one (transformers looks the image token up in input_ids). As llava-hf did when converting LLaVA-1.5, append
+    `<image>` = V and `<pad>` = V + 1 and pad the vocabulary to a multiple of 64; the new rows of embed_tokens and
+    lm_head are the mean of the existing rows (llava-hf initialised them around it). The first V logits are
+    unchanged."""
+    cfg = model.config
+    state = dict(model.state_dict())  # minillava's names are layout A's
+    if cfg.text.tie_word_embeddings:
+        del state[keymaps.LM_HEAD_KEY]  # stored once, as transformers does
+    V = cfg.text.vocab_size
+    if cfg.image_token_id < 0:
+        new_v = math.ceil((V + 2) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        for key in (keymaps.EMBED_KEY, keymaps.LM_HEAD_KEY):
+            if key in state:
+                w = state[key]  # (V, C)
+                mean = w.float().mean(0, keepdim=True).to(w.dtype)  # (1, C)
+                state[key] = torch.cat([w, mean.expand(new_v - V, -1)])  # (new_v, C)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=new_v), image_token_id=V, pad_token_id=V + 1)
+    elif cfg.image_token_id >= V:
+        raise ValueError(f"image_token_id {cfg.image_token_id} is outside the vocabulary of {V}")
+    hf = to_hf_config(cfg)
+    hf["torch_dtype"] = str(model.language_model.lm_head.weight.dtype).removeprefix("torch.")
+    return state, hf
+
+
+def save_llava(model, out_dir, tokenizer_path=None, max_shard_bytes=MAX_SHARD_BYTES):
+    """Save in layout A: config.json + model.safetensors (or shards + index) [+ tokenizer.model]. Atomic."""
+    state, hf = llava_hf_state(model)
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(state, tmp, max_shard_bytes)
+        write_json(tmp / "config.json", hf)
+        if tokenizer_path is not None:
+            copy_tokenizer(tokenizer_path, tmp)
+    return Path(out_dir)
+
+
+def save_projector(model, path):
+    """Save the projector alone as a layout-C stage-1 file: `model.mm_projector.{0,2}.{weight,bias}`
+    (`model.mm_projector.{weight,bias}` for linear) + metadata {"mm_projector_type": ...}. Atomic."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    ptype = model.config.projector_type
+    rules = keymaps.projector_rules(ptype)
+    state = {keymaps.to_official(keymaps.PROJECTOR + k, rules): v.detach().contiguous()
+             for k, v in model.multi_modal_projector.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt", "mm_projector_type": ptype})
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
