@@ -113,9 +113,11 @@ def _move_images_to_front(text: str) -> str:
     return (IMAGE_PLACEHOLDER + "\n") * n + text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-def _segments(turns, t: Template) -> list[tuple[str, str]]:
+def _segments(turns, t: Template, training: bool = True) -> list[tuple[str, str]]:
     """The conversation as (kind, text) segments, kind in {"prompt", "reply", "eos"}; only reply and eos
     are supervised. Prompt texts may hold "<image>" markers; `_join` turns segments into the prompt string.
+    An empty reply is an error in training (nothing to supervise) but allowed in a chat history (a model may
+    answer with EOS at once; the original then writes "ASSISTANT: </s>").
     """
     if t.plain:
         if len(turns) != 2:
@@ -131,7 +133,7 @@ def _segments(turns, t: Template) -> list[tuple[str, str]]:
         segs.append(("prompt", prefix + f"{t.roles[0]}: {question}{t.sep}{t.roles[1]}:"))
         if k + 1 < len(turns):
             reply = turns[k + 1][1]
-            if reply == "":
+            if reply == "" and training:
                 raise ValueError(f"turn {k + 1}: empty assistant reply (nothing to supervise)")
             segs.append(("reply", reply))
             segs.append(("eos", t.sep2))  # "</s>": the model must learn to stop
@@ -201,7 +203,7 @@ def build_prompt(history, template) -> str:
         if n_img == 0:
             raise ValueError(f"template 'plain': the human turn has no {IMAGE_PLACEHOLDER}")
         return IMAGE_PLACEHOLDER * n_img
-    return _join(_segments(turns, t), t)
+    return _join(_segments(turns, t, training=False), t)
 
 
 def stop_strings(template) -> list[str]:
