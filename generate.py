@@ -1,0 +1,507 @@
+"""Ask LLaVA about images: one question, an interactive chat, or a file of questions in the evaluation format.
+
+    # one question, the answer streamed to stdout (CPU; add --device cuda --dtype bf16 on a GPU)
+    python generate.py --model llava-1.5-7b-hf --image cat.jpg --prompt "What is in the picture?"
+    # original LLaVA-1.5 weights (layout B) with their separate CLIP tower
+    python generate.py --model llava-v1.5-7b --vision clip-vit-large-patch14-336 --image cat.jpg --prompt "..."
+    # a conversation about one image: the image is encoded once, the history stays in the KV cache
+    python generate.py --model llava-1.5-7b-hf --image cat.jpg --chat
+    # evaluation (LLaVA's model_vqa_loader format): greedy, batched, resumable
+    python generate.py --model llava-1.5-7b-hf --questions q.jsonl --image-folder images --answers a.jsonl \\
+        --temperature 0 --batch-size 8
+
+How it works (gpt-fast's generate.py): the prompt is tokenized the way the original LLaVA does (one image id per
+image, spliced into Np = 576 embeddings inside the model), run once through `prefill`, which fills a static
+(B, n_kv, S_max, hs) KV cache, then `decode_one_token` runs one token per sequence per step. A batch of prompts
+of different lengths is left-padded so that all their last tokens share a column. At the end, prefill and
+decode tokens/s go to stderr, with the memory bandwidth decoding reaches (every step reads every LLM weight).
+
+Template: vicuna_v1 by default, for every checkpoint. It is what LLaVA-1.5 was trained (stage 2) and evaluated
+with; llava-hf's checkpoints are a conversion of the same weights, and nothing in a layout-A directory says
+reliably whether it came from llava-hf or from train.py. `--template llava_hf` gives llava-hf's model-card
+prompt ("USER: <image>\\n... ASSISTANT:", no system prompt); `--template plain` suits a stage-1 model.
+
+Python use (demo.py does this):
+    model, tokenizer = load("llava-1.5-7b-hf")
+    texts = answer(model, tokenizer, [("cat.jpg", "What is this?"), ...], batch_size=8, temperature=0)
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, fields
+
+import torch
+
+from minillava.image import load_image, preprocess_image
+from minillava.sampling import GenerationStats, decode, generate, prompt_length, rewind, extend
+from minillava.templates import TEMPLATES, build_prompt, stop_strings
+from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tokenize_with_images
+
+
+@dataclass
+class GenerateConfig:
+    # what to load
+    model: str = None         # checkpoint directory: llava-hf (layout A), original LLaVA (B), or a LLaMA dir (C)
+    vision: str = None        # CLIP directory, for layouts B and C
+    tokenizer: str = None     # tokenizer.model, or a directory holding one (default: the model directory's)
+    # what to ask: --image + --prompt (one-shot), --image + --chat, or --questions + --answers (batch)
+    image: str = None
+    prompt: str = None
+    chat: bool = False
+    questions: str = None     # jsonl: {"question_id", "image", "text"} per line
+    answers: str = None       # jsonl: {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    image_folder: str = ""    # where the questions' "image" paths are relative to
+    # how to answer (LLAVA_REFERENCE.md section 7: evaluation passes --temperature 0)
+    template: str = "vicuna_v1"
+    temperature: float = 0.2  # 0 = greedy
+    top_p: float = None       # None = off (the web demo used 0.7)
+    top_k: int = None
+    max_new_tokens: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    # where
+    dtype: str = "auto"       # fp32 | fp16 | bf16; auto = bf16 on CUDA, fp32 on CPU
+    device: str = "auto"      # auto = cuda when available, else cpu
+    profile: str = None       # write a torch.profiler trace (chrome://tracing) of the generation here
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+def resolve_device_dtype(device="auto", dtype="auto"):
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return device, dtype
+
+
+def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto"):
+    """A checkpoint directory (any official layout) -> (Llava in eval mode, Tokenizer)."""
+    import minillava
+
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{model_dir} is not a checkpoint directory: it has no config.json (expected a llava-hf, "
+                         "original LLaVA or HF LLaMA directory)")
+    tok_path = tokenizer or model_dir
+    if tokenizer is None and not os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
+        raise ValueError(f"{model_dir} has no tokenizer.model: pass --tokenizer PATH")
+    tok = Tokenizer(tok_path)
+    device, dtype = resolve_device_dtype(device, dtype)
+    model = minillava.load(model_dir, vision_path=vision, dtype=dtype, device=device).eval()
+    cfg = model.config
+    if tok.vocab_size > cfg.text.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
+                         f"{cfg.text.vocab_size}: they do not belong together")
+    if 0 <= cfg.image_token_id < tok.vocab_size:
+        raise ValueError(f"the model's image token id {cfg.image_token_id} is a text piece of tokenizer {tok.path} "
+                         f"({tok.id_to_piece(cfg.image_token_id)!r}): they do not belong together")
+    return model, tok
+
+
+def load_pixels(image, config) -> torch.Tensor:
+    """A path or PIL image -> (3, S, S), at the tower's size, padded to square when the checkpoint says so."""
+    return preprocess_image(image, size=config.vision.image_size, pad=config.image_aspect_ratio == "pad")
+
+
+# --- prompts ------------------------------------------------------------------------------------------------
+def with_image_placeholder(question: str, n_images: int) -> str:
+    """The original code prepends "<image>\\n" to a question that has none (the template then moves every
+    placeholder to the front of its turn); the count must match the images given."""
+    if n_images and IMAGE_PLACEHOLDER not in question:
+        question = IMAGE_PLACEHOLDER + "\n" + question
+    if question.count(IMAGE_PLACEHOLDER) != n_images:
+        raise ValueError(f"the prompt has {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders "
+                         f"but {n_images} image(s) were given")
+    return question
+
+
+def prompt_ids(history, tokenizer, config, template) -> list[int]:
+    """Token ids of the generation prompt for `history` [(role, text)], checked against the context length."""
+    ids = tokenize_with_images(build_prompt(history, template), tokenizer, config.image_token_id)
+    check_fits(ids, config)
+    return ids
+
+
+def check_fits(ids, config, reserve=0):
+    """The prompt with each image id expanded to Np positions must fit the context (with `reserve` to spare)."""
+    n_img = ids.count(config.image_token_id)
+    L = prompt_length(config, torch.tensor([ids]))
+    context = config.text.max_position_embeddings
+    if L + reserve > context:
+        raise ValueError(f"the prompt is {L} tokens ({len(ids) - n_img} text + {n_img} image x "
+                         f"{config.num_image_tokens}){f' + {reserve} to answer' if reserve else ''}, "
+                         f"{L + reserve - context} more than the context of {context}")
+
+
+class Reply:
+    """One reply's text as its ids arrive: decoded incrementally and cut at the first stop string.
+
+    `update(ids)` returns True once a stop string has appeared (the generation loop then ends the sequence);
+    `new_text()` is what can be shown now: text that could still turn into a stop string is held back."""
+
+    def __init__(self, tokenizer, stops):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = [s for s in stops if s]
+        self.text, self.shown, self.stopped = "", 0, False
+
+    def _append(self, new: str):
+        start = max(0, len(self.text) - max(map(len, self.stops), default=1) + 1)
+        self.text += new
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+
+    def update(self, ids) -> bool:
+        if not self.stopped:
+            self._append(self.decoder.step(ids))
+        return self.stopped
+
+    def new_text(self, final=False) -> str:
+        end = len(self.text)
+        if not final and not self.stopped:  # hold back a tail that is the start of a stop string
+            for s in self.stops:
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        out, self.shown = self.text[self.shown:end], max(self.shown, end)
+        return out
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self._append(self.decoder.flush())
+        return self.text
+
+
+# --- answering: batches of (image, question) ------------------------------------------------------------------
+def answer_batch(model, tokenizer, pairs, template="vicuna_v1", temperature=0.0, top_p=None, top_k=None,
+                 max_new_tokens=512, seed=None, on_text=None):
+    """pairs [(image or None, question)] -> (reply texts, GenerationStats), in one left-padded batch.
+
+    An image is a path or PIL image; a question without "<image>" gets it prepended. on_text(b, text) receives
+    each sequence's text as it streams."""
+    cfg = model.config
+    param = next(model.parameters())
+    ids, pixels = [], []
+    for image, question in pairs:
+        n_img = 0 if image is None else 1
+        ids.append(prompt_ids([("human", with_image_placeholder(question, n_img))], tokenizer, cfg, template))
+        if image is not None:
+            pixels.append(load_pixels(image, cfg))
+    T = max(map(len, ids))
+    input_ids = torch.tensor([[tokenizer.pad_id] * (T - len(r)) + r for r in ids], device=param.device)  # (B, T)
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in ids], device=param.device)  # (B, T) left pad
+    pixel_values = torch.stack(pixels).to(param.device, param.dtype) if pixels else None  # (N, 3, S, S)
+    replies = [Reply(tokenizer, stop_strings(template)) for _ in pairs]
+
+    def on_token(b, ids_b):
+        stopped = replies[b].update(ids_b)
+        if on_text:
+            on_text(b, replies[b].new_text())
+        return stopped
+
+    _, stats = generate(model, input_ids, pixel_values, mask, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, eos_id=tokenizer.eos_id, seed=seed,
+                        on_token=on_token)
+    texts = [r.finish() for r in replies]
+    if on_text:
+        for b, r in enumerate(replies):
+            on_text(b, r.new_text(final=True))
+    return [t.strip() for t in texts], stats
+
+
+def answer(model, tokenizer, pairs, batch_size=8, **kwargs) -> list[str]:
+    """Answers to [(image or None, question)], batch_size at a time; kwargs as for answer_batch."""
+    texts = []
+    for i in range(0, len(pairs), batch_size):
+        texts += answer_batch(model, tokenizer, pairs[i:i + batch_size], **kwargs)[0]
+    return texts
+
+
+# --- chat: one image, many turns, one KV cache -------------------------------------------------------------
+class Chat:
+    """A conversation about one image. The image is encoded once, at the first turn; every later turn keeps the
+    cache slots its prompt shares with what is already cached (the system prompt, the image, earlier turns),
+    rewinds the rest, and appends only the new ids. The prompt of each turn is exactly what a fresh run on the
+    whole history would tokenize, so a chat equals that fresh run."""
+
+    def __init__(self, model, tokenizer, image=None, template="vicuna_v1", temperature=0.2, top_p=None,
+                 top_k=None, max_new_tokens=512, seed=None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.cfg = model.config
+        param = next(model.parameters())
+        self.pixels = None if image is None else load_pixels(image, self.cfg)[None].to(param.device, param.dtype)
+        self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+        self.max_new_tokens = max_new_tokens
+        self.generator = None if seed is None else torch.Generator(param.device).manual_seed(seed)
+        self.history = []  # [(role, text)]
+        self.cached = []  # the ids whose keys/values fill the cache, in order (an image id fills Np slots)
+        self.state = None
+        self.stats = GenerationStats()
+
+    def _slots(self, ids) -> int:
+        n_img = ids.count(self.cfg.image_token_id)
+        return len(ids) + n_img * (self.cfg.num_image_tokens - 1)
+
+    @torch.inference_mode()
+    def ask(self, question: str, on_text=None) -> str:
+        n_img = 0 if self.pixels is None or self.history else 1
+        history = self.history + [("human", with_image_placeholder(question, n_img))]
+        ids = prompt_ids(history, self.tokenizer, self.cfg, self.template)
+        t0 = time.perf_counter()
+        keep = 0
+        while keep < min(len(ids), len(self.cached)) and ids[keep] == self.cached[keep]:
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # at least one new id, for the logits of the next token
+        device = self.model.language_model.lm_head.weight.device
+        if self.state is None or self.cfg.image_token_id in ids[keep:]:  # first turn: prefill with the image
+            keep = 0
+            logits, self.state = self.model.prefill(torch.tensor([ids], device=device), self.pixels,
+                                                    max_seq_len=self.cfg.text.max_position_embeddings)
+        else:  # later turns: keep the shared prefix (image included), append the rest
+            rewind(self.state, self._slots(ids[:keep]))
+            logits = extend(self.model, torch.tensor([ids[keep:]], device=device), self.state)
+        self.stats.prefill_tokens += self._slots(ids[keep:])
+        self.stats.prefill_s += time.perf_counter() - t0
+        reply = Reply(self.tokenizer, stop_strings(self.template))
+
+        def on_token(b, ids_b):
+            stopped = reply.update(ids_b)
+            if on_text:
+                on_text(reply.new_text())
+            return stopped
+
+        out = decode(self.model, logits, self.state, self.stats, self.max_new_tokens, stop_ids=(self.tokenizer.eos_id,),
+                     generator=self.generator, on_token=on_token, **self.sampling)[0]
+        text = reply.finish()
+        if on_text:
+            on_text(reply.new_text(final=True))
+        n_fed = self.state.cache_len - self._slots(ids)  # the last sampled id (EOS or not) was never fed
+        self.cached = ids + out[:n_fed]
+        self.history = history + [("gpt", text.strip())]
+        return text.strip()
+
+
+# --- the three modes ---------------------------------------------------------------------------------------
+def print_stats(stats: GenerationStats, model, file=None):
+    """Prefill and decode throughput; decode's memory bandwidth counts every LLM weight read once per step
+    (the embedding table excepted: a step reads B rows of it)."""
+    lm = model.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) - \
+        lm.model.embed_tokens.weight.numel() * lm.model.embed_tokens.weight.element_size() * (not lm.cfg.tie_word_embeddings)
+    gbps = weight_bytes * stats.decode_steps / max(stats.decode_s, 1e-9) / 1e9
+    print(f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_s:.2f} s = {stats.prefill_tokens_per_s:.1f} "
+          f"tokens/s | decode: {stats.decode_tokens} tokens in {stats.decode_s:.2f} s = "
+          f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {gbps:.2f} GB/s of "
+          f"{weight_bytes / 1e9:.2f} GB weights)", file=file or sys.stderr)
+
+
+def _write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_one_shot(model, tokenizer, cfg: GenerateConfig, image=None) -> GenerationStats:
+    _, stats = answer_batch(model, tokenizer, [(image, cfg.prompt)], cfg.template, cfg.temperature, cfg.top_p,
+                            cfg.top_k, cfg.max_new_tokens, cfg.seed, on_text=lambda b, text: _write(text))
+    _write("\n")
+    return stats
+
+
+def run_chat(model, tokenizer, cfg: GenerateConfig, image=None, stdin=None) -> GenerationStats:
+    stdin = stdin or sys.stdin
+    chat = Chat(model, tokenizer, image, cfg.template, cfg.temperature, cfg.top_p, cfg.top_k,
+                cfg.max_new_tokens, cfg.seed)
+    print(f"chat about {cfg.image or 'no image'}; an empty line or end of input ends it", file=sys.stderr)
+    while True:
+        _write("USER: ")
+        line = stdin.readline()
+        if not line.strip():
+            _write("\n" if not line else "")
+            return chat.stats
+        _write("ASSISTANT: ")
+        chat.ask(line.strip(), on_text=_write)
+        _write("\n")
+
+
+def read_questions(path):
+    """-> ([question dicts with their line number], [errors naming file:line]). Blank lines are skipped."""
+    questions, errors, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+                if not isinstance(q, dict):
+                    raise ValueError(f"expected a JSON object, got {type(q).__name__}")
+                missing = [k for k in ("question_id", "text") if k not in q]
+                if missing:
+                    raise ValueError(f"missing key(s) {', '.join(missing)}")
+                if not isinstance(q["text"], str) or not isinstance(q.get("image", ""), str):
+                    raise ValueError("'text' and 'image' must be strings")
+                if q["question_id"] in seen:
+                    raise ValueError(f"duplicate question_id {q['question_id']!r} (first on line {seen[q['question_id']]})")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                errors.append(f"{path}:{n}: {e}")
+                continue
+            seen[q["question_id"]] = n
+            questions.append((n, q))
+    return questions, errors
+
+
+def read_answered(path) -> set:
+    """question_ids already in the answers file. An incomplete last line (the process was killed in the middle of
+    writing it) is cut off; any other unreadable line is an error."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        print(f"{path}: dropping an incomplete last line ({len(data) - cut} bytes)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    done = set()
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                done.add(json.loads(line)["question_id"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not an answer line ({e}); fix or move the answers file") from e
+    return done
+
+
+def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, list[str]]:
+    """Answer every question not yet in cfg.answers; each answer line is written and flushed as its batch ends.
+    -> (stats, errors): malformed lines and questions that could not be answered, each named."""
+    questions, errors = read_questions(cfg.questions)
+    done = read_answered(cfg.answers)
+    todo = [(n, q) for n, q in questions if q["question_id"] not in done]
+    model_id = os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "minillava"
+    total = GenerationStats()
+    t0, n_answered = time.perf_counter(), 0
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.answers)), exist_ok=True)
+    print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered in {cfg.answers}, "
+          f"{len(todo)} to go", file=sys.stderr)
+    with open(cfg.answers, "a", encoding="utf-8") as out:
+        for i in range(0, len(todo), cfg.batch_size):
+            batch = []
+            for n, q in todo[i:i + cfg.batch_size]:  # check each question alone, so one bad one spares the rest
+                try:
+                    image = load_image(os.path.join(cfg.image_folder, q["image"])) if q.get("image") else None
+                    n_img = 0 if image is None else 1
+                    prompt_ids([("human", with_image_placeholder(q["text"], n_img))], tokenizer, model.config,
+                               cfg.template)
+                    batch.append((q, image))
+                except (ValueError, OSError) as e:
+                    errors.append(f"{cfg.questions}:{n}: question {q['question_id']!r}: {e}")
+            if not batch:
+                continue
+            texts, stats = answer_batch(model, tokenizer, [(im, q["text"]) for q, im in batch], cfg.template,
+                                        cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed)
+            for (q, _), text in zip(batch, texts):
+                out.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": text,
+                                      "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}},
+                                     ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            for f in fields(GenerationStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
+            n_answered += len(batch)
+            n_seen, elapsed = min(i + cfg.batch_size, len(todo)), time.perf_counter() - t0
+            print(f"answered {n_answered}/{len(todo)} | {elapsed:.0f} s | decode {total.decode_tokens_per_s:.1f} "
+                  f"tokens/s | ~{elapsed / n_seen * (len(todo) - n_seen):.0f} s left", file=sys.stderr)
+    return total, errors
+
+
+# --- command line ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def profiler(path):
+    """--profile PATH: a torch.profiler trace of the generation (open it in chrome://tracing or Perfetto) and the
+    top operators by self time on stderr."""
+    if not path:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        yield
+    prof.export_chrome_trace(path)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+    print(f"profile written to {path}", file=sys.stderr)
+
+
+def parse_args(argv=None) -> GenerateConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = {"chat": "interactive conversation about --image", "template": f"one of {', '.join(TEMPLATES)}"}
+    for f in fields(GenerateConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=helps.get(f.name))
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, help=helps.get(f.name, f"default: {f.default}"))
+    cfg = GenerateConfig(**vars(p.parse_args(argv)))
+    if cfg.model is None:
+        p.error("--model is required")
+    modes = [cfg.questions is not None, cfg.chat, cfg.prompt is not None]
+    if sum(modes) != 1:
+        p.error("choose one mode: --prompt TEXT (one-shot), --chat, or --questions FILE --answers FILE")
+    if cfg.questions is not None and cfg.answers is None:
+        p.error("--questions needs --answers OUT.jsonl")
+    if cfg.template not in TEMPLATES:
+        p.error(f"unknown --template {cfg.template!r}; known: {', '.join(TEMPLATES)}")
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        p.error("--batch-size and --max-new-tokens must be >= 1")
+    return cfg
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    errors = []
+    try:
+        # fail on a bad image before loading gigabytes of weights
+        image = None if cfg.image is None else load_image(cfg.image)
+        if cfg.questions is not None and not os.path.isfile(cfg.questions):
+            raise FileNotFoundError(f"questions file not found: {cfg.questions}")
+        model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device)
+        if cfg.prompt is not None:  # check the prompt fits before anything is printed
+            n_img = 0 if image is None else 1
+            prompt_ids([("human", with_image_placeholder(cfg.prompt, n_img))], tokenizer, model.config, cfg.template)
+        with profiler(cfg.profile):
+            if cfg.questions is not None:
+                stats, errors = run_batch(model, tokenizer, cfg)
+            elif cfg.chat:
+                stats = run_chat(model, tokenizer, cfg, image)
+            else:
+                stats = run_one_shot(model, tokenizer, cfg, image)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print_stats(stats, model)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if errors:
+        print(f"error: {len(errors)} question(s) not answered (see above); the others are in {cfg.answers}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
