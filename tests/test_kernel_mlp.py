@@ -98,6 +98,21 @@ def test_linear_quick_gelu_matches_reference(force_triton, lead, dtype):
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_inputs(force_triton, dtype):
+    """x as a slice of a wider buffer (row stride 64 > C: the kernels read it in place through its strides) and
+    as a transposed view (channel stride != 1); weights as transposed views of (C, F) buffers."""
+    x, wg, wu, b, dh = _make((2, 7), C, F, dtype, "cpu")
+    wide = torch.zeros(2, 7, 64, dtype=dtype)
+    wide[..., 5:5 + C] = x
+    x_cols = x.transpose(0, 2).contiguous().transpose(0, 2)  # (2, 7, C) with channel stride 14
+    wg_t, wu_t = (w.t().contiguous().t() for w in (wg, wu))  # (F, C) with strides (1, F)
+    for xx in (wide[..., 5:5 + C], x_cols):
+        _compare(swiglu, swiglu_reference, (xx, wg_t, wu_t), dh)
+        _compare(linear_quick_gelu, linear_quick_gelu_reference, (xx, wg_t, b), dh)
+
+
+@interpreter_only
 def test_linear_quick_gelu_without_bias_and_without_grad(force_triton):
     x, w, _, _, dh = _make((2, 7), C, F, torch.float32, "cpu", bias=False)
     _compare(linear_quick_gelu, linear_quick_gelu_reference, (x, w, None), dh)
