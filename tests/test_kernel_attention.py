@@ -37,6 +37,9 @@ CASES = [
     (1, 2, 2, 33, 33, 16, False, "random"),  # holes anywhere
     (1, 2, 2, 32, 32, 64, True, None),      # block-aligned: the unmasked fast path of fwd and dq
     (2, 2, 2, 7, 40, 64, True, "left"),     # prefill against a left-padded cache, hs 64
+    (1, 4, 2, 21, 21, 64, False, "random"),  # hs 64 bidirectional, GQA with holes
+    (2, 2, 1, 19, 19, 128, True, "left"),   # hs 128 (LLaMA-7B), MQA, padded batch
+    (1, 2, 2, 17, 17, 128, False, None),    # hs 128 bidirectional, one row past a block
 ]
 
 
@@ -116,6 +119,8 @@ DECODE_CASES = [
     (1, 4, 1, 100, 64, None, 3),       # MQA, 3 splits of 48 keys (last one ragged)
     (2, 2, 2, 100, 16, "random", 1),   # a single split: the reduce is a no-op
     (1, 2, 2, 70, 16, "left", 70),     # more splits asked than blocks: capped at one block per split
+    (2, 8, 2, 45, 128, "left", None),  # hs 128, 4 query heads per kv head
+    (1, 4, 4, 33, 64, "random", None),  # hs 64, no GQA
 ]
 
 
@@ -142,9 +147,10 @@ def test_decode_fully_masked_cache_outputs_zero():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_decode_backward_matches_reference(dtype):
+@pytest.mark.parametrize("hs", [16, 128])
+def test_decode_backward_matches_reference(dtype, hs):
     # AttentionFunction routes Tq == 1 through the decode kernels; backward uses their lse
-    q, k, v, do, kpm = _inputs(2, 4, 2, 1, 37, 16, dtype, "left")
+    q, k, v, do, kpm = _inputs(2, 4, 2, 1, 37, hs, dtype, "left")
     _check_against_reference(q, k, v, do, True, kpm, dtype,
                              lambda q, k, v, c, m: AttentionFunction.apply(q, k, v, c, m, None))
 
