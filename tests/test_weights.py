@@ -47,6 +47,16 @@ def assert_same_state(a, b):
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread beats several (OpenMP start-up and spinning cost more than the math,
+    by orders of magnitude when the cores are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ref():
     return random_llava(TINY, seed=0)
