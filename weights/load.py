@@ -135,6 +135,9 @@ class TensorFiles:
     def keys(self):
         return self.file_of.keys()
 
+    def close(self, file: Path):
+        self._handles.pop(file, None)
+
     def shape(self, key: str) -> tuple:
         h = self._handle(self.file_of[key])
         return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
@@ -313,11 +316,18 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
 
     found = match_tensors(parts, expected, config_file, optional)
     state = {}
+    by_file = {}  # file -> [(name, TensorFiles, key)]: read file by file, then let each file's mapping go
     for name, (files, key) in found.items():
-        t = files.get(key)
-        if not t.is_floating_point():
-            raise CheckpointError(f"tensor {key} in {files.file_of[key]} has dtype {t.dtype}, expected floating")
-        state[name] = t.to(device=device, dtype=dtype)  # a no-op (no copy) when both already match
+        by_file.setdefault(files.file_of[key], []).append((name, files, key))
+    for file, items in by_file.items():
+        for name, files, key in items:
+            t = files.get(key)
+            if not t.is_floating_point():
+                raise CheckpointError(f"tensor {key} in {file} has dtype {t.dtype}, expected floating")
+            state[name] = t.to(device=device, dtype=dtype)  # a no-op (no copy) when both already match
+        # Without a cast the tensors keep the mapping alive (they ARE it); with one, closing here means only
+        # one shard's pages are resident beside the converted copies.
+        files.close(file)
     if fresh is not None:
         state.update({k: v.to(device=device, dtype=dtype) for k, v in fresh_sd.items()})
     if cfg.text.tie_word_embeddings:
