@@ -1,5 +1,5 @@
 """Parity with transformers (the oracle): same random weights on disk, fp32, max abs error <= 1e-4 for CLIP
-features, LLM logits and full LLaVA logits, for layouts A, A', B, C x MHA/GQA x linear/mlp2x_gelu, with two
+features, LLM logits and full LLaVA logits, for layouts A, A', A'-flat, B, C x MHA/GQA x linear/mlp2x_gelu, with two
 images in one prompt and a padded batch of two (left and right padding); then bf16, and save_llava's output
 in LlavaForConditionalGeneration.
 
@@ -73,7 +73,7 @@ def _hf_projector(hf, projector_type, linear_1, linear_2=None):
 
 def hf_oracle(layout, paths, cfg, dtype=torch.float32):
     """-> (LlavaForConditionalGeneration, CLIPVisionModel or None, LlamaForCausalLM or None, hf image id)."""
-    if layout in ("A", "A'"):
+    if layout.startswith("A"):
         hf = LlavaForConditionalGeneration.from_pretrained(paths["model"], dtype=dtype)
         if cfg.projector_type == "linear":
             _hf_projector(hf, "linear", None)  # linear_1 came from the file; linear_2 does not exist
@@ -153,14 +153,14 @@ def written(tmp_path_factory):
             model = random_llava(cfg, seed=1)
             cache[attn, projector_type] = cfg, {
                 layout: write_layout(model, root / f"{attn}-{projector_type}-{layout.replace(chr(39), 'p')}", layout)
-                for layout in ("A", "A'", "B", "C")}
+                for layout in ("A", "A'", "A'-flat", "B", "C")}
         return cache[attn, projector_type]
     return get
 
 
 @pytest.mark.parametrize("projector_type", ["linear", "mlp2x_gelu"])
 @pytest.mark.parametrize("attn", ["mha", "gqa"])
-@pytest.mark.parametrize("layout", ["A", "A'", "B", "C"])
+@pytest.mark.parametrize("layout", ["A", "A'", "A'-flat", "B", "C"])
 def test_fp32_parity(written, layout, attn, projector_type):
     cfg, paths = written(attn, projector_type)
     p = paths[layout]
@@ -169,13 +169,13 @@ def test_fp32_parity(written, layout, attn, projector_type):
     assert max(errs.values()) <= ATOL, errs
 
 
-@pytest.mark.parametrize("layout", ["A", "A'", "B", "C"])
+@pytest.mark.parametrize("layout", ["A", "A'", "A'-flat", "B", "C"])
 def test_bf16_parity(written, layout):
     """Loaded in bf16, minillava is as close to the fp32 oracle as transformers in bf16 is.
     bf16 keeps 8 bits of mantissa, so both land ~0.01 RMS (~0.05 max) off fp32 logits of order 4 here; the two
-    round in different places (which ops run in fp32, in which order), so the errors are not identical. RMS over ~1000 logits is a stable measure: within 10% of transformers'. The max over them is
-    noisy (one unlucky rounding): within 2x of transformers'. A real bug (a wrong cast, RoPE in bf16) costs
-    far more than either."""
+    round in different places (which ops run in fp32, in which order), so the errors are not identical. The
+    RMS over ~1000 logits is a stable measure: within 10% of transformers'. The max over them is noisy (one
+    unlucky rounding): within 2x of transformers'. A real bug (a wrong cast, RoPE in bf16) costs far more."""
     cfg, paths = written("gqa", "mlp2x_gelu")
     p = paths[layout]
     model = load_llava(p["model"], vision_path=p.get("vision"), projector_path=p.get("projector"),

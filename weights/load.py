@@ -242,6 +242,69 @@ def _check_original_config(config_file: Path, d: dict, vision_dir: Path, vision_
                               f"{vision_dir} has hidden_size {vision_hidden}: wrong CLIP directory?")
 
 
+def _layout(path: Path, d: dict, vision_path, projector_path, projector_type, new_projector):
+    """config.json's model_type -> (LlavaConfig, [(TensorFiles, keymap rules)]); rules None = pick from keys."""
+    config_file = path / "config.json"
+    model_type = d.get("model_type")
+    if new_projector and model_type != "llama":
+        raise ValueError(f"new_projector=True is for a plain LLaMA checkpoint (layout C); {path} is {model_type!r}")
+    if model_type == "llava":  # A, A', A'-flat: one directory holds everything
+        return _config(config_file, d, projector_type=projector_type), [(TensorFiles(path), None)]
+    if model_type not in ("llava_llama", "llama"):
+        raise CheckpointError(f"{config_file}: unknown model_type {model_type!r}; expected 'llava' (llava-hf), "
+                              "'llava_llama' (original LLaVA, with a CLIP dir) or 'llama' (with a CLIP dir and "
+                              "a projector)")
+    vision_dir = _vision_dir(path, d, vision_path)
+    vision_d = read_json(vision_dir / "config.json")
+    llm = TensorFiles(path)
+    if model_type == "llava_llama":  # B: LLM + projector in one file, CLIP apart
+        cfg = _config(config_file, d, vision=vision_d, projector_type=projector_type)
+        _check_original_config(config_file, d, vision_dir, cfg.vision.hidden_size)
+        parts = [(llm, keymaps.layout_b_rules(cfg.projector_type))]
+        # A self-trained original checkpoint may also carry the tower; then it is the model's own and the CLIP
+        # dir only gives its config.
+        if not any(k.startswith(keymaps.B_TOWER_RULES[0][0]) for k in llm.keys()):
+            parts.append((TensorFiles(vision_dir), keymaps.CLIP_RULES))
+        return cfg, parts
+    # C: CLIP + LLaMA + a stage-1 projector file (or a fresh projector)
+    if projector_path is not None and new_projector:
+        raise ValueError("give projector_path or new_projector=True, not both")
+    if projector_path is None and not new_projector:
+        raise CheckpointError(f"{path} is a plain LLaMA checkpoint: give the stage-1 projector file "
+                              "(projector_path= / --projector), or new_projector=True to start stage 1 with a "
+                              "freshly initialised projector")
+    proj = None
+    if projector_path is not None:
+        proj = TensorFiles(_existing(projector_path, "projector file", is_dir=False), PROJECTOR_FILES)
+        file_type = proj.metadata().get("mm_projector_type")
+        if projector_type and file_type and projector_type != file_type:
+            raise CheckpointError(f"{proj.path} holds a {file_type!r} projector, not {projector_type!r}")
+        projector_type = projector_type or file_type
+    cfg = _config(config_file, d, vision=vision_d, projector_type=projector_type or "mlp2x_gelu")
+    parts = [(TensorFiles(vision_dir), keymaps.CLIP_RULES), (llm, keymaps.LLAMA_RULES)]
+    if proj is not None:
+        parts.append((proj, keymaps.stage1_projector_rules(cfg.projector_type)))
+    return cfg, parts
+
+
+def _read(found: dict, dtype, device) -> dict:
+    """{name: (TensorFiles, key)} -> {name: tensor}, file by file, letting each file's mapping go after it.
+    Without a cast the tensors keep their mapping alive (they ARE it); with one, only one shard's pages are
+    resident beside the converted copies."""
+    by_file = {}
+    for name, (files, key) in found.items():
+        by_file.setdefault(files.file_of[key], []).append((name, files, key))
+    state = {}
+    for file, items in by_file.items():
+        for name, files, key in items:
+            t = files.get(key)
+            if not t.is_floating_point():
+                raise CheckpointError(f"tensor {key} in {file} has dtype {t.dtype}, expected floating point")
+            state[name] = t.to(device=device, dtype=dtype)  # a no-op (no copy) when both already match
+        files.close(file)
+    return state
+
+
 def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32, device="cpu",
                projector_type=None, new_projector=False) -> Llava:
     """Load a LLaVA checkpoint in any official layout; see the module docstring and CONTRACTS.md.
@@ -257,80 +320,23 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
         raise ValueError(f"dtype {dtype} not supported: use one of {DTYPES}")
     path = _existing(path, "checkpoint directory", is_dir=True)
     config_file = path / "config.json"
-    d = read_json(config_file)
-    model_type = d.get("model_type")
-    optional = set()
-
-    if model_type == "llava":  # A, A', A'-flat: one directory holds everything
-        cfg = _config(config_file, d, projector_type=projector_type)
-        files = TensorFiles(path)
-        parts = [(files, None)]  # rules picked below, once the model's names are known
-    elif model_type in ("llava_llama", "llama"):
-        vision_dir = _vision_dir(path, d, vision_path)
-        vision_d = read_json(vision_dir / "config.json")
-        clip = TensorFiles(vision_dir)
-        llm = TensorFiles(path)
-        if model_type == "llava_llama":  # B: LLM + projector in one file, CLIP apart
-            cfg = _config(config_file, d, vision=vision_d, projector_type=projector_type)
-            _check_original_config(config_file, d, vision_dir, cfg.vision.hidden_size)
-            parts = [(llm, keymaps.layout_b_rules(cfg.projector_type))]
-            # A self-trained original checkpoint may also carry the tower; then it is the model's own.
-            has_tower = any(k.startswith(keymaps.B_TOWER_RULES[0][0]) for k in llm.keys())
-            if not has_tower:
-                parts.append((clip, keymaps.CLIP_RULES))
-        else:  # C: CLIP + LLaMA + a stage-1 projector file (or a fresh projector)
-            if projector_path is not None and new_projector:
-                raise ValueError("give projector_path or new_projector=True, not both")
-            if projector_path is None and not new_projector:
-                raise CheckpointError(f"{path} is a plain LLaMA checkpoint: give the stage-1 projector file "
-                                      "(projector_path= / --projector), or new_projector=True to start stage 1 "
-                                      "with a freshly initialised projector")
-            proj = None
-            if projector_path is not None:
-                proj = TensorFiles(_existing(projector_path, "projector file", is_dir=False), PROJECTOR_FILES)
-                file_type = proj.metadata().get("mm_projector_type")
-                if projector_type and file_type and projector_type != file_type:
-                    raise CheckpointError(f"{proj.path} holds a {file_type!r} projector, not {projector_type!r}")
-                projector_type = projector_type or file_type
-            cfg = _config(config_file, d, vision=vision_d, projector_type=projector_type or "mlp2x_gelu")
-            parts = [(clip, keymaps.CLIP_RULES), (llm, keymaps.LLAMA_RULES)]
-            if proj is not None:
-                parts.append((proj, keymaps.stage1_projector_rules(cfg.projector_type)))
-    else:
-        raise CheckpointError(f"{config_file}: unknown model_type {model_type!r}; expected 'llava' (llava-hf), "
-                              "'llava_llama' (original LLaVA, with a CLIP dir) or 'llama' (with a CLIP dir and "
-                              "a projector)")
+    cfg, parts = _layout(path, read_json(config_file), vision_path, projector_path, projector_type, new_projector)
 
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
         model = Llava(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if parts[0][1] is None:
-        parts[0] = (files, _pick_llava_hf_rules(files, expected))
-    fresh = None
-    if model_type == "llama" and projector_path is None:  # new_projector: initialised, not loaded
-        fresh = Projector(cfg.projector_type, cfg.vision.hidden_size, cfg.text.hidden_size)
-        fresh_sd = {keymaps.PROJECTOR + k: v for k, v in fresh.state_dict().items()}
-        expected = {k: v for k, v in expected.items() if k not in fresh_sd}
-    if cfg.text.tie_word_embeddings:
-        optional.add(keymaps.LM_HEAD_KEY)  # tied: the head is the embedding; files may omit it
+        parts[0] = (parts[0][0], _pick_llava_hf_rules(parts[0][0], expected))
+    fresh = {}
+    if new_projector:  # initialised here (nn.Linear's default init), not loaded
+        proj = Projector(cfg.projector_type, cfg.vision.hidden_size, cfg.text.hidden_size)
+        fresh = {keymaps.PROJECTOR + k: v for k, v in proj.state_dict().items()}
+        expected = {k: v for k, v in expected.items() if k not in fresh}
+    tied = cfg.text.tie_word_embeddings  # the head is the embedding; files may omit it
 
-    found = match_tensors(parts, expected, config_file, optional)
-    state = {}
-    by_file = {}  # file -> [(name, TensorFiles, key)]: read file by file, then let each file's mapping go
-    for name, (files, key) in found.items():
-        by_file.setdefault(files.file_of[key], []).append((name, files, key))
-    for file, items in by_file.items():
-        for name, files, key in items:
-            t = files.get(key)
-            if not t.is_floating_point():
-                raise CheckpointError(f"tensor {key} in {file} has dtype {t.dtype}, expected floating")
-            state[name] = t.to(device=device, dtype=dtype)  # a no-op (no copy) when both already match
-        # Without a cast the tensors keep the mapping alive (they ARE it); with one, closing here means only
-        # one shard's pages are resident beside the converted copies.
-        files.close(file)
-    if fresh is not None:
-        state.update({k: v.to(device=device, dtype=dtype) for k, v in fresh_sd.items()})
-    if cfg.text.tie_word_embeddings:
+    state = _read(match_tensors(parts, expected, config_file, {keymaps.LM_HEAD_KEY} if tied else ()), dtype, device)
+    state.update({k: v.to(device=device, dtype=dtype) for k, v in fresh.items()})
+    if tied:
         head = state.pop(keymaps.LM_HEAD_KEY, None)
         if head is not None and not torch.equal(head, state[keymaps.EMBED_KEY]):
             raise CheckpointError(f"{config_file} says tie_word_embeddings=true but the checkpoint's lm_head "
