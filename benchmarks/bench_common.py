@@ -1,0 +1,118 @@
+"""What the kernel benchmarks (benchmarks/bench_*.py) share: the CUDA check, timing, the device's peak figures,
+flags derived from a defaults dataclass, and the table they print.
+
+Timing is triton.testing.do_bench: warm-up, then the median of ~100 runs, with the L2 cache flushed before each,
+so a figure is what one call costs cold, as in a model. Peaks are NVIDIA's datasheet figures (dense, no
+sparsity), looked up by the device name torch reports; an unknown device prints no fraction of peak.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+DEVICE = "cuda"  # the scripts allocate here (a CPU smoke run of their code may set it to "cpu")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# name fragment -> (16-bit tensor-core TFLOP/s dense, fp32 TFLOP/s without tensor cores, HBM GB/s).
+# Checked in order: the first fragment found in torch.cuda.get_device_name() wins.
+PEAKS = [
+    ("H200 NVL", (835.0, 60.0, 4800.0)),
+    ("H200", (989.4, 66.9, 4800.0)),  # SXM
+    ("H100 NVL", (835.0, 60.0, 3900.0)),
+    ("H100 PCIe", (756.0, 51.2, 2000.0)),
+    ("H100", (989.4, 66.9, 3350.0)),  # SXM5 80GB HBM3 ("NVIDIA H100 80GB HBM3")
+]
+
+
+def require_cuda(script):
+    """Exit with a clear message (status 2) unless a CUDA GPU and compiled Triton are available."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit(f"{script}: TRITON_INTERPRET=1 is set; benchmarks time compiled kernels. Unset it.")
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
+    os.environ.setdefault("MINILLAVA_KERNELS", "1")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, for us and the baseline alike
+
+
+def device_peaks():
+    """-> (device name, (tflops16, tflops32, gbs) or None)."""
+    name = torch.cuda.get_device_name()
+    return name, next((p for frag, p in PEAKS if frag in name), None)
+
+
+def peak_tflops(dtype):
+    _, peaks = device_peaks()
+    return None if peaks is None else peaks[1 if dtype == torch.float32 else 0]
+
+
+def peak_gbs():
+    _, peaks = device_peaks()
+    return None if peaks is None else peaks[2]
+
+
+def time_ms(fn, grad_to_none=None):
+    """Median milliseconds of fn() (triton.testing.do_bench; grad_to_none: tensors whose .grad is reset)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+
+
+def peak_mem_mb(fn):
+    """Peak memory allocated during fn() above what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def parse_args(defaults_cls, doc):
+    """Flags derived from the defaults dataclass: --field-name (lists take several values, bools --flag/--no-flag)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(defaults_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, (list, tuple)):
+            p.add_argument(flag, nargs="+", type=type(default[0]), default=list(default))
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+    return defaults_cls(**vars(p.parse_args()))
+
+
+def header(script, args):
+    """The line that identifies a run: device, torch/triton versions, the command's settings."""
+    import triton
+    name, peaks = device_peaks()
+    peak = "no peak figures for this device" if peaks is None else \
+        f"peaks: {peaks[0]:.0f} TFLOP/s 16-bit, {peaks[1]:.0f} TFLOP/s fp32, {peaks[2]:.0f} GB/s HBM"
+    print(f"# {script} on {name} ({peak}); torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# {args}")
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, title, format spec)."""
+    cells = [[title for _, title, _ in columns]]
+    cells += [[fmt(r.get(key), spec) if not isinstance(r.get(key), str) else r[key] for key, _, spec in columns]
+              for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for c in cells:
+        print("  ".join(s.rjust(w) for s, w in zip(c, widths)))
+
+
+def ratio(baseline_ms, ours_ms):
+    """Speed-up over the baseline: > 1 means the kernel is faster."""
+    return baseline_ms / ours_ms
+
+
+def fraction(value, peak):
+    return None if peak is None or value is None else value / peak
