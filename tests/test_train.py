@@ -1,0 +1,301 @@
+"""train.py end to end on a tiny LLaVA (layout C checkpoint) and the synthetic dataset in the official formats:
+what each stage trains, the outputs loading in minillava and transformers, exact resume after SIGKILL, torchrun
+(2 processes, gloo) against one process, bad data, non-finite losses and a full disk."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from minillava import synthetic
+from minillava.config import get_preset
+from weights import load_llava, write_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = get_preset("tiny")
+CFG = TINY.replace(text=dataclasses.replace(TINY.text, vocab_size=512))  # room for the synthetic tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads waiting for each other
+    make a step 10-40x slower; the subprocesses get OMP_NUM_THREADS=1 (torchrun sets it too)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    paths = synthetic.write_dataset(str(root / "data"), n_train=24, n_test=0, seed=0, image_size=32)
+    tok = synthetic.train_tokenizer(paths["corpus"], str(root / "tok"), vocab_size=CFG.text.vocab_size)
+    ckpt = write_random_checkpoint(root / "ckpt", CFG, "C", seed=0, tokenizer_path=tok)
+    return {"root": root, "data": root / "data", "pretrain": paths["pretrain"], "instruct": paths["instruct"],
+            "llama": str(ckpt["model"]), "clip": str(ckpt["vision"]), "projector": str(ckpt["projector"])}
+
+
+def argv(env, stage, out, *extra, steps=3):
+    a = ["--stage", str(stage), "--model", env["llama"], "--vision", env["clip"],
+         "--data", str(env["pretrain"] if stage == 1 else env["instruct"]), "--image-folder", str(env["data"]),
+         "--out", str(out), "--micro-batch", "2", "--global-batch", "4", "--max-length", "256",
+         "--max-steps", str(steps), "--log-every", "1", "--no-grad-checkpointing", "--warmup-ratio", "0.3"]
+    if stage == 2 and "--projector" not in extra:
+        a += ["--projector", env["projector"]]
+    return a + list(extra)
+
+
+def run_script(args, launcher=()):
+    """train.py in a fresh process (what a user runs), in its own process group (see finish)."""
+    return subprocess.Popen([sys.executable, *launcher, str(ROOT / "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(proc, timeout=120) -> str:
+    """Wait for a run_script process; on timeout kill its whole group (torchrun's workers too) and fail."""
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        pytest.fail(f"timed out after {timeout}s:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def log_lines(out):
+    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+
+
+def tensors(path) -> dict:
+    path = Path(path)
+    return load_file(path / "model.safetensors" if path.is_dir() else path)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warmup = 10, 3
+    s = [train.lr_scale(i, total, warmup) for i in range(total)]
+    assert s[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and s[3] == 1.0
+    assert all(a > b for a, b in zip(s[3:], s[4:])) and s[-1] == pytest.approx(0.5 * (1 + torch.cos(
+        torch.tensor(torch.pi * 6 / 7)).item()))
+
+
+def test_stage1_trains_only_the_projector(env, tmp_path):
+    result = train.main(argv(env, 1, tmp_path / "s1", "--save-every", "2"))
+    model = result["model"]
+    assert result["output"] == str(tmp_path / "s1" / "mm_projector.safetensors")
+    torch.manual_seed(42)  # the projector train.py starts from: fresh, from --seed (default 42)
+    start = load_llava(env["llama"], vision_path=env["clip"], new_projector=True)
+    after, before = model.state_dict(), start.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == sorted(k for k in before if k.startswith("multi_modal_projector."))
+    # the output file is the trained projector; loading it with the frozen parts gives the trained model
+    reloaded = load_llava(env["llama"], vision_path=env["clip"], projector_path=result["output"])
+    assert all(torch.equal(v, after[k]) for k, v in reloaded.state_dict().items())
+    # checkpoints hold only what trains (+ optimizer, step, RNG), the frozen sources are recorded
+    ck = torch.load(tmp_path / "s1" / "checkpoints" / "step_0000003.pt", weights_only=True)
+    assert sorted(ck["model"]) == sorted(f"llava.{k}" for k in changed) and ck["step"] == 3
+    assert any(k.endswith("llama/model.safetensors") for k in ck["sources"])
+    lines = log_lines(tmp_path / "s1")
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert {"loss", "lr", "tokens_per_s", "images_per_s", "elapsed_s", "left_s", "peak_mem_gib"} <= set(lines[0])
+
+
+@pytest.fixture(scope="module")
+def stage2(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s2") / "out"
+    return out, train.main(argv(env, 2, out, steps=2))
+
+
+def test_stage2_keeps_clip_and_writes_layout_a(env, stage2):
+    out, result = stage2
+    assert sorted(os.listdir(out)) == sorted(["checkpoints", "config.json", "data_report.json", "log.jsonl",
+                                              "model.safetensors", "tokenizer.model", "train_config.json"])
+    start = load_llava(env["llama"], vision_path=env["clip"], projector_path=env["projector"]).state_dict()
+    saved = load_llava(out).state_dict()  # layout A; the -200 model got <image>/<pad> rows appended
+    V = CFG.text.vocab_size
+    for k, v in start.items():
+        if k.startswith("vision_tower."):
+            assert torch.equal(saved[k], v), k  # CLIP: bitwise unchanged
+        elif k.startswith(("multi_modal_projector.", "language_model.model.layers.")):
+            assert not torch.equal(saved[k], v), k  # trained
+    assert torch.equal(saved["language_model.lm_head.weight"][:V], result["model"].language_model.lm_head.weight)
+
+
+def test_stage2_output_matches_transformers(stage2):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    out, result = stage2
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    model = load_llava(out)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 32, 32, generator=g)
+    text = torch.randint(3, 300, (1, 9), generator=g)
+    ids = torch.cat([text[:, :2], torch.tensor([[cfg.image_token_id]]), text[:, 2:]], 1)
+    hf_ids = torch.cat([text[:, :2], torch.full((1, cfg.num_image_tokens), cfg.image_token_id), text[:, 2:]], 1)
+    with torch.no_grad():
+        ours = model(ids, pixels)
+        theirs = hf(input_ids=hf_ids, pixel_values=pixels).logits
+        trained = result["model"](torch.where(ids == cfg.image_token_id, -200, ids), pixels)  # the -200 model
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert (ours[..., :CFG.text.vocab_size] - trained).abs().max() <= 1e-5
+
+
+def test_resume_after_sigkill_is_bitwise_exact(env, tmp_path):
+    """LoRA with dropout: the data position, optimizer, schedule and RNG streams must all come back."""
+    args = ["--lora", "4", "--lora-dropout", "0.1", "--save-every", "3"]
+    finish(run_script(argv(env, 2, tmp_path / "ref", *args, steps=12)))
+    killed = run_script(argv(env, 2, tmp_path / "run", *args, steps=12))
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and killed.poll() is None:
+        if log.exists() and sum(1 for _ in open(log)) >= 8:  # past the checkpoint at step 6
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert killed.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert "resumed from" in finish(run_script(argv(env, 2, tmp_path / "run", *args, "--resume", steps=12)))
+    a, b = tensors(tmp_path / "ref"), tensors(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_log = {r["step"]: r["loss"] for r in log_lines(tmp_path / "ref")}
+    run_log = [r for r in log_lines(tmp_path / "run") if "step" in r and "loss" in r]
+    assert all(r["loss"] == ref_log[r["step"]] for r in run_log)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_torchrun_two_processes_match_one(env, tmp_path, mode):
+    extra = ["--ddp"] if mode == "ddp" else []
+    finish(run_script(argv(env, 2, tmp_path / "one", steps=4)))
+    port = str(29500 + os.getpid() % 1000 + (mode == "ddp"))
+    finish(run_script(argv(env, 2, tmp_path / "two", *extra, steps=4),
+                      launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port)))
+    l1, l2 = log_lines(tmp_path / "one"), log_lines(tmp_path / "two")
+    assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4]
+    for r1, r2 in zip(l1, l2):  # the same global batches: equal up to fp32 reduction order
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+        assert r1["tokens_per_s"] > 0 and r2["images_per_s"] > 0
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def write_bad_data(env, tmp_path):
+    records = json.load(open(env["instruct"]))[:12]
+    bad = {2: {**records[2], "image": "images/missing.png"},
+           4: {**records[4], "conversations": records[4]["conversations"][:1] + [  # human, human
+               {"from": "human", "value": "And?"}, *records[4]["conversations"][1:]]},
+           5: {**records[5], "image": "bad.png"},
+           7: {**records[7], "conversations": [dict(t, value=t["value"].replace("<image>", ""))
+                                               for t in records[7]["conversations"]]}}
+    (Path(env["data"]) / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    records = [bad.get(i, r) for i, r in enumerate(records)]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    return path, [f"#{i} (id {records[i]['id']})" for i in sorted(bad)]
+
+
+def test_bad_records_refuse_to_start_or_are_skipped_by_name(env, tmp_path, capsys):
+    data, names = write_bad_data(env, tmp_path)
+    args = argv(env, 2, tmp_path / "out", steps=1) + ["--data", str(data)]
+    with pytest.raises(train.TrainingError, match="4 bad record.*--skip-bad-records"):
+        train.main(args)
+    printed = capsys.readouterr().out
+    for name, words in zip(names, ["not found", "roles must alternate", "cannot decode", "0 <image>"]):
+        assert f"bad {name}: " in printed and words in printed.split(f"bad {name}: ")[1].split("\n")[0]
+    report = json.load(open(tmp_path / "out" / "data_report.json"))
+    assert [b["record"] for b in report["bad"]] == names
+    assert not (tmp_path / "out" / "log.jsonl").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+    train.main(args + ["--skip-bad-records"])
+    printed = capsys.readouterr().out
+    assert all(f"skipped {n}: " in printed for n in names) and "skipping 4 bad record(s)" in printed
+    assert "8 usable" in printed
+
+
+def test_samples_without_supervision_after_truncation_are_reported(env, tmp_path, capsys):
+    # max_length 80: in about half of the conversations the first reply starts later than that
+    train.main(argv(env, 2, tmp_path / "out", steps=1) + ["--max-length", "80", "--global-batch", "2"])
+    printed = capsys.readouterr().out
+    report = json.load(open(tmp_path / "out" / "data_report.json"))
+    assert 0 < len(report["excluded"]) == report["summary"]["excluded"] < report["summary"]["records"] - 2
+    for e in report["excluded"]:
+        assert f"left out {e['record']}: " in printed
+        assert "no supervised token left" in e["reason"] or "does not fit" in e["reason"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_forward, calls = train.LossModel.forward, []
+
+    def forward(self, **batch):  # 2 micro-batches a step: the loss of step 3 onwards is NaN
+        calls.append(1)
+        loss = real_forward(self, **batch)
+        return loss * float("nan") if len(calls) > 4 else loss
+
+    monkeypatch.setattr(train.LossModel, "forward", forward)
+    with pytest.raises(train.TrainingError, match=r"step 3: non-finite loss .* Last good checkpoint: .*step_0000002"):
+        train.main(argv(env, 1, out, "--save-every", "2", steps=4))
+    ck = out / "checkpoints" / "step_0000002.pt"
+    assert train.list_checkpoints(str(out)) == [str(ck)] and torch.load(ck, weights_only=True)["step"] == 2
+    assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(env, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: write part of it, then the disk is full
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(train.TrainingError, match="could not write checkpoint .*step_0000004.pt.*No space left.*"
+                                                  "untouched: step_0000002.pt"):
+        train.main(argv(env, 1, out, "--save-every", "2", steps=6))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000002.pt"]  # no temporary file left behind
+    assert torch.load(out / "checkpoints" / "step_0000002.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.main(argv(env, 1, out, "--save-every", "2", "--resume", steps=6))["steps"] == 6
+
+
+def test_resume_guards(env, tmp_path):
+    out = tmp_path / "out"
+    train.main(argv(env, 1, out, steps=1))
+    with pytest.raises(train.TrainingError, match="already holds checkpoints: pass --resume"):
+        train.main(argv(env, 1, out, steps=1))
+    with pytest.raises(train.TrainingError, match="different run .*config.*lr: 0.001 -> 0.002"):
+        train.main(argv(env, 1, out, "--resume", "--lr", "2e-3", steps=1))
+
+
+def test_profile_writes_a_trace(env, tmp_path):
+    train.main(argv(env, 1, tmp_path / "out", "--profile", steps=5))
+    trace = tmp_path / "out" / "profile" / "trace_rank0.json"
+    assert trace.exists() and "traceEvents" in json.load(open(trace))
+
+
+def test_flags_come_from_the_dataclass_and_recipes_fill_defaults():
+    cfg = train.resolve(train.parse_args(["--stage", "1", "--model", "m", "--data", "d"]))
+    assert (cfg.lr, cfg.global_batch, cfg.template, cfg.projector_lr) == (1e-3, 256, "plain", 1e-3)
+    cfg = train.resolve(train.parse_args(["--model", "m", "--data", "d", "--lora", "128"]))
+    assert (cfg.stage, cfg.lr, cfg.projector_lr, cfg.lora_alpha, cfg.global_batch, cfg.template) == \
+        (2, 2e-4, 2e-5, 256.0, 128, "vicuna_v1")
+    assert train.parse_args(["--no-group-by-modality-length"]).group_by_modality_length is False
+    with pytest.raises(ValueError, match="--lora is a stage-2 option"):
+        train.resolve(train.parse_args(["--stage", "1", "--model", "m", "--data", "d", "--lora", "4"]))

@@ -1,0 +1,630 @@
+"""Train LLaVA: stage 1 (feature alignment: the projector) or stage 2 (visual instruction tuning: projector + LLM,
+or LoRA adapters), on a CPU, one GPU, or many of either through torchrun. The recipe is LLaVA-1.5's
+(LLAVA_REFERENCE.md §6); every default is in TrainConfig below and every field is a flag.
+
+    # stage 1 from CLIP + Vicuna (layout C), writes OUT/mm_projector.safetensors
+    python train.py --stage 1 --model vicuna-7b-v1.5 --vision clip-vit-large-patch14-336 \\
+        --data blip_laion_cc_sbu_558k.json --image-folder LLaVA-Pretrain/images --out runs/stage1
+    # stage 2 from the stage-1 projector, writes OUT/ in layout A (llava-hf) with tokenizer.model
+    python train.py --stage 2 --model vicuna-7b-v1.5 --vision clip-vit-large-patch14-336 \\
+        --projector runs/stage1/mm_projector.safetensors --data llava_v1_5_mix665k.json --image-folder data \\
+        --out runs/stage2                        # add --lora 128 for LoRA (merged into the weights on save)
+    # 8 GPUs: FSDP2 (one shard unit per decoder block; --ddp for DDP); on CPU the same line runs with gloo
+    torchrun --nproc_per_node 8 train.py --stage 2 ...
+    # CPU, a tiny model (what demo.py runs)
+    python train.py --stage 1 ... --micro-batch 8 --global-batch 16 --no-grad-checkpointing --log-every 5
+
+Outputs in --out: log.jsonl (one JSON line per logged step), data_report.json (records left out and why),
+checkpoints/step_NNNNNNN.pt (trainable weights, optimizer, step, RNG; --resume continues from the newest),
+profile/ (--profile), and the result: mm_projector.safetensors (stage 1) or the layout-A model (stage 2).
+Python: `main(["--stage", "1", ...])` runs the same code as the command line and returns
+{"output": the saved path, "model": the trained Llava (LoRA merged; None on ranks > 0), "steps": n}.
+"""
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 2  # 1: projector only (CLIP + LLM frozen); 2: projector + LLM, or LoRA (CLIP frozen)
+    model: str = ""  # LLM dir (layout C, config "llama"), or a LLaVA dir (layouts A, B)
+    vision: str = ""  # CLIP dir (layouts B, C)
+    projector: str = ""  # stage-1 projector file (stage 2 from layout C)
+    tokenizer: str = ""  # tokenizer.model or a dir holding one (default: the --model dir's)
+    data: str = ""  # the official JSON list of records
+    image_folder: str = ""  # image paths in --data are relative to it
+    out: str = "out"
+    template: str = ""  # default: plain (stage 1), vicuna_v1 (stage 2)
+    # optimisation; 0 means "the recipe's value for this stage" (RECIPES)
+    lr: float = 0.0
+    projector_lr: float = 0.0  # the projector's lr; LoRA recipe 2e-5, else = lr
+    global_batch: int = 0  # sequences per optimizer step, over all ranks and accumulation steps
+    micro_batch: int = 4  # sequences per forward/backward on one rank
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0: train this many optimizer steps instead of `epochs`
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0  # AdamW; biases and norm weights never decay
+    grad_clip: float = 1.0  # max global grad norm (0: no clipping)
+    max_length: int = 2048  # LLM positions per sample, each image counting Np
+    group_by_modality_length: bool = True
+    lora: int = 0  # LoRA rank (0: full fine-tuning); the recipe uses 128
+    lora_alpha: float = 0.0  # 0: 2 * rank (256 for r 128)
+    lora_dropout: float = 0.05
+    grad_checkpointing: bool = True  # recompute each decoder block in backward
+    ddp: bool = False  # under torchrun: DDP instead of FSDP2
+    seed: int = 42
+    # bookkeeping
+    log_every: int = 10
+    save_every: int = 500  # optimizer steps between checkpoints; one is always written at the end
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints (if there is one)
+    skip_bad_records: bool = False  # train without the records the data check rejects (listed)
+    workers: int = -1  # data loader and data check processes (-1: 4 on GPU, 0 on CPU)
+    profile: bool = False  # torch profiler trace of steps 3-5 to OUT/profile/
+    device: str = ""  # default: cuda when available, else cpu
+
+
+RECIPES = {1: dict(lr=1e-3, global_batch=256, template="plain"),
+           2: dict(lr=2e-5, global_batch=128, template="vicuna_v1")}
+LORA_RECIPE = dict(lr=2e-4, projector_lr=2e-5)
+# Fields that change what a resumed run computes; the others (logging, workers...) may differ.
+RESUME_FREE = {"out", "resume", "log_every", "save_every", "keep_checkpoints", "workers", "profile", "device",
+               "skip_bad_records", "grad_checkpointing", "ddp", "micro_batch"}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default,
+                           choices=(1, 2) if f.name == "stage" else None)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the recipe's values into the fields left at 0 / "", and check the combination."""
+    recipe = {**RECIPES[cfg.stage], **(LORA_RECIPE if cfg.lora else {})}
+    changes = {k: v for k, v in recipe.items() if not getattr(cfg, k)}
+    cfg = dataclasses.replace(cfg, **changes)
+    cfg = dataclasses.replace(cfg, projector_lr=cfg.projector_lr or cfg.lr,
+                              lora_alpha=cfg.lora_alpha or 2.0 * cfg.lora)
+    for name in ("model", "data"):
+        if not getattr(cfg, name):
+            raise ValueError(f"--{name} is required")
+    if cfg.lora and cfg.stage != 2:
+        raise ValueError("--lora is a stage-2 option (stage 1 trains the projector only)")
+    if cfg.stage == 2 and cfg.template == "plain":
+        raise ValueError("stage 2 trains on conversations: --template plain is stage 1's")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed helpers: with one process every collective is skipped
+
+def setup_distributed(cfg: TrainConfig):
+    """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather_objects(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on (bad data, non-finite loss, changed inputs on resume)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+class LossModel(torch.nn.Module):
+    """DDP and FSDP run their communication hooks around forward(): route Llava.loss through it.
+
+    A batch without images leaves the projector out of the graph, so that rank would produce no projector
+    gradient while the others do (DDP and FSDP need the same set on every rank); adding 0 * its weights keeps
+    it in, with a gradient of exactly 0, and makes one process behave like many."""
+
+    def __init__(self, llava):
+        super().__init__()
+        self.llava = llava
+
+    def forward(self, input_ids, labels, attention_mask, pixel_values):
+        loss, _ = self.llava.loss(input_ids, labels, pixel_values, attention_mask)  # summed over tokens
+        if pixel_values is None:
+            loss = loss + 0.0 * sum(p.sum() for p in self.llava.multi_modal_projector.parameters())
+        return loss
+
+
+def load_model(cfg: TrainConfig):
+    from weights import load_llava
+    if cfg.stage == 1:
+        return load_llava(cfg.model, vision_path=cfg.vision or None, new_projector=not cfg.projector,
+                          projector_path=cfg.projector or None)
+    return load_llava(cfg.model, vision_path=cfg.vision or None, projector_path=cfg.projector or None)
+
+
+def set_trainable(model, cfg: TrainConfig):
+    """Stage 1: the projector. Stage 2: projector + LLM, or projector + LoRA adapters. CLIP never."""
+    from minillava.lora import apply_lora
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    if cfg.stage == 2 and cfg.lora:
+        apply_lora(model.language_model.model, cfg.lora, cfg.lora_alpha, cfg.lora_dropout)  # not lm_head
+    elif cfg.stage == 2:
+        model.language_model.requires_grad_(True)
+    model.train()
+    model.vision_tower.eval()
+
+
+def source_files(cfg: TrainConfig) -> dict:
+    """Where the frozen weights come from: every weight/config file with its size and mtime, so a resumed
+    run can tell that they are the same files (a checkpoint stores only the trainable tensors)."""
+    out = {}
+    for path in (cfg.model, cfg.vision, cfg.projector):
+        if not path:
+            continue
+        files = sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]
+        for f in files:
+            if f.endswith((".safetensors", ".bin", ".json")):
+                st = os.stat(f)
+                out[os.path.abspath(f)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def param_groups(model, cfg: TrainConfig) -> list:
+    """AdamW groups: projector vs the rest (their own lr), weight decay only on matrices."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            proj = ".multi_modal_projector." in f".{name}"
+            key = (proj, p.dim() >= 2)
+            groups.setdefault(key, []).append(p)
+    return [{"params": ps, "base_lr": cfg.projector_lr if proj else cfg.lr,
+             "weight_decay": cfg.weight_decay if decay else 0.0} for (proj, decay), ps in sorted(groups.items())]
+
+
+def lr_scale(step: int, total: int, warmup: int) -> float:
+    """Linear warmup over `warmup` steps (the first step already gets 1/warmup), then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def wrap_model(model, cfg, world: int, device):
+    """One process: as is. torchrun: FSDP2 (`fully_shard` each decoder and CLIP block, then the root) or DDP."""
+    loss_model = LossModel(model)
+    if world == 1:
+        return loss_model
+    if cfg.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # On GPU the all-gathered weights are bf16 (half the traffic), gradients are reduced in fp32.
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in [*model.vision_tower.vision_model.encoder.layers, *model.language_model.model.layers]:
+        fully_shard(block, mp_policy=mp)
+    return fully_shard(loss_model, mp_policy=mp)
+
+
+def accumulation_context(model, cfg, world: int, sync: bool):
+    """Gradients are reduced across ranks only on the last micro-step of an optimizer step."""
+    if world == 1:
+        return nullcontext()
+    if cfg.ddp:
+        return nullcontext() if sync else model.no_sync()
+    model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic (temporary file, fsync, rename), so a crash or a full disk never breaks the last one
+
+def atomic_torch_save(obj, path: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_checkpoints(out: str) -> list:
+    """Finished checkpoints, oldest first (temporary files of an interrupted save are not listed)."""
+    return sorted(glob.glob(os.path.join(out, "checkpoints", "step_*.pt")))
+
+
+def rng_state(device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(model, opt, step, meta, cfg, rank, world, device):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = {"step": step, "model": get_model_state_dict(model, options=opts),
+             "optimizer": get_optimizer_state_dict(model, opt, options=opts),
+             "rng": gather_objects(rng_state(device), world), "world_size": world, **meta}
+    if rank == 0:
+        os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
+        path = os.path.join(cfg.out, "checkpoints", f"step_{step:07d}.pt")
+        try:
+            atomic_torch_save(state, path)
+        except OSError as e:
+            raise TrainingError(f"could not write checkpoint {path} ({e}); the previous checkpoints are "
+                                f"untouched: {', '.join(map(os.path.basename, list_checkpoints(cfg.out))) or 'none'}")
+        for old in list_checkpoints(cfg.out)[:-cfg.keep_checkpoints]:
+            os.remove(old)
+    barrier(world)
+
+
+def load_checkpoint(model, opt, path, meta, cfg, rank, world, device) -> int:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    changed = [k for k in meta if state.get(k) != meta[k]]
+    if changed:
+        raise TrainingError(f"{path} was written by a different run ({', '.join(changed)} differ): "
+                            + "; ".join(_diff(state.get(k), meta[k]) for k in changed))
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, state["model"], options=opts)
+    set_optimizer_state_dict(model, opt, state["optimizer"], options=opts)
+    if state["world_size"] == world:
+        set_rng_state(state["rng"][rank], device)
+    else:  # dropout masks will differ from an uninterrupted run; everything else is restored
+        print(f"[rank {rank}] note: checkpoint from {state['world_size']} processes, now {world}: "
+              "RNG streams reseeded", flush=True)
+        torch.manual_seed(cfg.seed + state["step"] + rank)
+    return state["step"]
+
+
+def _diff(old, new) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5])
+    return f"{str(old)[:80]} -> {str(new)[:80]}"
+
+
+def full_model(model, llava, cfg, rank, world):
+    """The trained Llava with every tensor in full on rank 0 (FSDP shards gathered), LoRA merged; else None."""
+    from minillava.llava import Llava
+    from minillava.lora import apply_lora, merge_lora
+    if world == 1:  # the model itself
+        merge_lora(llava)
+        return llava
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    with torch.device("meta"):
+        out = Llava(llava.config)
+        if cfg.lora:
+            apply_lora(out.language_model.model, cfg.lora, cfg.lora_alpha)
+    out.load_state_dict({k.removeprefix("llava."): v for k, v in sd.items()}, assign=True)
+    out.language_model.tie_weights()
+    merge_lora(out)
+    return out
+
+
+def export(model, cfg, tokenizer_path: str):
+    """Stage 1: OUT/mm_projector.safetensors. Stage 2: the layout-A model files in OUT (save_llava writes them
+    atomically into a fresh directory; each file is then renamed into OUT, config.json last)."""
+    from weights import save_llava, save_projector
+    if cfg.stage == 1:
+        return save_projector(model, os.path.join(cfg.out, "mm_projector.safetensors"))
+    tmp = os.path.join(cfg.out, f".model.tmp{os.getpid()}")
+    save_llava(model, tmp, tokenizer_path=tokenizer_path)
+    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+    for old in glob.glob(os.path.join(cfg.out, "model*.safetensors*")):
+        if os.path.basename(old) not in names:
+            os.remove(old)  # shards of an earlier save that this one does not overwrite
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
+    os.rmdir(tmp)
+    return cfg.out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+def prepare_data(cfg, model, tokenizer, rank, world, workers):
+    """Read and check every record (shared out over ranks and worker processes) and report what is left out.
+    -> (records, DataConfig, usable samples sorted by index)."""
+    from minillava import data
+    records = data.read_records(cfg.data)
+    mc = model.config
+    dcfg = data.DataConfig(image_folder=cfg.image_folder, template=cfg.template, tokenizer=tokenizer,
+                           image_token_id=mc.image_token_id, num_image_tokens=mc.num_image_tokens,
+                           max_length=cfg.max_length, image_size=mc.vision.image_size,
+                           pad_to_square=mc.image_aspect_ratio == "pad")
+    t0 = time.time()
+    mine = data.check_records(records, dcfg, range(rank, len(records), world), workers)
+    checked = sorted((c for part in gather_objects(mine, world) for c in part), key=lambda c: c.index)
+    bad = [c for c in checked if c.problem]
+    excluded = [c for c in checked if c.excluded]
+    if rank == 0:
+        s = data.summarize(checked)
+        print(f"data: {s['records']} records checked in {time.time() - t0:.1f}s: {s['usable']} usable "
+              f"({s['with_image']} with an image, {s['text_only']} text-only; length mean {s['mean_length']:.0f}, "
+              f"max {s['max_length']}), {s['bad']} bad, {s['excluded']} with nothing to train on", flush=True)
+        report = {"data": os.path.abspath(cfg.data), "summary": s,
+                  "bad": [{"record": c.id, "problem": c.problem} for c in bad],
+                  "excluded": [{"record": c.id, "reason": c.excluded} for c in excluded]}
+        with open(os.path.join(cfg.out, "data_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        for c in excluded:
+            print(f"  left out {c.id}: {c.excluded}", flush=True)
+        for c in bad:
+            print(f"  {'skipped' if cfg.skip_bad_records else 'bad'} {c.id}: {c.problem}", flush=True)
+    if bad and not cfg.skip_bad_records:
+        raise TrainingError(f"{len(bad)} bad record(s) in {cfg.data} (listed above and in "
+                            f"{os.path.join(cfg.out, 'data_report.json')}); fix them, or pass --skip-bad-records "
+                            "to train without them")
+    if bad and rank == 0:
+        print(f"data: skipping {len(bad)} bad record(s) (--skip-bad-records)", flush=True)
+    usable = [c for c in checked if not c.problem and not c.excluded]
+    if not usable:
+        raise TrainingError(f"{cfg.data}: no usable record")
+    return records, dcfg, usable
+
+
+class RankSchedule:
+    """The micro-batches (record indices) this rank runs from `start` to `total` steps, in order; the
+    training order is a pure function of (seed, epoch), so resuming at a step needs only the step."""
+
+    def __init__(self, samples, cfg, start, total, rank, world):
+        from minillava import data
+        self.data, self.samples, self.cfg = data, samples, cfg
+        self.start, self.total, self.rank, self.world = start, total, rank, world
+        self.steps_per_epoch = data.steps_per_epoch(samples, cfg.global_batch, cfg.group_by_modality_length)
+        self._epoch, self._order = None, None
+
+    def global_batch(self, step: int) -> list:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = self.data.global_batches(self.samples, self.cfg.global_batch, self.cfg.seed, epoch,
+                                                   self.cfg.group_by_modality_length)
+        return self._order[k]
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            yield from self.data.micro_batches(self.global_batch(step), self.world, self.rank, self.cfg.micro_batch)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = resolve(parse_args(argv))
+    rank, world, device = setup_distributed(cfg)
+    try:
+        return train(cfg, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, rank: int, world: int, device):
+    from minillava import data
+    from minillava.tokenizer import Tokenizer
+    t_start = time.time()
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    workers = cfg.workers if cfg.workers >= 0 else (4 if device.type == "cuda" else 0)
+    os.makedirs(cfg.out, exist_ok=True)
+    if list_checkpoints(cfg.out) and not cfg.resume:
+        raise TrainingError(f"{cfg.out} already holds checkpoints: pass --resume to continue that run, or "
+                            "choose another --out")
+    accum, rest = divmod(cfg.global_batch, cfg.micro_batch * world)
+    if rest or not accum:
+        raise ValueError(f"--global-batch {cfg.global_batch} is not a multiple of --micro-batch "
+                         f"{cfg.micro_batch} x {world} process(es)")
+
+    # model (on the CPU: the data check forks worker processes, which must happen before CUDA starts)
+    torch.manual_seed(cfg.seed)  # the same initial weights (stage 1's projector, LoRA's A) on every rank
+    llava = load_model(cfg)
+    mc = llava.config
+    if cfg.max_length > mc.text.max_position_embeddings:
+        raise ValueError(f"--max-length {cfg.max_length} exceeds the model's {mc.text.max_position_embeddings} "
+                         "positions")
+    tokenizer_path = cfg.tokenizer or cfg.model
+    tokenizer = Tokenizer(tokenizer_path)
+    records, dcfg, samples = prepare_data(cfg, llava, tokenizer, rank, world, workers)
+    spe = data.steps_per_epoch(samples, cfg.global_batch, cfg.group_by_modality_length)
+    if spe == 0:
+        raise TrainingError(f"{len(samples)} usable records do not fill one global batch of {cfg.global_batch}")
+    total = cfg.max_steps or max(1, round(cfg.epochs * spe))
+    warmup = math.ceil(cfg.warmup_ratio * total)
+
+    set_trainable(llava, cfg)
+    llava.language_model.model.gradient_checkpointing = cfg.grad_checkpointing
+    llava.to(device)
+    model = wrap_model(llava, cfg, world, device)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    n_all = sum(p.numel() for p in llava.parameters())
+    meta = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE},
+            "sources": source_files(cfg),
+            "data_digest": hashlib.sha256(repr([(s.index, s.length, s.n_supervised) for s in samples])
+                                          .encode()).hexdigest()}  # the usable records, as checked
+    log(f"stage {cfg.stage}{f' LoRA r={cfg.lora}' if cfg.lora else ''}: training {n_train / 1e6:.2f}M of "
+        f"{n_all / 1e6:.2f}M parameters on {world} x {device.type}"
+        f"{'' if world == 1 else (' (DDP)' if cfg.ddp else ' (FSDP2)')}; {total} steps of {cfg.global_batch} "
+        f"sequences ({accum} x {cfg.micro_batch} per process), {spe} steps per epoch; lr {cfg.lr:g} "
+        f"(projector {cfg.projector_lr:g}), warmup {warmup}", flush=True)
+
+    start = 0
+    if cfg.resume and list_checkpoints(cfg.out):
+        path = list_checkpoints(cfg.out)[-1]
+        start = load_checkpoint(model, opt, path, meta, cfg, rank, world, device)
+        log(f"resumed from {path} at step {start}", flush=True)
+    else:
+        torch.manual_seed(cfg.seed + rank)  # dropout masks: each rank its own stream, rank 0 as one process
+    if master:
+        with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    schedule = RankSchedule(samples, cfg, start, total, rank, world)
+    loader = torch.utils.data.DataLoader(
+        data.LlavaDataset(records, dcfg), batch_sampler=schedule, num_workers=workers,
+        collate_fn=partial(data.collate, pad_id=tokenizer.pad_id), pin_memory=device.type == "cuda",
+        generator=torch.Generator())  # its own: iter(loader) must not draw from the restored RNG stream
+    batches = iter(loader)
+    length = {s.index: s.length for s in samples}
+    supervised = {s.index: s.n_supervised for s in samples}
+    has_image = {s.index: s.has_image for s in samples}
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+    if log_file and start:
+        log_file.write(json.dumps({"event": "resume", "step": start}) + "\n")
+    profiler = None
+    if cfg.profile:
+        def on_trace(prof):
+            os.makedirs(os.path.join(cfg.out, "profile"), exist_ok=True)
+            prof.export_chrome_trace(os.path.join(cfg.out, "profile", f"trace_rank{rank}.json"))
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                        if device.type == "cuda" else [])
+        profiler = torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(
+            wait=1, warmup=1, active=3, repeat=1), on_trace_ready=on_trace, record_shapes=True)
+        profiler.start()
+
+    t_run, t_log = time.time(), time.time()
+    window = {"loss": 0.0, "tokens": 0, "sup": 0, "images": 0, "steps": 0}
+    for step in range(start, total):
+        scale = lr_scale(step, total, warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        gb = schedule.global_batch(step)
+        n_sup = sum(supervised[i] for i in gb)  # supervised tokens of the whole global batch (all ranks)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = {k: v if v is None else v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            with accumulation_context(model, cfg, world, sync=micro == accum - 1), autocast:
+                loss = model(**batch)
+            # DDP and FSDP average gradients over ranks: * world turns that into the global-batch sum
+            (loss * (world / n_sup)).backward()
+            loss_sum += loss.detach()
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(gnorm, "full_tensor"):  # FSDP: a replicated DTensor
+            gnorm = gnorm.full_tensor()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        loss_val, gnorm_val = torch.stack([loss_sum, gnorm.to(loss_sum)]).tolist()  # the step's one host sync
+        if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
+            kept = list_checkpoints(cfg.out)
+            raise TrainingError(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'}"
+                                f" (loss {loss_val / n_sup}, grad norm {gnorm_val}); stopped before the update. "
+                                f"Last good checkpoint: {kept[-1] if kept else 'none'}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if profiler:
+            profiler.step()
+            if step + 1 - start == 5:
+                profiler.stop()
+                log(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+                profiler = None
+
+        window["loss"] += loss_val
+        window["sup"] += n_sup
+        window["tokens"] += sum(length[i] for i in gb)
+        window["images"] += sum(has_image[i] for i in gb)
+        window["steps"] += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            now = time.time()
+            dt = now - t_log
+            left = (now - t_run) / (done - start) * (total - done)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+            else:
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            rec = {"step": done, "total": total, "epoch": round(done / spe, 3),
+                   "loss": window["loss"] / window["sup"], "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm_val,
+                   "tokens_per_s": window["tokens"] / dt, "images_per_s": window["images"] / dt,
+                   "elapsed_s": round(now - t_start, 1), "left_s": round(left, 1), "peak_mem_gib": peak / 2**30}
+            log(f"step {done}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s"
+                f" | {rec['images_per_s']:.1f} img/s | {_hms(rec['elapsed_s'])} elapsed, {_hms(left)} left"
+                f" | peak {rec['peak_mem_gib']:.2f} GiB", flush=True)
+            if log_file:
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            window = dict.fromkeys(window, 0)
+            t_log = time.time()
+        if done % cfg.save_every == 0 or done == total:
+            save_checkpoint(model, opt, done, meta, cfg, rank, world, device)
+
+    result = full_model(model, llava, cfg, rank, world)
+    path = None
+    if master:
+        path = str(export(result, cfg, tokenizer_path))
+        log(f"saved {path} ({_hms(time.time() - t_start)})", flush=True)
+        log_file.close()
+    barrier(world)
+    return {"output": path, "model": result, "steps": total}
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
