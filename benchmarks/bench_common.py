@@ -60,14 +60,37 @@ def time_ms(fn, grad_to_none=None):
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
 
 
-def peak_mem_mb(fn):
-    """Peak memory allocated during fn() above what was allocated before it, in MiB."""
+def memory_mb(forward, backward):
+    """Run out = forward(), then backward(out). -> (MiB held between them: what autograd saved plus the output,
+    peak MiB over both), each above what was allocated before."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fn()
+    out = forward()
+    held = torch.cuda.memory_allocated() - base
+    backward(out)
+    del out
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return held / 2**20, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def saved_mb(forward, exclude=()):
+    """MiB of the tensors autograd saves for backward during forward(), counting each storage once and not
+    counting those of `exclude` (the inputs and weights, which exist anyway). Device-independent."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return total / 2**20
 
 
 def parse_args(defaults_cls, doc):
