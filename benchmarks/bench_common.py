@@ -28,12 +28,18 @@ PEAKS = [
 ]
 
 
+def fail(message):
+    """A clear message on stderr and exit status 2: nothing was measured."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 def require_cuda(script):
-    """Exit with a clear message (status 2) unless a CUDA GPU and compiled Triton are available."""
+    """Exit (status 2) with a clear message unless a CUDA GPU and compiled Triton are available."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit(f"{script}: TRITON_INTERPRET=1 is set; benchmarks time compiled kernels. Unset it.")
+        fail(f"{script}: TRITON_INTERPRET=1 is set; benchmarks time compiled kernels. Unset it.")
     if not torch.cuda.is_available():
-        sys.exit(f"{script}: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
+        fail(f"{script}: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
     os.environ.setdefault("MINILLAVA_KERNELS", "1")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, for us and the baseline alike
 
