@@ -51,7 +51,8 @@ def _cases(a):
 
 def _inputs(B, nh, n_kv, Tq, Tk, hs, dtype, padded, requires_grad):
     q = torch.randn(B, nh, Tq, hs, device=common.DEVICE, dtype=dtype, requires_grad=requires_grad)
-    k, v = (torch.randn(B, n_kv, Tk, hs, device=common.DEVICE, dtype=dtype, requires_grad=requires_grad) for _ in range(2))
+    k, v = (torch.randn(B, n_kv, Tk, hs, device=common.DEVICE, dtype=dtype, requires_grad=requires_grad)
+            for _ in range(2))
     kpm = None
     if padded:  # every other sequence ends with 10% padding
         kpm = torch.ones(B, Tk, dtype=torch.bool, device=common.DEVICE)

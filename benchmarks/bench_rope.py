@@ -65,7 +65,8 @@ def main():
                              peak=common.fraction(gbs, peak), diff=diff if mode == "fwd" else None))
     print(f"\n## RoPE, {nh} q heads / {n_kv} k heads of {hs}")
     common.print_table(rows, [("mode", "mode", ""), ("tokens", "tokens", "d"), ("us", "ours us", ".1f"),
-                              ("gbs", "GB/s", ".0f"), ("eager_us", "eager us", ".1f"), ("eager_gbs", "eager GB/s", ".0f"),
+                              ("gbs", "GB/s", ".0f"), ("eager_us", "eager us", ".1f"),
+                              ("eager_gbs", "eager GB/s", ".0f"),
                               ("speedup", "speed-up", ".2f"), ("peak", "of HBM peak", ".0%"),
                               ("diff", "max|diff| fwd", ".1e")])
 

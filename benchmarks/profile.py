@@ -101,7 +101,8 @@ def profile_train(a, model, device):
            "sgd": lambda: torch.optim.SGD(params, lr=1e-5), "none": lambda: None}[a.optimizer]()
     n_text = a.seq_len - model.config.num_image_tokens + 1  # the image token becomes num_image_tokens positions
     if n_text < 4:
-        fail(f"profile.py: --seq-len {a.seq_len} leaves no room for text next to {model.config.num_image_tokens} image positions")
+        fail(f"profile.py: --seq-len {a.seq_len} leaves no room for text next to "
+             f"{model.config.num_image_tokens} image positions")
     ids, labels, pix = batch(model, a, device, n_text)
 
     def step():

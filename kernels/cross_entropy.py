@@ -147,7 +147,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 def cross_entropy(logits, labels, ignore_index: int = -100, reduction: str = "mean"):
     """Cross-entropy through the Triton kernel when :func:`kernels.enabled`, else the reference.
     Falls back on purpose for: logits that are not (N, V) with labels (N,) (F.cross_entropy's other layouts),
-    an empty batch, labels that are not int64 (torch raises its error), and bf16 off CUDA (the interpreter has no bf16)."""
+    an empty batch, labels that are not int64 (torch raises its error), and bf16 off CUDA (the interpreter has no
+    bf16)."""
     ok = (logits.dim() == 2 and labels.dim() == 1 and labels.shape[0] == logits.shape[0] and logits.numel() > 0
           and logits.dtype in (torch.float16, torch.bfloat16, torch.float32) and reduction in REDUCTIONS
           and labels.dtype == torch.int64 and labels.device == logits.device

@@ -96,7 +96,8 @@ def test_strided_inputs(force_triton, x_dtype, w_dtype):
 
 @interpreter_only
 def test_eps_and_zero_rows(force_triton):
-    """eps enters the sqrt: with eps = 1 and x ~ 1e-2 it dominates; an all-zero row gives y = 0 and dx = dy*w/sqrt(eps)."""
+    """eps enters the sqrt: with eps = 1 and x ~ 1e-2 it dominates; an all-zero row gives y = 0 and
+    dx = dy * w / sqrt(eps)."""
     x, w, dy = _make((5,), 37, torch.float32, torch.float32)
     _check(x * 1e-2, w, dy, eps=1.0)
     x[2] = 0
