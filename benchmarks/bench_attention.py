@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py                       # bf16: forward, backward and decode sweeps
     python benchmarks/bench_attention.py --modes fwd --seq-lens 2048 4096 8192 --dtype fp16
     python benchmarks/bench_attention.py --modes decode --cache-lens 4096 16384 --decode-batches 1 8
+    python benchmarks/bench_attention.py --modes decode --cuda-graph   # without the CPU's launch overhead
 
 Needs a CUDA GPU (exits with status 2 otherwise). Shapes: the LLM (Vicuna-7B: 32 heads of 128, no GQA), causal,
 `--tokens` tokens per batch at each sequence length (B = tokens / T), with one right-padded variant (key padding
@@ -35,6 +36,7 @@ class Defaults:
     vit_batch: int = 32  # images per ViT-L/14-336 batch (577 tokens, 16 heads of 64); 0: skip
     cache_lens: list = field(default_factory=lambda: [1024, 4096, 8192, 16384])
     decode_batches: list = field(default_factory=lambda: [1, 8, 32])
+    cuda_graph: bool = False  # time decode rows as CUDA graph replays: the kernels' time without launch overhead
 
 
 def _cases(a):
@@ -123,14 +125,15 @@ def bench_decode(a, dtype):
             nbytes = (2 * B * n_kv * Tk * hs + 2 * B * nh * hs) * elt  # read K, V cache and q; write o
             with torch.no_grad():
                 # the model's path: AttentionFunction sends Tq == 1 to the flash-decoding kernels
-                t_ours = common.time_ms(lambda: _ours(q, k, v, True, None))
-                t_sdpa = common.time_ms(lambda: _sdpa(q, k, v, False, None))
+                t_ours = common.time_ms(lambda: _ours(q, k, v, True, None), cuda_graph=a.cuda_graph)
+                t_sdpa = common.time_ms(lambda: _sdpa(q, k, v, False, None), cuda_graph=a.cuda_graph)
                 diff = (_ours(q, k, v, True, None).float() - _sdpa(q, k, v, False, None).float()).abs().max()
             gbs, sdpa_gbs = nbytes / (t_ours * 1e-3) / 1e9, nbytes / (t_sdpa * 1e-3) / 1e9
             rows.append(dict(B=B, Tk=Tk, us=t_ours * 1e3, gbs=gbs, sdpa_us=t_sdpa * 1e3, sdpa_gbs=sdpa_gbs,
                              speedup=common.ratio(t_sdpa, t_ours), peak=common.fraction(gbs, peak), diff=diff.item()))
             del q, k, v
-    print(f"\n## attention decode (one query token per sequence, {nh} heads / {n_kv} kv heads of {hs})")
+    print(f"\n## attention decode (one query token per sequence, {nh} heads / {n_kv} kv heads of {hs}"
+          f"{', CUDA graph replays' if a.cuda_graph else ''})")
     common.print_table(rows, [("B", "B", "d"), ("Tk", "cache", "d"), ("us", "ours us", ".1f"), ("gbs", "GB/s", ".0f"),
                          ("sdpa_us", "SDPA us", ".1f"), ("sdpa_gbs", "SDPA GB/s", ".0f"),
                          ("speedup", "speed-up", ".2f"), ("peak", "of HBM peak", ".0%"), ("diff", "max|diff|", ".1e")])

@@ -60,9 +60,13 @@ def peak_gbs():
     return None if peaks is None else peaks[2]
 
 
-def time_ms(fn, grad_to_none=None):
-    """Median milliseconds of fn() (triton.testing.do_bench; grad_to_none: tensors whose .grad is reset)."""
+def time_ms(fn, grad_to_none=None, cuda_graph=False):
+    """Median milliseconds of fn() (triton.testing.do_bench; grad_to_none: tensors whose .grad is reset).
+    cuda_graph: replay fn captured in a CUDA graph, which removes the CPU's launch overhead: the GPU's own time
+    (for microsecond-scale calls such as decoding, where the launches can cost more than the kernels)."""
     import triton.testing
+    if cuda_graph:
+        return triton.testing.do_bench_cudagraph(fn, grad_to_none=grad_to_none, return_mode="median")
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
 
 
