@@ -397,7 +397,8 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
     t0, n_answered = time.perf_counter(), 0
     os.makedirs(os.path.dirname(os.path.abspath(cfg.answers)), exist_ok=True)
     print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered in {cfg.answers}, "
-          f"{len(todo)} to go", file=sys.stderr)
+          f"{len(todo)} to go" + (f"; {len(errors)} malformed line(s), listed at the end" if errors else ""),
+          file=sys.stderr)
     with open(cfg.answers, "a", encoding="utf-8") as out:
         for i in range(0, len(todo), cfg.batch_size):
             batch = []
@@ -414,11 +415,11 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
                 continue
             texts, stats = answer_batch(model, tokenizer, [(im, q["text"]) for q, im in batch], cfg.template,
                                         cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed)
-            for (q, _), text in zip(batch, texts):
+            for (q, _), text in zip(batch, texts):  # one whole line per write, flushed: a kill loses no answer
                 out.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": text,
                                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}},
                                      ensure_ascii=False) + "\n")
-            out.flush()
+                out.flush()
             os.fsync(out.fileno())
             for f in fields(GenerationStats):
                 setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
