@@ -528,7 +528,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
     has_image = {s.index: s.has_image for s in samples}
     trainable = [p for g in opt.param_groups for p in g["params"]]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a" if start else "w") if master else None
     if log_file and start:
         log_file.write(json.dumps({"event": "resume", "step": start}) + "\n")
     profiler = None

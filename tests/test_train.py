@@ -130,6 +130,11 @@ def test_stage2_keeps_clip_and_writes_layout_a(env, stage2):
         elif k.startswith(("multi_modal_projector.", "language_model.model.layers.")):
             assert not torch.equal(saved[k], v), k  # trained
     assert torch.equal(saved["language_model.lm_head.weight"][:V], result["model"].language_model.lm_head.weight)
+    import generate  # ... and generate.py answers with it (the tokenizer came along)
+    model, tok = generate.load(str(out), dtype="fp32", device="cpu")
+    image = env["data"] / json.load(open(env["instruct"]))[0]["image"]
+    [reply] = generate.answer(model, tok, [(str(image), "What color is the circle?")], max_new_tokens=3)
+    assert isinstance(reply, str)
 
 
 def test_stage2_output_matches_transformers(stage2):
