@@ -11,8 +11,18 @@ or LoRA adapters), on a CPU, one GPU, or many of either through torchrun. The re
         --out runs/stage2                        # add --lora 128 for LoRA (merged into the weights on save)
     # 8 GPUs: FSDP2 (one shard unit per decoder block; --ddp for DDP); on CPU the same line runs with gloo
     torchrun --nproc_per_node 8 train.py --stage 2 ...
-    # CPU, a tiny model (what demo.py runs)
-    python train.py --stage 1 ... --micro-batch 8 --global-batch 16 --no-grad-checkpointing --log-every 5
+    # CPU, seconds: a tiny random LLaVA (layout C) and the synthetic dataset (what demo.py does, larger)
+    python -c "import dataclasses as d; from minillava import synthetic as s; from minillava.config import \
+    get_preset; from weights import write_random_checkpoint as w; p = s.write_dataset('runs/data', n_train=200); \
+    c = get_preset('tiny'); w('runs/tiny', c.replace(text=d.replace(c.text, vocab_size=512)), 'C', \
+    tokenizer_path=s.train_tokenizer(p['corpus'], 'runs/tok', 512))"
+    python train.py --stage 1 --model runs/tiny/llama --vision runs/tiny/clip --data runs/data/pretrain.json \
+        --image-folder runs/data --out runs/stage1 --global-batch 16 --micro-batch 8 --max-length 256 \
+        --no-grad-checkpointing --log-every 4
+    python train.py --stage 2 --model runs/tiny/llama --vision runs/tiny/clip \
+        --projector runs/stage1/mm_projector.safetensors --data runs/data/instruct.json --image-folder runs/data \
+        --out runs/stage2 --global-batch 16 --micro-batch 8 --max-length 256 --no-grad-checkpointing --log-every 4
+    torchrun --nproc_per_node 2 train.py --stage 2 ...  # the same on 2 CPU processes (gloo), same loss curve
 
 Outputs in --out: log.jsonl (one JSON line per logged step), data_report.json (records left out and why),
 checkpoints/step_NNNNNNN.pt (trainable weights, optimizer, step, RNG; --resume continues from the newest),
