@@ -68,7 +68,8 @@ def make_batch(a):
     def pad(r, v):
         return r + [v] * (T - len(r))
 
-    ours = {"input_ids": torch.tensor([pad(r, 0) for r in rows]), "labels": torch.tensor([pad(r, -100) for r in labels]),
+    ours = {"input_ids": torch.tensor([pad(r, 0) for r in rows]),
+            "labels": torch.tensor([pad(r, -100) for r in labels]),
             "attention_mask": torch.tensor([pad([1] * len(r), 0) for r in rows]).bool(),
             "pixel_values": torch.randn(a.batch, 3, 336, 336, generator=g)}
     x_rows = [[j for i in r for j in ([img] * Np if i == img else [i])] for r in rows]
