@@ -189,7 +189,8 @@ def load_model(cfg: TrainConfig):
 
 
 def set_trainable(model, cfg: TrainConfig):
-    """Stage 1: the projector. Stage 2: projector + LLM, or projector + LoRA adapters. CLIP never."""
+    """Stage 1: the projector. Stage 2: projector + LLM, or projector + LoRA adapters. CLIP never: with no
+    parameter (and no input) requiring a gradient, autograd records nothing for it, exactly as under no_grad."""
     from minillava.lora import apply_lora
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)

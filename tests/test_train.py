@@ -90,6 +90,34 @@ def test_lr_schedule_warmup_then_cosine():
         torch.tensor(torch.pi * 6 / 7)).item()))
 
 
+@pytest.mark.parametrize("stage, lora", [(1, 0), (2, 0), (2, 4)])
+def test_what_trains_and_at_which_lr(stage, lora):
+    from minillava.llava import Llava
+    model = Llava(TINY)
+    cfg = train.resolve(train.TrainConfig(stage=stage, lora=lora, model="m", data="d"))
+    train.set_trainable(model, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    projector = {n for n in trainable if n.startswith("multi_modal_projector.")}
+    assert projector == {n for n, _ in model.named_parameters() if n.startswith("multi_modal_projector.")}
+    rest = trainable - projector
+    if stage == 1:
+        assert not rest
+    elif lora:
+        assert rest and all(n.endswith(("lora_A", "lora_B")) for n in rest)
+    else:
+        assert rest == {n for n, _ in model.named_parameters() if n.startswith("language_model.")}
+    # CLIP is frozen and records no graph (the same as running it under no_grad)
+    feats = model.vision_tower(torch.randn(1, 3, 32, 32))
+    assert not feats.requires_grad and feats.grad_fn is None and not model.vision_tower.training
+    groups = train.param_groups(model, cfg)
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    for g in groups:
+        is_projector = any(p is q for p in g["params"] for q in model.multi_modal_projector.parameters())
+        assert g["base_lr"] == (cfg.projector_lr if is_projector else cfg.lr)
+        assert g["weight_decay"] == 0.0  # the recipe's
+    assert cfg.projector_lr == (2e-5 if lora else cfg.lr)
+
+
 def test_stage1_trains_only_the_projector(env, tmp_path):
     result = train.main(argv(env, 1, tmp_path / "s1", "--save-every", "2"))
     model = result["model"]
