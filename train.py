@@ -508,7 +508,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
     n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
     n_all = sum(p.numel() for p in llava.parameters())
     meta = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE},
-            "sources": source_files(cfg),
+            "sources": source_files(cfg),  # where the frozen tensors (not in checkpoints) come from
+            "frozen": [n for n, p in llava.named_parameters() if not p.requires_grad],
             "data_digest": hashlib.sha256(repr([(s.index, s.length, s.n_supervised) for s in samples])
                                           .encode()).hexdigest()}  # the usable records, as checked
     log(f"stage {cfg.stage}{f' LoRA r={cfg.lora}' if cfg.lora else ''}: training {n_train / 1e6:.2f}M of "

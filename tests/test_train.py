@@ -134,6 +134,7 @@ def test_stage1_trains_only_the_projector(env, tmp_path):
     ck = torch.load(tmp_path / "s1" / "checkpoints" / "step_0000003.pt", weights_only=True)
     assert sorted(ck["model"]) == sorted(f"llava.{k}" for k in changed) and ck["step"] == 3
     assert any(k.endswith("llama/model.safetensors") for k in ck["sources"])
+    assert sorted(ck["frozen"]) == sorted(k for k in before if k not in changed)
     lines = log_lines(tmp_path / "s1")
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert {"loss", "lr", "tokens_per_s", "images_per_s", "elapsed_s", "left_s", "peak_mem_gib"} <= set(lines[0])
