@@ -305,8 +305,8 @@ def print_stats(stats: GenerationStats, model, file=None):
     gbps = weight_bytes * stats.decode_steps / max(stats.decode_s, 1e-9) / 1e9
     print(f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_s:.2f} s = {stats.prefill_tokens_per_s:.1f} "
           f"tokens/s | decode: {stats.decode_tokens} tokens in {stats.decode_s:.2f} s = "
-          f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {gbps:.2f} GB/s of "
-          f"{weight_bytes / 1e9:.2f} GB weights)", file=file or sys.stderr)
+          f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {gbps:.3g} GB/s of "
+          f"{weight_bytes / 1e9:.3g} GB weights)", file=file or sys.stderr)
 
 
 def _write(text):

@@ -188,6 +188,18 @@ def test_one_shot_streams_the_answer_and_prints_speed(ckpt, loaded, images, caps
     assert "prefill:" in err and "decode:" in err and "tokens/s" in err and "GB/s" in err
 
 
+def test_original_layout_with_separate_clip_gives_the_same_answer(ckpt, loaded, images, tmp_path, capsys):
+    """Layout B (original LLaVA: the -200 image sentinel, CLIP in its own directory, --vision) from the same seed
+    answers exactly as the layout-A directory."""
+    from weights import write_random_checkpoint
+    model, tok = loaded
+    paths = write_random_checkpoint(tmp_path / "b", CFG, "B", seed=1, tokenizer_path=tok.path)
+    want = G.answer(model, tok, [(images[0], "What is in the picture?")], **GREEDY)[0]
+    assert G.main(["--model", str(paths["model"]), "--vision", str(paths["vision"]), "--image", images[0],
+                   "--prompt", "What is in the picture?", "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.strip() == want
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 def run_main(argv, capsys):
     rc = G.main(argv)
