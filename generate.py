@@ -135,15 +135,15 @@ def prompt_ids(history, tokenizer, config, template) -> list[int]:
     return ids
 
 
-def check_fits(ids, config, reserve=0):
-    """The prompt with each image id expanded to Np positions must fit the context (with `reserve` to spare)."""
+def check_fits(ids, config):
+    """The prompt, each image id counted as its Np positions, must fit the context. (The answer is then cut
+    where the context ends, as in the original code.)"""
     n_img = ids.count(config.image_token_id)
     L = prompt_length(config, torch.tensor([ids]))
     context = config.text.max_position_embeddings
-    if L + reserve > context:
+    if L > context:
         raise ValueError(f"the prompt is {L} tokens ({len(ids) - n_img} text + {n_img} image x "
-                         f"{config.num_image_tokens}){f' + {reserve} to answer' if reserve else ''}, "
-                         f"{L + reserve - context} more than the context of {context}")
+                         f"{config.num_image_tokens}), {L - context} more than the context of {context}")
 
 
 class Reply:
@@ -193,6 +193,8 @@ def answer_batch(model, tokenizer, pairs, template="vicuna_v1", temperature=0.0,
 
     An image is a path or PIL image; a question without "<image>" gets it prepended. on_text(b, text) receives
     each sequence's text as it streams."""
+    if not pairs:
+        raise ValueError("answer_batch: no questions")
     cfg = model.config
     param = next(model.parameters())
     ids, pixels = [], []
@@ -284,8 +286,9 @@ class Chat:
                 on_text(reply.new_text())
             return stopped
 
-        out = decode(self.model, logits, self.state, self.stats, self.max_new_tokens, stop_ids=(self.tokenizer.eos_id,),
-                     generator=self.generator, on_token=on_token, **self.sampling)[0]
+        out = decode(self.model, logits, self.state, self.stats, self.max_new_tokens,
+                     stop_ids=(self.tokenizer.eos_id,), generator=self.generator, on_token=on_token,
+                     **self.sampling)[0]
         text = reply.finish()
         if on_text:
             on_text(reply.new_text(final=True))
@@ -300,8 +303,9 @@ def print_stats(stats: GenerationStats, model, file=None):
     """Prefill and decode throughput; decode's memory bandwidth counts every LLM weight read once per step
     (the embedding table excepted: a step reads B rows of it)."""
     lm = model.language_model
-    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) - \
-        lm.model.embed_tokens.weight.numel() * lm.model.embed_tokens.weight.element_size() * (not lm.cfg.tie_word_embeddings)
+    embed = lm.model.embed_tokens.weight  # read in full only when it is also the (tied) lm_head
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()
+                       if p is not embed or lm.cfg.tie_word_embeddings)
     gbps = weight_bytes * stats.decode_steps / max(stats.decode_s, 1e-9) / 1e9
     print(f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_s:.2f} s = {stats.prefill_tokens_per_s:.1f} "
           f"tokens/s | decode: {stats.decode_tokens} tokens in {stats.decode_s:.2f} s = "
@@ -354,7 +358,8 @@ def read_questions(path):
                 if not isinstance(q["text"], str) or not isinstance(q.get("image", ""), str):
                     raise ValueError("'text' and 'image' must be strings")
                 if q["question_id"] in seen:
-                    raise ValueError(f"duplicate question_id {q['question_id']!r} (first on line {seen[q['question_id']]})")
+                    first = seen[q["question_id"]]
+                    raise ValueError(f"duplicate question_id {q['question_id']!r} (first on line {first})")
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 errors.append(f"{path}:{n}: {e}")
                 continue

@@ -133,8 +133,9 @@ def test_greedy_equals_transformers_generate(ckpt, loaded, images):
     expanded = [j for i in ids for j in ([i] * CFG.num_image_tokens if i == CFG.image_token_id else [i])]
     gc = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor([expanded]), attention_mask=torch.ones(1, len(expanded), dtype=torch.long),
-                          pixel_values=pix, generation_config=gc)
+        input_ids = torch.tensor([expanded])
+        out = hf.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pix,
+                          generation_config=gc)
     theirs = out[0, len(expanded):].tolist()
     assert len(ours) == 32 and len(set(ours)) >= 16
     assert ours == theirs
