@@ -213,9 +213,8 @@ def test_resume_after_sigkill_is_bitwise_exact(env, tmp_path):
 def test_torchrun_two_processes_match_one(env, tmp_path, mode):
     extra = ["--ddp"] if mode == "ddp" else []
     finish(run_script(argv(env, 2, tmp_path / "one", steps=4)))
-    port = str(29500 + os.getpid() % 1000 + (mode == "ddp"))
-    finish(run_script(argv(env, 2, tmp_path / "two", *extra, steps=4),
-                      launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port)))
+    finish(run_script(argv(env, 2, tmp_path / "two", *extra, steps=4),  # --standalone: a free port
+                      launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")))
     l1, l2 = log_lines(tmp_path / "one"), log_lines(tmp_path / "two")
     assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4]
     for r1, r2 in zip(l1, l2):  # the same global batches: equal up to fp32 reduction order
