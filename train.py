@@ -585,9 +585,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         opt.zero_grad(set_to_none=True)
         if profiler:
             profiler.step()
-            if step + 1 - start == 5:
+            if step + 1 - start == 5 or step + 1 == total:  # wait 1, warm up 1, record 3 (or until the end)
                 profiler.stop()
-                log(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+                sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                log(profiler.key_averages().table(sort_by=sort, row_limit=15), flush=True)
                 profiler = None
 
         window["loss"] += loss_val

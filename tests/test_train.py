@@ -318,7 +318,7 @@ def test_resume_guards(env, tmp_path):
 
 
 def test_profile_writes_a_trace(env, tmp_path):
-    train.main(argv(env, 1, tmp_path / "out", "--profile", steps=5))
+    train.main(argv(env, 1, tmp_path / "out", "--profile", steps=4))
     trace = tmp_path / "out" / "profile" / "trace_rank0.json"
     assert trace.exists() and "traceEvents" in json.load(open(trace))
 
