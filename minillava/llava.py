@@ -108,11 +108,13 @@ class Llava(nn.Module):
         """Summed next-token cross-entropy over supervised tokens, and their count: (loss_sum, n_tokens).
         Returning the sum lets a training loop normalise by the tokens of the whole global batch."""
         hidden, labels = self.hidden_states(input_ids, pixel_values, attention_mask, labels)
-        logits = self.language_model.lm_head(hidden[:, :-1])  # (B, L-1, V): position t predicts t+1
-        targets = labels[:, 1:]  # (B, L-1)
-        loss = kernels.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX,
-                                     reduction="sum")
-        return loss, int((targets != IGNORE_INDEX).sum())
+        targets = labels[:, 1:]  # (B, L-1): position t predicts token t+1
+        keep = targets != IGNORE_INDEX  # (B, L-1); image, prompt and padding positions carry no label
+        # The head runs only where there is a label: most positions are image or prompt tokens (576 per image),
+        # and a (B, L, V) logits tensor would dominate the step's time and memory.
+        logits = self.language_model.lm_head(hidden[:, :-1][keep])  # (N, V), N supervised positions
+        loss = kernels.cross_entropy(logits, targets[keep], IGNORE_INDEX, reduction="sum")
+        return loss, logits.shape[0]
 
     # --- generation with the static KV cache -------------------------------------------------------------
     @torch.no_grad()
