@@ -2,11 +2,13 @@
 
 Every op lives in its own module with four layers (Triton kernel, launcher, autograd Function, functional
 alias) plus a plain-torch ``*_reference`` with the same signature: the reference is the CPU path, the test
-oracle and the documentation of the math.
+oracle and the documentation of the math. Attention is the one exception on the CPU path: it runs PyTorch's
+fused ``scaled_dot_product_attention`` (``attention_torch``), held to the reference by the tests, because the
+reference's explicit fp32 score matrix makes CPU training and decoding several times slower.
 
 Which path runs is decided in one place, :func:`enabled`:
-- ``MINILLAVA_KERNELS=0``      the reference everywhere;
-- ``MINILLAVA_KERNELS=1``      (default) Triton for CUDA tensors, the reference for CPU tensors;
+- ``MINILLAVA_KERNELS=0``      plain PyTorch everywhere;
+- ``MINILLAVA_KERNELS=1``      (default) Triton for CUDA tensors, plain PyTorch for CPU tensors;
 - ``MINILLAVA_KERNELS=force``  Triton for every tensor; on CPU this needs ``TRITON_INTERPRET=1`` (tests).
 """
 import os
@@ -24,7 +26,7 @@ def enabled(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-from kernels.attention import attention, attention_reference  # noqa: E402
+from kernels.attention import attention, attention_reference, attention_torch  # noqa: E402
 from kernels.mlp import swiglu, swiglu_reference, linear_quick_gelu, linear_quick_gelu_reference  # noqa: E402
 from kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
 from kernels.rope import apply_rope, apply_rope_reference  # noqa: E402

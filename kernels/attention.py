@@ -28,6 +28,7 @@ For GQA, dk/dv of a kv head also sum over its nh // n_kv query heads (inside one
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -650,10 +651,32 @@ def _kernel_supports(q, k, v):
             and q.shape[2] >= 1 and k.shape[2] >= 1)
 
 
+def attention_torch(q, k, v, causal: bool, key_padding_mask=None, scale=None):
+    """The same attention through PyTorch's fused `scaled_dot_product_attention`: the path taken off the GPU
+    (and for shapes the kernels do not cover). Unlike the reference it never materialises the fp32 score matrix
+    for the backward, which makes CPU training and decoding several times faster; the tests hold it to the
+    reference. Its masks follow the same conventions: causal aligned bottom-right, rows that see no key -> 0."""
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    gqa = k.shape[1] != nh
+    causal = causal and Tq > 1  # one query row, aligned bottom-right, sees every key
+    if key_padding_mask is None and (not causal or Tq == Tk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible.tril(diagonal=Tk - Tq)  # j <= i + (Tk - Tq)
+    visible = visible.view(1, 1, Tq, Tk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.view(B, 1, 1, Tk)  # (B, 1, Tq, Tk)
+    empty = ~visible.any(-1, keepdim=True)  # (B, 1, Tq, 1) rows that see no key: SDPA would give NaN there
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | empty, scale=scale, enable_gqa=gqa)
+    return y.masked_fill(empty, 0.0)  # (B, nh, Tq, hs)
+
+
 def attention(q, k, v, causal: bool, key_padding_mask=None, scale=None):
     """Attention through the Triton kernels when :func:`kernels.enabled` and the shape is supported (head size
-    16/32/64/128, fp16/bf16/fp32, non-empty sequences); otherwise, on purpose, :func:`attention_reference`."""
+    16/32/64/128, fp16/bf16/fp32, non-empty sequences); otherwise, on purpose, :func:`attention_torch`."""
     _validate(q, k, v, key_padding_mask)
     if kernels.enabled(q) and _kernel_supports(q, k, v):
         return AttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)
-    return attention_reference(q, k, v, causal, key_padding_mask, scale)
+    return attention_torch(q, k, v, causal, key_padding_mask, scale)

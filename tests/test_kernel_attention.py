@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from kernels.attention import AttentionFunction, attention, attention_decode, attention_reference
+from kernels.attention import AttentionFunction, attention, attention_decode, attention_reference, attention_torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # CPU tensors reach Triton only through the interpreter; with TRITON_INTERPRET=0 (the GPU run) these tests skip
@@ -86,6 +86,14 @@ def test_forward_backward_matches_reference(B, nh, n_kv, Tq, Tk, hs, causal, mas
     q, k, v, do, kpm = _inputs(B, nh, n_kv, Tq, Tk, hs, dtype, mask)
     _check_against_reference(q, k, v, do, causal, kpm, dtype,
                              lambda q, k, v, c, m: AttentionFunction.apply(q, k, v, c, m, None))
+
+
+@pytest.mark.parametrize("B, nh, n_kv, Tq, Tk, hs, causal, mask", CASES + [(2, 4, 2, 1, 30, 24, True, "left")])
+def test_torch_path_matches_reference(B, nh, n_kv, Tq, Tk, hs, causal, mask):
+    """attention_torch (PyTorch's SDPA, the CPU path) keeps the reference's conventions: bottom-right causal,
+    GQA, key padding, rows that see no key -> 0; the extra case is one decode row at an unsupported head size."""
+    q, k, v, do, kpm = _inputs(B, nh, n_kv, Tq, Tk, hs, torch.float32, mask)
+    _check_against_reference(q, k, v, do, causal, kpm, torch.float32, attention_torch)
 
 
 @interpreter_only
@@ -187,16 +195,16 @@ def test_attention_dispatch(monkeypatch, spy):
     assert spy == ["attention_forward", "attention_decode"]  # Tq == 1 -> flash-decoding
     spy.clear()
     monkeypatch.setenv("MINILLAVA_KERNELS", "1")  # default: Triton only for CUDA tensors
-    assert torch.equal(attention(q, k, v, True, kpm), ref)
+    assert torch.equal(attention(q, k, v, True, kpm), attention_torch(q, k, v, True, kpm))
     monkeypatch.setenv("MINILLAVA_KERNELS", "0")
-    assert torch.equal(attention(q, k, v, True, kpm), ref)
+    assert torch.equal(attention(q, k, v, True, kpm), attention_torch(q, k, v, True, kpm))
     assert spy == []
 
 
-def test_unsupported_head_size_falls_back_to_reference(monkeypatch, spy):
+def test_unsupported_head_size_falls_back_to_torch(monkeypatch, spy):
     monkeypatch.setenv("MINILLAVA_KERNELS", "force")
     q, k, v, _, _ = _inputs(1, 2, 2, 5, 5, 24, torch.float32, None)
-    assert torch.equal(attention(q, k, v, True), attention_reference(q, k, v, True))
+    assert torch.equal(attention(q, k, v, True), attention_torch(q, k, v, True))
     assert spy == []
     with pytest.raises(AssertionError, match="head size 24"):
         A.attention_forward(q, k, v, True)
