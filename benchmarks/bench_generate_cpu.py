@@ -33,9 +33,7 @@ import time
 
 import torch
 
-# The repository root instead of this script's folder: benchmarks/profile.py would shadow the standard library's
-# `profile` module, which torch._dynamo (imported by transformers) needs through cProfile.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import generate as G  # noqa: E402
 from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Not benchmarks/ itself on sys.path: its profile.py would shadow the standard library's (torch._dynamo imports it).
-sys.path = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root
 from benchmarks import bench_common as common  # noqa: E402
 from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 

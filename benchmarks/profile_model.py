@@ -1,12 +1,12 @@
 """Profile a stage-2 training step and a decoding loop of a LLaVA-1.5-7B-shaped model (random weights) with
 torch.profiler, and print the kernels that take the GPU's time: what to fuse or speed up next.
 
-    python benchmarks/profile.py --train                     # 7B shapes, 4 of the 32 decoder layers, batch 2 x 2048
-    python benchmarks/profile.py --train --layers 0 --optimizer none   # all 32 layers (fits one 80 GB GPU)
-    python benchmarks/profile.py --decode --layers 0         # prefill one image + 64 prompt tokens, decode 64
-    python benchmarks/profile.py --train --kernels 0         # the same step on the plain-torch path
-    python benchmarks/profile.py --train --trace train.json  # also write a trace for chrome://tracing / Perfetto
-    python benchmarks/profile.py --train --decode --device cpu --preset tiny --seq-len 48 --batch 1
+    python benchmarks/profile_model.py --train                     # 7B shapes, 4 of the 32 decoder layers, batch 2 x 2048
+    python benchmarks/profile_model.py --train --layers 0 --optimizer none   # all 32 layers (fits one 80 GB GPU)
+    python benchmarks/profile_model.py --decode --layers 0         # prefill one image + 64 prompt tokens, decode 64
+    python benchmarks/profile_model.py --train --kernels 0         # the same step on the plain-torch path
+    python benchmarks/profile_model.py --train --trace train.json  # also write a trace for chrome://tracing / Perfetto
+    python benchmarks/profile_model.py --train --decode --device cpu --preset tiny --seq-len 48 --batch 1
                                                              # a CPU run that checks the script (figures mean nothing)
 
 Stage 2 as in LLaVA-1.5: the CLIP tower frozen, the projector and the LLM trained, every sequence holding one
@@ -19,11 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-# This file's name shadows the standard library's `profile` (which cProfile, imported by torch._dynamo, imports):
-# take its folder off sys.path and import from the repository root instead.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -101,7 +97,7 @@ def profile_train(a, model, device):
            "sgd": lambda: torch.optim.SGD(params, lr=1e-5), "none": lambda: None}[a.optimizer]()
     n_text = a.seq_len - model.config.num_image_tokens + 1  # the image token becomes num_image_tokens positions
     if n_text < 4:
-        fail(f"profile.py: --seq-len {a.seq_len} leaves no room for text next to "
+        fail(f"profile_model.py: --seq-len {a.seq_len} leaves no room for text next to "
              f"{model.config.num_image_tokens} image positions")
     ids, labels, pix = batch(model, a, device, n_text)
 
@@ -167,14 +163,14 @@ def profile_decode(a, model, device):
 def main():
     a = parse_args(Defaults, __doc__)
     if not (a.train or a.decode):
-        fail("profile.py: say what to profile: --train and/or --decode")
+        fail("profile_model.py: say what to profile: --train and/or --decode")
     device = torch.device(a.device)
     if device.type == "cuda":
-        require_cuda("profile.py")
+        require_cuda("profile_model.py")
     os.environ["MINILLAVA_KERNELS"] = a.kernels
     dtype = DTYPES[a.dtype]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# profile.py on {name}; torch {torch.__version__}; MINILLAVA_KERNELS={a.kernels}\n# {a}")
+    print(f"# profile_model.py on {name}; torch {torch.__version__}; MINILLAVA_KERNELS={a.kernels}\n# {a}")
     torch.manual_seed(0)
     model = build(a, device, dtype)
     if a.train:
