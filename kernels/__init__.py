@@ -28,6 +28,7 @@ def enabled(x: torch.Tensor) -> bool:
 
 from kernels.attention import attention, attention_reference, attention_torch  # noqa: E402
 from kernels.mlp import swiglu, swiglu_reference, linear_quick_gelu, linear_quick_gelu_reference  # noqa: E402
+from kernels.linear import linear  # noqa: E402
 from kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
 from kernels.rope import apply_rope, apply_rope_reference  # noqa: E402
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference  # noqa: E402

@@ -35,7 +35,7 @@ def test_every_llm_linear_but_lm_head_is_adapted_and_only_adapters_train():
     names = apply_lora(model.language_model.model, r=4, alpha=8, dropout=0.0)
     n_layers = model.config.text.num_hidden_layers
     assert sorted(names) == sorted(f"layers.{i}.{p}" for i in range(n_layers) for p in PROJS)
-    assert type(model.language_model.lm_head) is nn.Linear
+    assert not isinstance(model.language_model.lm_head, LoRALinear)
     trainable = sorted(n for n, p in model.language_model.named_parameters() if p.requires_grad)
     assert trainable == sorted(f"model.{n}.lora_{ab}" for n in names for ab in "AB")
     lora = model.language_model.model.layers[0].self_attn.q_proj
