@@ -88,10 +88,13 @@ def test_forward_backward_matches_reference(B, nh, n_kv, Tq, Tk, hs, causal, mas
                              lambda q, k, v, c, m: AttentionFunction.apply(q, k, v, c, m, None))
 
 
-@pytest.mark.parametrize("B, nh, n_kv, Tq, Tk, hs, causal, mask", CASES + [(2, 4, 2, 1, 30, 24, True, "left")])
+@pytest.mark.parametrize("B, nh, n_kv, Tq, Tk, hs, causal, mask", CASES + [(2, 4, 2, 1, 30, 24, True, "left"),
+                                                                 (1, 4, 1, 1, 17, 16, True, None),
+                                                                 (2, 2, 2, 1, 9, 16, False, "random")])
 def test_torch_path_matches_reference(B, nh, n_kv, Tq, Tk, hs, causal, mask):
     """attention_torch (PyTorch's SDPA, the CPU path) keeps the reference's conventions: bottom-right causal,
-    GQA, key padding, rows that see no key -> 0; the extra case is one decode row at an unsupported head size."""
+    GQA, key padding, rows that see no key -> 0; the extra cases are one decode row (its own matmul path): at an
+    unsupported head size with left padding, with MQA, and with holes in the cache."""
     q, k, v, do, kpm = _inputs(B, nh, n_kv, Tq, Tk, hs, torch.float32, mask)
     _check_against_reference(q, k, v, do, causal, kpm, torch.float32, attention_torch)
 
