@@ -6,8 +6,8 @@ setup(
     description="LLaVA (v1 and 1.5) from scratch in plain PyTorch, with fused Triton kernels",
     python_requires=">=3.10",
     packages=["minillava", "kernels", "weights"],
-    py_modules=["train", "generate"],
-    install_requires=["torch>=2.4", "safetensors", "sentencepiece", "numpy", "pillow",
+    py_modules=["train", "generate", "demo"],
+    install_requires=["torch>=2.5", "safetensors", "sentencepiece", "numpy", "pillow",
                       "triton; platform_system == 'Linux'"],
     extras_require={"test": ["pytest"], "parity": ["pytest", "transformers>=4.45"]},
 )

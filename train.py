@@ -597,7 +597,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         window["images"] += sum(has_image[i] for i in gb)
         window["steps"] += 1
         done = step + 1
-        if done % cfg.log_every == 0 or done == total:
+        if done % cfg.log_every == 0 or done in (start + 1, total):  # the first step too: the loss to start from
             now = time.time()
             dt = now - t_log
             left = (now - t_run) / (done - start) * (total - done)

@@ -1,16 +1,18 @@
 """A synthetic visual-instruction dataset in LLaVA's own formats, for the CPU demo and the tests.
 
-Each image is a small scene (default 64x64) of 1-3 shapes on a plain or lightly noisy background. The
-canvas is a 3x3 grid; every object sits in its own cell (so positions are never ambiguous and objects never
-overlap) and has its own colour (so "the red object" always names exactly one thing):
+Each image is a small scene (default 48x48) on a plain or lightly noisy background: a row of 1-3 identical
+shapes. The canvas is a 3x3 grid; the shapes fill some of the cells of one row, one shape per cell:
 
     shape  circle | square | triangle | star               4
-    colour red | green | blue | yellow | purple | orange   6 (distinct within a scene)
+    colour red | green | blue | yellow | purple | orange   6
     size   small | large                                   2
-    cell   row top | middle | bottom  x  col left | center | right   9 (distinct within a scene)
+    count  1 | 2 | 3                                       3
+    row    top | middle | bottom                           3     (and which columns of the row are filled)
 
-That is small enough for a model of a few M parameters to learn in minutes of CPU training and varied
-enough (counting, binding a colour to a shape, locating it) that chance level is far below a trained model.
+Every question is about the whole scene ("What color are the shapes?", "How many shapes are there?",
+"Are the shapes at the top, in the middle, or at the bottom?"), so a model of a few M parameters on top of a
+frozen *random* vision tower can learn to answer from the image in minutes of CPU training, and chance level
+(about 1/4) is far below a trained model. With 48 px images and 16 px patches each grid cell is one patch.
 
 `write_dataset(out_dir)` writes, with image paths relative to `out_dir` (it is LLaVA's `image_folder`):
 
@@ -43,7 +45,8 @@ BACKGROUNDS = {"white": (245, 245, 245), "gray": (200, 200, 200), "beige": (235,
 SIZES = ("small", "large")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
-RADIUS = {"small": 0.25, "large": 0.40}   # shape radius as a fraction of the grid cell's side
+RADIUS = {"small": 0.36, "large": 0.44}   # shape radius as a fraction of the grid cell's side
+JITTER = 0.4                              # how far a shape may move from its cell's centre, as a fraction of the room
 NOISE_STD = (0.0, 6.0)                    # plain or lightly noisy (per-pixel Gaussian, in 0..255 units)
 SUPERSAMPLE = 4                           # draw at 4x and box-downsample: anti-aliased edges
 
@@ -71,36 +74,31 @@ DETAIL_INSTRUCTIONS = (
     "What is in this picture? Describe it thoroughly.",
     "Can you describe the main features of this image?",
 )
-_NUM = ("no", "one", "two", "three")
-# Phrase for "where" each grid cell is, indexed [row][col].
-_LOC = (("at the top left", "at the top", "at the top right"),
-        ("on the left", "in the center", "on the right"),
-        ("at the bottom left", "at the bottom", "at the bottom right"))
-_COL_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+_NUM = ("no", "one", "two", "three", "four")
 _ROW_PHRASE = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
+_COL_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+_CORNERS = {"circle": "no corners", "square": "four corners", "triangle": "three corners",
+            "star": "ten corners, five pointing out and five pointing in"}
 _SPLIT_CODE = {"train": 0, "test": 1, "text": 2}
 
 
 # ----------------------------------------------------------------------------------------------- scenes
-def make_scene(rng: np.random.Generator, image_size: int = 64) -> dict:
-    """Sample a scene: 1-3 objects in distinct grid cells with distinct colours, listed in reading order.
+def make_scene(rng: np.random.Generator, image_size: int = 48) -> dict:
+    """Sample a scene: 1-3 shapes of one kind, colour and size, in distinct cells of one grid row.
 
     Positions are pixel centres in the final image: the cell centre plus a jitter small enough that the
     shape (radius r) stays inside its cell, so shapes never touch and the cell is the true position.
     """
-    n = int(rng.integers(1, 4))
-    cells = sorted(rng.choice(9, size=n, replace=False).tolist())  # reading order: row-major
-    colors = rng.choice(len(COLORS), size=n, replace=False)
+    shape, color = SHAPES[int(rng.integers(len(SHAPES)))], list(COLORS)[int(rng.integers(len(COLORS)))]
+    size, row = SIZES[int(rng.integers(len(SIZES)))], int(rng.integers(len(ROWS)))
+    cols = sorted(rng.choice(3, size=int(rng.integers(1, 4)), replace=False).tolist())
     cell = image_size / 3
+    r = RADIUS[size] * cell
+    slack = JITTER * (0.5 * cell - r)  # keeps the shape inside its cell
     objects = []
-    for k, c in enumerate(cells):
-        row, col = divmod(c, 3)
-        size = SIZES[int(rng.integers(2))]
-        r = RADIUS[size] * cell
-        slack = 0.8 * (0.5 * cell - r)  # keeps the shape inside its cell
+    for col in cols:
         x, y = (col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack)
-        objects.append({"shape": SHAPES[int(rng.integers(len(SHAPES)))], "color": list(COLORS)[int(colors[k])],
-                        "size": size, "row": ROWS[row], "col": COLS[col],
+        objects.append({"shape": shape, "color": color, "size": size, "row": ROWS[row], "col": COLS[col],
                         "x": round(float(x), 2), "y": round(float(y), 2), "radius": round(float(r), 2)})
     return {"background": list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))],
             "noise": NOISE_STD[int(rng.integers(len(NOISE_STD)))], "objects": objects}
@@ -118,7 +116,7 @@ def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
     return [(x + rr * np.cos(a), y + rr * np.sin(a)) for a, rr in zip(angles, radii)]
 
 
-def render(scene: dict, image_size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
+def render(scene: dict, image_size: int = 48, rng: np.random.Generator | None = None) -> Image.Image:
     """Draw a scene as an RGB image; `rng` supplies the background noise (required when scene['noise'] > 0)."""
     s = SUPERSAMPLE
     img = Image.new("RGB", (image_size * s, image_size * s), BACKGROUNDS[scene["background"]])
@@ -145,155 +143,117 @@ def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
-def _name(o: dict) -> str:
-    return f"{o['color']} {o['shape']}"
-
-
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _count_sentence(n: int, noun: str) -> str:
-    if n == 0:
-        return f"There are no {noun}s in the image."
-    return f"There is one {noun} in the image." if n == 1 else f"There are {_NUM[n]} {noun}s in the image."
+def _group(scene: dict) -> tuple[dict, int]:
+    """The scene's shape (all its objects are alike) and how many there are."""
+    return scene["objects"][0], len(scene["objects"])
+
+
+def _noun(o: dict, n: int, adjectives: str = "") -> str:
+    """'a large red circle' / 'two large red circles' (adjectives: any words put before the shape)."""
+    words = f"{adjectives} {o['shape']}".strip()
+    return f"{_article(words)} {words}" if n == 1 else f"{_NUM[n]} {words}s"
+
+
+def _columns(scene: dict) -> str:
+    """Which cells of the row are filled: 'on the left', 'on the left and on the right', 'across the row'."""
+    cols = [_COL_PHRASE[o["col"]] for o in scene["objects"]]
+    return "across the whole row" if len(cols) == 3 else " and ".join(cols)
 
 
 def caption(scene: dict) -> str:
-    """Short stage-1 caption, objects in reading order: 'a large red circle at the top left and a small ...'."""
-    parts = [f"a {o['size']} {_name(o)} {_LOC[ROWS.index(o['row'])][COLS.index(o['col'])]}" for o in scene["objects"]]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def _loc(o: dict) -> str:
-    return _LOC[ROWS.index(o["row"])][COLS.index(o["col"])]
-
-
-def _shape_ref(scene: dict, o: dict) -> str:
-    """Shortest phrase that names `o` without its colour: 'circle', 'small circle' or 'circle at the top'."""
-    same = [p for p in scene["objects"] if p["shape"] == o["shape"]]
-    if len(same) == 1:
-        return o["shape"]
-    if sum(p["size"] == o["size"] for p in same) == 1:
-        return f"{o['size']} {o['shape']}"
-    return f"{o['shape']} {_loc(o)}"
+    """Short stage-1 caption: 'two large red circles at the top, on the left and in the center'."""
+    o, n = _group(scene)
+    return f"{_noun(o, n, o['size'] + ' ' + o['color'])} {_ROW_PHRASE[o['row']]}, {_columns(scene)}"
 
 
 def questions(scene: dict, rng: np.random.Generator, kind: str) -> tuple[str, str, str]:
     """One question of `kind` about the scene -> (question, short answer, full-sentence answer).
 
-    kinds: the four test kinds plus "exists" (yes/no), "size" and "where" (sentence-only location).
+    kinds: the four test kinds plus "size" and "columns" (which cell of the row). A question and its
+    answers name only the attribute asked about ("The shapes are red.", never "The circles are red."), so in
+    a conversation one turn never gives away another's answer: the model has to read it from the image.
     """
-    objs = scene["objects"]
-    o = _pick(rng, objs)
+    o, n = _group(scene)
+    are = "is" if n == 1 else "are"
+    things = _pick(rng, ("shape", "object")) + ("" if n == 1 else "s")
     if kind == "color":
-        ref = _shape_ref(scene, o)
-        q = _pick(rng, ("What color is the {}?", "What is the color of the {}?", "Which color does the {} have?"))
-        return q.format(ref), o["color"], f"The {ref} is {o['color']}."
+        q = _pick(rng, ("What color {are} the {things}?", "What is the color of the {things}?",
+                        "Which color {do} the {things} have?"))
+        q = q.format(are=are, things=things, do="does" if n == 1 else "do")
+        return q, o["color"], f"The {things} {are} {o['color']}."
     if kind == "shape":
-        q = _pick(rng, ("What shape is the {} object?", "What is the shape of the {} object?",
-                        "Which shape is {}?"))
-        return q.format(o["color"]), o["shape"], f"The {o['color']} object is {_article(o['shape'])} {o['shape']}."
+        q = _pick(rng, ("What shape {are} the {things}?", "What kind of shape is in the image?",
+                        "Which shape do you see?"))
+        q = q.format(are=are, things="object" + ("" if n == 1 else "s"))
+        return q, o["shape"], (f"It is {_article(o['shape'])} {o['shape']}." if n == 1
+                               else f"They are {o['shape']}s.")
     if kind == "count":
-        if rng.random() < 0.5:
-            q = _pick(rng, ("How many shapes are there?", "How many shapes are in the image?",
-                            "How many objects can you see?", "What is the number of shapes in the picture?"))
-            return q, str(len(objs)), _count_sentence(len(objs), "shape")
-        shape = _pick(rng, SHAPES)
-        n = sum(p["shape"] == shape for p in objs)
-        q = _pick(rng, ("How many {}s are there?", "How many {}s are in the image?", "Count the {}s."))
-        return q.format(shape), str(n), _count_sentence(n, shape)
+        q = _pick(rng, ("How many shapes are there?", "How many shapes are in the image?",
+                        "How many objects can you see?", "What is the number of shapes in the picture?"))
+        return q, str(n), "There is one shape." if n == 1 else f"There are {_NUM[n]} shapes."
     if kind == "position":
-        if rng.random() < 0.5:
-            q = _pick(rng, ("Is the {} on the left, in the center, or on the right?",
-                            "Which side is the {} on: left, center, or right?"))
-            return q.format(_name(o)), o["col"], f"The {_name(o)} is {_COL_PHRASE[o['col']]}."
-        q = _pick(rng, ("Is the {} at the top, in the middle, or at the bottom?",
-                        "Is the {} near the top, in the middle, or near the bottom?"))
-        return q.format(_name(o)), o["row"], f"The {_name(o)} is {_ROW_PHRASE[o['row']]}."
-    if kind == "where":
-        q = _pick(rng, ("Where is the {}?", "Where is the {} located?", "Where can you find the {}?"))
-        cell = _loc(o).split(" the ", 1)[1]  # short answer without the preposition: "top left", "center"
-        return q.format(_name(o)), cell, f"The {_name(o)} is {_loc(o)} of the image."
+        q = _pick(rng, ("{Are} the {things} at the top, in the middle, or at the bottom?",
+                        "Which row {are} the {things} in: top, middle, or bottom?",
+                        "Where in the image {are} the {things}: top, middle, or bottom?"))
+        q = q.format(Are=are.capitalize(), are=are, things=things)
+        return q, o["row"], f"The {things} {are} {_ROW_PHRASE[o['row']]} of the image."
     if kind == "size":
-        q = _pick(rng, ("Is the {} large or small?", "What size is the {}?"))
-        return q.format(_name(o)), o["size"], f"The {_name(o)} is {o['size']}."
-    if kind == "exists":
-        if rng.random() < 0.5:  # ask about a present object, else about an absent colour-shape pair
-            q = _pick(rng, ("Is there {} {} in the image?", "Do you see {} {}?", "Is there {} {}?"))
-            return q.format(_article(o["color"]), _name(o)), "yes", f"Yes, there is {_article(o['color'])} {_name(o)} {_loc(o)}."
-        present = {_name(p) for p in objs}
-        absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
-        a = _pick(rng, absent)
-        q = _pick(rng, ("Is there {} {} in the image?", "Do you see {} {}?", "Is there {} {}?"))
-        return q.format(_article(a), a), "no", f"No, there is no {a} in the image."
+        q = _pick(rng, ("{Are} the {things} large or small?", "What size {are} the {things}?"))
+        q = q.format(Are=are.capitalize(), are=are, things=things)
+        return q, o["size"], f"The {things} {are} {o['size']}."
+    if kind == "columns":  # one word: the single shape's column, or the row's empty place ("none" when full)
+        if n == 1:
+            q = _pick(rng, ("Is the shape on the left, in the center, or on the right?", "Which side is the shape on?"))
+            return q, o["col"], f"The shape is {_COL_PHRASE[o['col']]}."
+        empty = [c for c in COLS if c not in {p["col"] for p in scene["objects"]}]
+        q = "Which place in the row is empty: left, center, or right?"
+        if not empty:
+            return q, "none", "None is empty: the shapes fill the whole row."
+        return q, empty[0], f"The place {_COL_PHRASE[empty[0]]} is empty."
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-_CONVERSATION_KINDS = ("color", "shape", "count", "position", "where", "size", "exists")
+_CONVERSATION_KINDS = ("color", "shape", "count", "position", "size", "columns")
 
 
 def detail(scene: dict) -> str:
-    """A paragraph: how many shapes on which background, each object and where, one spatial relation."""
-    objs = scene["objects"]
-    n = len(objs)
-    noun = "a single shape" if n == 1 else f"{_NUM[n]} shapes"
-    out = [f"The image shows {noun} on a {scene['background']} background."]
-    for o in objs:
-        out.append(f"{_loc(o)[0].upper() + _loc(o)[1:]}, there is {_article(o['size'])} {o['size']} {_name(o)}.")
-    if n > 1:
-        a, b = objs[0], objs[1]  # reading order: a is above b, or on the same row and to its left
-        rel = "above" if a["row"] != b["row"] else "to the left of"
-        out.append(f"The {_name(a)} is {rel} the {_name(b)}.")
+    """A paragraph: what the shapes are, on which background, in which row and which of its cells."""
+    o, n = _group(scene)
+    out = [f"The image shows {_noun(o, n, o['size'] + ' ' + o['color'])} on a {scene['background']} background."]
+    where = "It is" if n == 1 else "They are"
+    out.append(f"{where} {_ROW_PHRASE[o['row']]} of the image, {_columns(scene)}.")
+    others = [r for r in ROWS if r != o["row"]]
+    out.append(f"The {others[0]} and {others[1]} rows are empty.")
     return " ".join(out)
 
 
 def reasoning(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
     """One complex-reasoning question with a one-sentence answer that gives its reason."""
-    objs = scene["objects"]
-    options = ["remove", "same_shape"]
-    if len(objs) > 1:
-        options += ["larger"]
-        if sum(o["row"] == objs[0]["row"] for o in objs) == 1:
-            options += ["top"]
-        left = min(COLS.index(o["col"]) for o in objs)
-        if sum(COLS.index(o["col"]) == left for o in objs) == 1:
-            options += ["left"]
-    kind = _pick(rng, options)
-    if kind == "top":  # objects are in reading order, so the first one is the topmost
-        o = objs[0]
-        return ("Which object is closest to the top of the image?",
-                f"The {_name(o)} is closest to the top, because it is in the {o['row']} row "
-                f"and the other shapes are lower.")
-    if kind == "left":
-        o = min(objs, key=lambda p: COLS.index(p["col"]))
-        return ("Which object is furthest to the left?",
-                f"The {_name(o)} is furthest to the left, because it is in the {o['col']} column "
-                f"and the other shapes are further right.")
-    if kind == "larger":
-        i, j = rng.choice(len(objs), size=2, replace=False)
-        a, b = objs[int(i)], objs[int(j)]
-        q = f"Which is larger, the {_name(a)} or the {_name(b)}?"
-        if a["size"] == b["size"]:
-            return q, f"Neither is larger: the {_name(a)} and the {_name(b)} are both {a['size']}."
-        big, small = (a, b) if a["size"] == "large" else (b, a)
-        return q, f"The {_name(big)} is larger, because it is a large shape while the {_name(small)} is small."
-    if kind == "same_shape":
-        q = "Do any two objects have the same shape?"
-        if len(objs) == 1:
-            return q, f"No, there is only one object in the image, {_article(objs[0]['color'])} {_name(objs[0])}."
-        for i, a in enumerate(objs):
-            for b in objs[i + 1:]:
-                if a["shape"] == b["shape"]:
-                    return q, f"Yes, the {_name(a)} and the {_name(b)} are both {a['shape']}s."
-        return q, "No, each object in the image has a different shape."
-    o = _pick(rng, objs)  # "remove"
-    q = f"If the {_name(o)} were removed, how many shapes would be left?"
-    n = len(objs) - 1
-    if n == 0:
-        return q, f"No shapes would be left, because the {_name(o)} is the only shape in the image."
-    return q, (f"{_NUM[n].capitalize()} {'shape' if n == 1 else 'shapes'} would be left, because there are "
-               f"{_NUM[n + 1]} shapes and removing one leaves {_NUM[n]}.")
+    o, n = _group(scene)
+    kind = _pick(rng, ("add", "remove", "room", "corners"))
+    plural = o["shape"] + ("" if n == 1 else "s")
+    if kind == "add":
+        return (f"If one more {o['shape']} were added, how many {o['shape']}s would there be?",
+                f"There would be {_NUM[n + 1]}, because the image shows {_NUM[n]} {plural} "
+                f"and one more makes {_NUM[n + 1]}.")
+    if kind == "remove":
+        q = f"If one {o['shape']} were taken away, how many would be left?"
+        if n == 1:
+            return q, f"None would be left, because the {o['shape']} is the only shape in the image."
+        return q, (f"{_NUM[n - 1].capitalize()} would be left, because there are {_NUM[n]} {plural} "
+                   f"and taking one away leaves {_NUM[n - 1]}.")
+    if kind == "room":
+        q = f"Is there room for another {o['shape']} in the same row?"
+        if n == 3:
+            return q, f"No, because all three places in the {o['row']} row are already taken."
+        taken = "is" if n == 1 else "are"
+        return q, f"Yes, because only {_NUM[n]} of the three places in the {o['row']} row {taken} taken."
+    q = "How many corners does each shape in the image have?"
+    return q, f"Each one has {_CORNERS[o['shape']]}, because {'it is a' if n == 1 else 'they are'} {plural}."
 
 
 _TEXT_FACTS = (
@@ -319,34 +279,28 @@ def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
     return [t for q, a in pairs for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
 
 
-def _distinct(make, n: int) -> list[tuple[str, str]]:
-    """Up to n (question, answer) pairs from make() with no question asked twice (small scenes repeat)."""
-    pairs, seen = [], set()
-    for _ in range(4 * n):
-        q, a = make()
-        if q not in seen:
-            seen.add(q)
-            pairs.append((q, a))
-            if len(pairs) == n:
-                break
-    return pairs
-
-
 def instruct_record(scene: dict, rng: np.random.Generator, rid: str, image: str) -> dict:
-    """One stage-2 record of a random kind: conversation 35%, vqa 35%, detail 15%, reasoning 15%."""
-    def ask(p_short):  # one question of a random kind; short answer + official suffix with probability p_short
-        q, short, long = questions(scene, rng, _pick(rng, _CONVERSATION_KINDS))
-        return (q + SHORT_SUFFIX, short) if rng.random() < p_short else (q, long)
+    """One stage-2 record of a random kind: conversation 35%, vqa 35%, detail 15%, reasoning 15%.
+
+    A conversation asks each kind of question at most once, so no answer is given away by an earlier turn.
+    """
+    def ask(p_short: float) -> list[tuple[str, str]]:  # 3-5 turns of distinct kinds; short-answer form w.p. p_short
+        kinds = rng.choice(len(_CONVERSATION_KINDS), size=int(rng.integers(3, 6)), replace=False)
+        pairs = []
+        for k in kinds:
+            q, short, long = questions(scene, rng, _CONVERSATION_KINDS[int(k)])
+            pairs.append((q + SHORT_SUFFIX, short) if rng.random() < p_short else (q, long))
+        return pairs
 
     u = rng.random()
-    if u < 0.35:  # conversation: 3-5 turns, about a third of them short-answer
-        pairs = _distinct(lambda: ask(0.33), int(rng.integers(3, 6)))
-    elif u < 0.70:  # vqa: 3-5 short-answer turns (the 665K mix's VQAv2 / GQA records look like this)
-        pairs = _distinct(lambda: ask(1.0), int(rng.integers(3, 6)))
+    if u < 0.35:  # conversation: about a third of the turns short-answer
+        pairs = ask(0.33)
+    elif u < 0.70:  # vqa: short-answer turns only (the 665K mix's VQAv2 / GQA records look like this)
+        pairs = ask(1.0)
     elif u < 0.85:
         pairs = [(_pick(rng, DETAIL_INSTRUCTIONS), detail(scene))]
     else:
-        pairs = _distinct(lambda: reasoning(scene, rng), int(rng.integers(1, 3)))
+        pairs = [reasoning(scene, rng)]
     pairs[0] = (_with_image(rng, pairs[0][0]), pairs[0][1])
     return {"id": rid, "image": image, "conversations": _turns(pairs)}
 
@@ -384,7 +338,7 @@ def _dump(obj, path: str) -> None:
 
 
 def write_dataset(out_dir: str, n_train: int = 2000, n_test: int = 200, seed: int = 0,
-                  image_size: int = 64) -> dict:
+                  image_size: int = 48) -> dict:
     """Generate the dataset under out_dir (see the module docstring); return {name: absolute path}.
 
     Image paths inside the JSON files are relative to out_dir. Test images come from their own seed stream,
