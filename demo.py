@@ -125,7 +125,7 @@ def run_stage(stage: int, cfg: DemoConfig, base: dict, data: dict, out: str, pro
     return train.main(argv)
 
 
-def evaluate(model_dir: str, data: dict, cfg: DemoConfig) -> dict:
+def evaluate(model_dir: str, data: dict) -> dict:
     """Greedy answers to every held-out question through generate.py's API; exact-match accuracy per kind."""
     import generate
     from minillava import synthetic
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     loss1, loss2 = (losses(os.path.join(cfg.out, f"stage{k}", "log.jsonl")) for k in (1, 2))
 
     print("\n6. evaluation on held-out images", flush=True)
-    ev = evaluate(os.path.join(cfg.out, "stage2"), data, cfg)
+    ev = evaluate(os.path.join(cfg.out, "stage2"), data)
     shown = [j for j in (4 * i + i % 4 for i in range(cfg.examples)) if j < len(ev["test"])]  # image i, kind i % 4
     for r, a in ((ev["test"][j], ev["answers"][j]) for j in shown):
         mark = "ok " if synthetic.exact_match(a, r["answer"]) else "BAD"
