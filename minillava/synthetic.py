@@ -159,7 +159,7 @@ def _noun(o: dict, n: int, adjectives: str = "") -> str:
 
 
 def _columns(scene: dict) -> str:
-    """Which cells of the row are filled: 'on the left', 'on the left and on the right', 'across the row'."""
+    """Which cells of the row are filled: 'on the left', 'on the left and on the right', 'across the whole row'."""
     cols = [_COL_PHRASE[o["col"]] for o in scene["objects"]]
     return "across the whole row" if len(cols) == 3 else " and ".join(cols)
 
