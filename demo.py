@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from minillava.config import LlavaConfig, TextConfig, VisionConfig
+from minillava.llama import RMSNorm
 
 
 @dataclass
@@ -86,8 +87,8 @@ def pretraining_init(model, seed: int, std: float = 0.02):
                        (layer.mlp.fc1, (2 * C) ** -0.5), (layer.mlp.fc2, (2 * L * C) ** -0.5)):
             normal(lin.weight, s)
     for m in model.language_model.modules():
-        if hasattr(m, "weight") and m.weight.dim() == 1 and not isinstance(m, nn.LayerNorm):
-            m.weight.fill_(1.0)  # RMSNorm
+        if isinstance(m, RMSNorm):
+            m.weight.fill_(1.0)
 
 
 def write_base_checkpoint(out_dir: str, config, seed: int, tokenizer_path: str) -> dict:
@@ -95,9 +96,8 @@ def write_base_checkpoint(out_dir: str, config, seed: int, tokenizer_path: str) 
     from minillava.llava import Llava
     from weights.random_checkpoint import write_layout
 
-    torch.manual_seed(seed)
     model = Llava(config)
-    pretraining_init(model, seed)
+    pretraining_init(model, seed)  # sets every parameter
     paths = write_layout(model, out_dir, "C", tokenizer_path=tokenizer_path)
     os.remove(paths["projector"])  # stage 1 starts a new projector; no one should mistake this one for trained
     return paths
