@@ -91,14 +91,14 @@ def pretraining_init(model, seed: int, std: float = 0.02):
             m.weight.fill_(1.0)
 
 
-def write_base_checkpoint(out_dir: str, config, seed: int, tokenizer_path: str) -> dict:
+def write_base_checkpoint(out_dir: str, config, seed: int, tokenizer: str) -> dict:
     """Random base weights as official checkpoints in layout C: {"model": LLaMA dir, "vision": CLIP dir}."""
     from minillava.llava import Llava
     from weights.random_checkpoint import write_layout
 
     model = Llava(config)
     pretraining_init(model, seed)  # sets every parameter
-    paths = write_layout(model, out_dir, "C", tokenizer_path=tokenizer_path)
+    paths = write_layout(model, out_dir, "C", tokenizer=tokenizer)
     os.remove(paths["projector"])  # stage 1 starts a new projector; no one should mistake this one for trained
     return paths
 

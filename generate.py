@@ -48,6 +48,7 @@ class GenerateConfig:
     model: str = None         # checkpoint directory: llava-hf (layout A), original LLaVA (B), or a LLaMA dir (C)
     vision: str = None        # CLIP directory, for layouts B and C
     tokenizer: str = None     # tokenizer.model, or a directory holding one (default: the model directory's)
+    tokenizer_legacy: str = None  # true | false: overrides "legacy" of the tokenizer_config.json beside it
     # what to ask: --image + --prompt (one-shot), --image + --chat, or --questions + --answers (batch)
     image: str = None
     prompt: str = None
@@ -85,8 +86,9 @@ def resolve_device_dtype(device="auto", dtype="auto"):
     return device, dtype
 
 
-def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto"):
-    """A checkpoint directory (any official layout) -> (Llava in eval mode, Tokenizer)."""
+def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", tokenizer_legacy=None):
+    """A checkpoint directory (any official layout) -> (Llava in eval mode, Tokenizer). The tokenizer follows
+    its tokenizer_config.json (legacy, add_bos_token, add_eos_token); tokenizer_legacy (bool) overrides."""
     import minillava
 
     model_dir = os.fspath(model_dir)
@@ -98,7 +100,7 @@ def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto"):
     tok_path = tokenizer or model_dir
     if tokenizer is None and not os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
         raise ValueError(f"{model_dir} has no tokenizer.model: pass --tokenizer PATH")
-    tok = Tokenizer(tok_path)
+    tok = Tokenizer(tok_path, legacy=tokenizer_legacy)
     device, dtype = resolve_device_dtype(device, dtype)
     model = minillava.load(model_dir, vision_path=vision, dtype=dtype, device=device).eval()
     cfg = model.config
@@ -455,7 +457,9 @@ def profiler(path):
 def parse_args(argv=None) -> GenerateConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = {"chat": "interactive conversation about --image", "template": f"one of {', '.join(TEMPLATES)}"}
+    helps = {"chat": "interactive conversation about --image", "template": f"one of {', '.join(TEMPLATES)}",
+             "tokenizer_legacy": "true | false: override the tokenizer_config.json's \"legacy\" (default: the "
+                                 "file's; no file = true)"}
     for f in fields(GenerateConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -472,6 +476,8 @@ def parse_args(argv=None) -> GenerateConfig:
         p.error("--questions needs --answers OUT.jsonl")
     if cfg.template not in TEMPLATES:
         p.error(f"unknown --template {cfg.template!r}; known: {', '.join(TEMPLATES)}")
+    if cfg.tokenizer_legacy not in (None, "true", "false"):
+        p.error(f"--tokenizer-legacy must be true or false, got {cfg.tokenizer_legacy!r}")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be >= 1")
     return cfg
@@ -485,7 +491,8 @@ def main(argv=None) -> int:
         image = None if cfg.image is None else load_image(cfg.image)
         if cfg.questions is not None and not os.path.isfile(cfg.questions):
             raise FileNotFoundError(f"questions file not found: {cfg.questions}")
-        model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device)
+        legacy = {None: None, "true": True, "false": False}[cfg.tokenizer_legacy]
+        model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device, legacy)
         if cfg.prompt is not None:  # check the prompt fits before anything is printed
             n_img = 0 if image is None else 1
             prompt_ids([("human", with_image_placeholder(cfg.prompt, n_img))], tokenizer, model.config, cfg.template)
@@ -499,6 +506,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
     print_stats(stats, model)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ or LoRA adapters), on a CPU, one GPU, or many of either through torchrun. The re
     python -c "import dataclasses as d; from minillava import synthetic as s; from minillava.config import \
     get_preset; from weights import write_random_checkpoint as w; p = s.write_dataset('runs/data', n_train=200); \
     c = get_preset('tiny'); w('runs/tiny', c.replace(text=d.replace(c.text, vocab_size=512)), 'C', \
-    tokenizer_path=s.train_tokenizer(p['corpus'], 'runs/tok', 512))"
+    tokenizer=s.train_tokenizer(p['corpus'], 'runs/tok', 512))"
     python train.py --stage 1 --model runs/tiny/llama --vision runs/tiny/clip --data runs/data/pretrain.json \
         --image-folder runs/data --out runs/stage1 --global-batch 16 --micro-batch 8 --max-length 256 \
         --no-grad-checkpointing --log-every 4
@@ -56,6 +56,7 @@ class TrainConfig:
     vision: str = ""  # CLIP dir (layouts B, C)
     projector: str = ""  # stage-1 projector file (stage 2 from layout C)
     tokenizer: str = ""  # tokenizer.model or a dir holding one (default: the --model dir's)
+    tokenizer_legacy: str = ""  # true | false: overrides "legacy" of the tokenizer_config.json beside it
     data: str = ""  # the official JSON list of records
     image_folder: str = ""  # image paths in --data are relative to it
     out: str = "out"
@@ -122,6 +123,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"--{name} is required")
     if cfg.lora and cfg.stage != 2:
         raise ValueError("--lora is a stage-2 option (stage 1 trains the projector only)")
+    if cfg.tokenizer_legacy not in ("", "true", "false"):
+        raise ValueError(f"--tokenizer-legacy must be true or false, got {cfg.tokenizer_legacy!r}")
     if cfg.stage == 2 and cfg.template == "plain":
         raise ValueError("stage 2 trains on conversations: --template plain is stage 1's")
     return cfg
@@ -370,14 +373,14 @@ def full_model(model, llava, cfg, rank, world):
     return out
 
 
-def export(model, cfg, tokenizer_path: str):
+def export(model, cfg, tokenizer):
     """Stage 1: OUT/mm_projector.safetensors. Stage 2: the layout-A model files in OUT (save_llava writes them
     atomically into a fresh directory; each file is then renamed into OUT, config.json last)."""
     from weights import save_llava, save_projector
     if cfg.stage == 1:
         return save_projector(model, os.path.join(cfg.out, "mm_projector.safetensors"))
     tmp = os.path.join(cfg.out, f".model.tmp{os.getpid()}")
-    save_llava(model, tmp, tokenizer_path=tokenizer_path)
+    save_llava(model, tmp, tokenizer=tokenizer)
     names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
     for old in glob.glob(os.path.join(cfg.out, "model*.safetensors*")):
         if os.path.basename(old) not in names:
@@ -411,9 +414,15 @@ def prepare_data(cfg, model, tokenizer, rank, world, workers):
         print(f"data: {s['records']} records checked in {time.time() - t0:.1f}s: {s['usable']} usable "
               f"({s['with_image']} with an image, {s['text_only']} text-only; length mean {s['mean_length']:.0f}, "
               f"max {s['max_length']}), {s['bad']} bad, {s['excluded']} with nothing to train on", flush=True)
+        print(f"tokenizer: {tokenizer.describe()}", flush=True)
+        if s["original_masks_all"]:
+            print(f"data: {s['original_masks_all']} usable record(s) the original LLaVA train.py would train on "
+                  "nothing from (its 'tokenization mismatch ... (ignored)': it masks every label); minillava trains "
+                  "on their replies (listed in data_report.json)", flush=True)
         report = {"data": os.path.abspath(cfg.data), "summary": s,
                   "bad": [{"record": c.id, "problem": c.problem} for c in bad],
-                  "excluded": [{"record": c.id, "reason": c.excluded} for c in excluded]}
+                  "excluded": [{"record": c.id, "reason": c.excluded} for c in excluded],
+                  "original_masks_all": [c.id for c in checked if c.original_masks_all]}
         with open(os.path.join(cfg.out, "data_report.json"), "w") as f:
             json.dump(report, f, indent=1)
         for c in excluded:
@@ -491,8 +500,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
     if cfg.max_length > mc.text.max_position_embeddings:
         raise ValueError(f"--max-length {cfg.max_length} exceeds the model's {mc.text.max_position_embeddings} "
                          "positions")
-    tokenizer_path = cfg.tokenizer or cfg.model
-    tokenizer = Tokenizer(tokenizer_path)
+    legacy = {"": None, "true": True, "false": False}[cfg.tokenizer_legacy]
+    tokenizer = Tokenizer(cfg.tokenizer or cfg.model, legacy=legacy)
     records, dcfg, samples = prepare_data(cfg, llava, tokenizer, rank, world, workers)
     spe = data.steps_per_epoch(samples, cfg.global_batch, cfg.group_by_modality_length)
     if spe == 0:
@@ -623,7 +632,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
     result = full_model(model, llava, cfg, rank, world)
     path = None
     if master:
-        path = str(export(result, cfg, tokenizer_path))
+        path = str(export(result, cfg, tokenizer))
         log(f"saved {path} ({_hms(time.time() - t_start)})", flush=True)
         log_file.close()
     barrier(world)

@@ -91,7 +91,7 @@ def main():
     root = args.dir or tempfile.mkdtemp(prefix="bench_generate_")
     ckpt = os.path.join(root, "llava-134m")
     if not os.path.exists(os.path.join(ckpt, "config.json")):
-        write_random_checkpoint(ckpt, CONFIG, "A", seed=0, tokenizer_path=train_tiny_spm(os.path.join(root, "spm")))
+        write_random_checkpoint(ckpt, CONFIG, "A", seed=0, tokenizer=train_tiny_spm(os.path.join(root, "spm")))
     image = os.path.join(root, "image.png")
     Image.radial_gradient("L").convert("RGB").resize((500, 375)).save(image)
 

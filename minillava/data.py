@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from minillava.image import load_image, preprocess_image, to_rgb
-from minillava.templates import IGNORE_INDEX, tokenize_conversation
+from minillava.templates import IGNORE_INDEX, original_masks_all, tokenize_conversation
 from minillava.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
 
@@ -56,6 +56,7 @@ class Checked:
     length: int = 0  # LLM positions after truncation (an image counts Np)
     n_supervised: int = 0  # positions with a label after truncation
     has_image: bool = False
+    original_masks_all: bool = False  # the original train.py would mask every label (templates.original_masks_all)
 
 
 def read_records(path) -> list:
@@ -136,8 +137,11 @@ def check_record(rec, index: int, cfg: DataConfig) -> Checked:
         except (OSError, ValueError) as e:
             return Checked(index, rid, problem=str(e))
     n_img = 1 if image is not None else 0
+    masked = excluded is None and original_masks_all(rec["conversations"], cfg.template, cfg.tokenizer,
+                                                     cfg.image_token_id, cfg.max_length)
     return Checked(index, rid, excluded=excluded, length=len(ids) + n_img * (cfg.num_image_tokens - 1),
-                   n_supervised=sum(y != IGNORE_INDEX for y in labels), has_image=image is not None)
+                   n_supervised=sum(y != IGNORE_INDEX for y in labels), has_image=image is not None,
+                   original_masks_all=masked)
 
 
 _WORK = None  # (records, cfg) inherited by forked check workers
@@ -253,6 +257,7 @@ def summarize(checked: list[Checked]) -> dict:
     good = [c for c in checked if c.problem is None and c.excluded is None]
     return {"records": len(checked), "usable": len(good), "bad": sum(c.problem is not None for c in checked),
             "excluded": sum(c.excluded is not None for c in checked),
+            "original_masks_all": sum(c.original_masks_all for c in good),
             "with_image": sum(c.has_image for c in good), "text_only": sum(not c.has_image for c in good),
             "max_length": max((c.length for c in good), default=0),
             "mean_length": math.fsum(c.length for c in good) / max(1, len(good))}

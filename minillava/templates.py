@@ -21,18 +21,23 @@ preprocess_v1 silently drops a leading gpt turn; the data loader should decide t
 Training labels. The original derives masks by re-tokenizing each round and counting (and silently masks
 the whole sample when the count disagrees). Here ids are built by concatenating per-segment tokenizations
 and the supervised spans are recorded as they are appended:
-    [BOS] sp("{system} USER: ") [img] sp("\\nQ1 ASSISTANT:")   -100
-    sp("A1") [EOS]                                            supervised
-    sp("USER: Q2 ASSISTANT:")                                 -100
-    sp("A2") [EOS]                                            supervised
-The reply is encoded on its own: its dummy "▁" prefix is the space after "ASSISTANT:", so (SentencePiece
-never merges across a word start) the ids equal those of the whole prompt string tokenized the way the
-original does (`tokenize_with_images`: split on "<image>" and "</s>", `sp.encode` each chunk). The tests
-check that equality. Where it cannot hold: an empty reply (the whole string would end the instruction with a
-lone "▁" piece), so empty replies are rejected. The text after each "</s>" starts a new `sp.encode` call
-and so gets a dummy "▁" ("▁USER"), exactly as HF's legacy LlamaTokenizer does in the original; the same
-text inside one string ("A1</s>USER") would encode differently, which is why "</s>" is treated as the
-special token, never as characters.
+    [BOS] enc("{system} USER: ") [img] enc("\\nQ1 ASSISTANT:")   -100
+    enc("A1")                                                 supervised
+    enc("</s>USER: Q2 ASSISTANT:")                            </s> supervised, the rest -100
+    enc("A2") [EOS]                                           supervised
+(enc = Tokenizer.encode, each <image> chunk its own call as in `tokenize_with_images`.) The reply is encoded
+on its own: its dummy "▁" prefix is the space after "ASSISTANT:", so (SentencePiece never merges across a
+word start) the ids equal those of the whole prompt string tokenized the way the original does
+(`tokenize_with_images`). A "</s>" is encoded together with the text after it, because that text follows a
+special token: with `legacy: true` it gets a dummy prefix ("▁USER"), with `legacy: false` it does not
+("USER"), exactly as the slow LlamaTokenizer does on the whole string. The tests check that equality. Where it
+cannot hold: an empty reply (the whole string would end the instruction with a lone "▁" piece), so empty
+replies are rejected.
+
+Where the original's counting disagrees with its own ids it trains on nothing from that record (its
+"WARNING: tokenization mismatch ... (ignored)"); with `legacy: false` that happens whenever "USER" after
+"</s>" is not exactly one piece shorter than "▁USER". `original_masks_all` tells which records those are;
+minillava trains on their correct spans and the data report counts them.
 """
 from dataclasses import dataclass
 
@@ -170,11 +175,18 @@ def tokenize_conversation(conversations, template, tokenizer: Tokenizer, image_t
     turns = _normalize_turns(conversations)
     if len(turns) % 2 != 0:
         raise ValueError(f"training conversation must end with a gpt reply; turn {len(turns) - 1} is human")
-    input_ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
-    for kind, text in _segments(turns, t):
-        ids = tokenize_with_images(text, tokenizer, image_token_id, bos=False)
+    if tokenizer.add_eos:
+        raise ValueError(f"{tokenizer.settings_source}: add_eos_token=true cannot be trained on (the original's "
+                         "tokenizer_image_token would put an EOS after every text chunk)")
+    input_ids, labels = ([tokenizer.bos_id], [IGNORE_INDEX]) if tokenizer.add_bos else ([], [])
+    segs = _segments(turns, t)
+    for k, (kind, text) in enumerate(segs):
+        if kind == "eos" and k + 1 < len(segs):
+            continue  # encoded with the prompt after it, which follows a special token
+        n_eos = 1 if k > 0 and segs[k - 1][0] == "eos" else 0
+        ids = tokenize_with_images(segs[k - 1][1] * n_eos + text, tokenizer, image_token_id, bos=False)
         input_ids += ids
-        labels += [IGNORE_INDEX] * len(ids) if kind == "prompt" else ids
+        labels += ids[:n_eos] + [IGNORE_INDEX] * (len(ids) - n_eos) if kind == "prompt" else ids
     if max_length is not None:
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -211,3 +223,34 @@ def stop_strings(template) -> list[str]:
     (as the original's `conv.sep2 if sep_style == TWO else conv.sep`)."""
     t = get_template(template)
     return [t.sep] if t.plain else [t.sep2]
+
+
+def original_masks_all(conversations, template, tokenizer: Tokenizer, image_token_id: int,
+                       max_length: int) -> bool:
+    """Whether the original train.py's `preprocess_v1` would train on nothing from this conversation.
+
+    It tokenizes the whole prompt, then walks the rounds (split on "</s>") counting each as
+    len(tokenizer_image_token(round)) (its BOS stands for the "</s>" cut off), minus one for rounds after the
+    first when `legacy` is false (a correction that is exact when "USER" is one piece shorter than "▁USER",
+    as in LLaMA's vocabulary). If the counted length differs from the ids'
+    (pad = <unk> ids not counted) and the sample was not truncated, it masks every label. `plain`
+    (preprocess_plain) never does."""
+    t = get_template(template)
+    if t.plain:
+        return False
+    text = format_conversation(conversations, t)
+
+    def n_ids(s):
+        return len(tokenize_with_images(s, tokenizer, image_token_id))
+    ids = tokenize_with_images(text, tokenizer, image_token_id)
+    total = len(ids) - ids.count(tokenizer.pad_id)
+    sep = t.sep + t.roles[1] + ": "
+    counted = 1
+    for i, rou in enumerate(text.split(t.sep2)):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        counted += n_ids(rou) - (i > 0 and not tokenizer.legacy)
+    return counted < max_length and counted != total

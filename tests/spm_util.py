@@ -59,8 +59,11 @@ def _lines(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def train_tiny_spm(path_dir, vocab_size: int = 768) -> str:
-    """Train (or reuse) `path_dir/tokenizer.model`, a LLaMA-like BPE SentencePiece model; return its path."""
+def train_tiny_spm(path_dir, vocab_size: int = 768, user_defined_symbols: tuple = ()) -> str:
+    """Train (or reuse) `path_dir/tokenizer.model`, a LLaMA-like BPE SentencePiece model; return its path.
+    In this vocabulary "▁USER" is one piece and "USER" two ("U", "SER"); LLaMA's is the other way round
+    ("USER" one piece, "▁USER" = "▁US", "ER"). `user_defined_symbols=("USER",)` gives a model that, like
+    LLaMA's, spends one piece more on "▁USER" ("▁", "USER") than on "USER"."""
     import sentencepiece as spm
 
     path = os.path.join(str(path_dir), "tokenizer.model")
@@ -70,7 +73,7 @@ def train_tiny_spm(path_dir, vocab_size: int = 768) -> str:
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_lines(2000)), model_writer=buf, vocab_size=vocab_size,
-        num_threads=1, minloglevel=2, **LLAMA_LIKE,
+        num_threads=1, minloglevel=2, user_defined_symbols=list(user_defined_symbols), **LLAMA_LIKE,
     )
     tmp = path + f".tmp{os.getpid()}"
     with open(tmp, "wb") as f:

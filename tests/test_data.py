@@ -1,5 +1,6 @@
 """Training data: every bad record is found and named, truncation counts image positions, right-padded
 batches, and the training order (grouped by modality and length, identical for any number of ranks)."""
+import dataclasses
 import json
 import os
 
@@ -97,6 +98,17 @@ def test_lengths_count_image_positions_and_supervision(cfg):
         n_img = 1 if "image" in rec else 0
         assert c.length == len(ids) + n_img * (NP - 1)
         assert c.n_supervised == sum(y != IGNORE_INDEX for y in labels) > 0
+
+
+def test_records_the_original_would_mask_are_counted(cfg):
+    """With legacy=false on a vocabulary where "USER" after "</s>" is not one piece shorter than "▁USER", the
+    original train.py masks every label of a multi-turn record; such records are kept (with their real spans)
+    and counted for the data report."""
+    new = dataclasses.replace(cfg, tokenizer=Tokenizer(cfg.tokenizer.path, legacy=False))
+    for c, checked in ((cfg, [False] * len(GOOD)), (new, [False, True, False, False])):
+        got = data.check_records(GOOD, c)
+        assert [x.original_masks_all for x in got] == checked and all(x.n_supervised > 0 for x in got)
+        assert data.summarize(got)["original_masks_all"] == sum(checked)
 
 
 def test_truncation_counts_np_and_reports_samples_left_without_supervision(cfg):

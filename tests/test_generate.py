@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
     from weights import write_random_checkpoint
     root = tmp_path_factory.mktemp("gen")
     tok = train_tiny_spm(root / "spm")
-    return str(write_random_checkpoint(root / "llava-tiny", CFG, "A", seed=1, tokenizer_path=tok)["model"])
+    return str(write_random_checkpoint(root / "llava-tiny", CFG, "A", seed=1, tokenizer=tok)["model"])
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_reply_cuts_at_stop_strings_and_holds_back_their_start(loaded):
     reply.update(ids)
     assert reply.new_text() == "</x cat" and reply.finish() == "a dog</x cat"
     reply = G.Reply(tok, ["</s>"])
-    assert reply.update(tok.encode("a dog</s> cat")) and reply.finish() == "a dog"
+    assert reply.update(tok.sp.encode("a dog</s> cat")) and reply.finish() == "a dog"  # (encode would give EOS)
 
 
 # --- answers --------------------------------------------------------------------------------------------------
@@ -187,6 +187,10 @@ def test_one_shot_streams_the_answer_and_prints_speed(ckpt, loaded, images, caps
     out, err = capsys.readouterr()
     assert out.strip() == want and out.endswith("\n")
     assert "prefill:" in err and "decode:" in err and "tokens/s" in err and "GB/s" in err
+    assert "tokenizer: legacy=true add_bos_token=true add_eos_token=false (from " in err
+    assert G.main(["--model", ckpt, "--image", images[1], "--prompt", "What is in the picture?",
+                   "--temperature", "0", "--max-new-tokens", "10", "--tokenizer-legacy", "false"]) == 0
+    assert "tokenizer: legacy=false" in capsys.readouterr().err
 
 
 def test_original_layout_with_separate_clip_gives_the_same_answer(ckpt, loaded, images, tmp_path, capsys):
@@ -194,7 +198,7 @@ def test_original_layout_with_separate_clip_gives_the_same_answer(ckpt, loaded, 
     answers exactly as the layout-A directory."""
     from weights import write_random_checkpoint
     model, tok = loaded
-    paths = write_random_checkpoint(tmp_path / "b", CFG, "B", seed=1, tokenizer_path=tok.path)
+    paths = write_random_checkpoint(tmp_path / "b", CFG, "B", seed=1, tokenizer=tok.path)
     want = G.answer(model, tok, [(images[0], "What is in the picture?")], **GREEDY)[0]
     assert G.main(["--model", str(paths["model"]), "--vision", str(paths["vision"]), "--image", images[0],
                    "--prompt", "What is in the picture?", "--temperature", "0", "--max-new-tokens", "10"]) == 0

@@ -3,7 +3,8 @@ LLaVA masking algorithm (run on transformers' legacy SentencePiece tokenizer as 
 import pytest
 
 from minillava.templates import (IGNORE_INDEX, LLAVA_V1_SYSTEM, TEMPLATES, VICUNA_SYSTEM, build_prompt,
-                                 format_conversation, get_template, stop_strings, tokenize_conversation)
+                                 format_conversation, get_template, original_masks_all, stop_strings,
+                                 tokenize_conversation)
 from minillava.tokenizer import Tokenizer, tokenize_with_images
 from tests.spm_util import train_tiny_spm
 
@@ -250,3 +251,43 @@ def test_labels_match_original_llava_masking(tok):
     ids = tokenizer_image_token("<image>" + caption + "\n")  # preprocess_plain
     labels = [IGNORE_INDEX] * len(tokenizer_image_token("<image>")) + ids[2:]
     assert tokenize_conversation([SINGLE[0], {"from": "gpt", "value": caption}], "plain", tok, IMG) == (ids, labels)
+
+
+@pytest.fixture(scope="module", params=["user-two-pieces", "user-one-piece"])
+def non_legacy(request, tmp_path_factory):
+    """legacy=false tokenizers (Vicuna-v1.5's setting) on two vocabularies: in this test vocabulary "USER"
+    costs two pieces ("U", "SER") and "▁USER" one; with USER as a symbol, as in LLaMA's, one less than "▁USER"."""
+    symbols = ("USER",) if request.param == "user-one-piece" else ()
+    path = train_tiny_spm(tmp_path_factory.mktemp(request.param), user_defined_symbols=symbols)
+    return Tokenizer(path, legacy=False), request.param
+
+
+def test_non_legacy_labels(non_legacy):
+    """With legacy=false the text after each "</s>" has no dummy prefix, in the ids and in the labels' spans;
+    the segment-wise ids still equal the whole string tokenized as the original does."""
+    tok, _ = non_legacy
+    ids, labels = tokenize_conversation(MULTI, "vicuna_v1", tok, IMG)
+    assert ids == tokenize_with_images(format_conversation(MULTI, "vicuna_v1"), tok, IMG)
+    spans = supervised_spans(labels)
+    assert [labels[s:e] for s, e in spans] == [tok.encode(MULTI[k]["value"]) + [2] for k in (1, 3, 5)]
+    for s, e in spans[:2]:  # after each </s>: "USER" as it stands, unsupervised
+        after = tok.encode("</s>USER")[1:]  # not encode("USER"): that starts a text, "▁USER"
+        assert ids[e:e + len(after)] == after and labels[e] == IGNORE_INDEX
+        assert tok.id_to_piece(after[0]) in ("U", "USER")
+    gen = tokenize_with_images(build_prompt(MULTI[:5], "vicuna_v1"), tok, IMG)  # a chat's third turn
+    assert gen == ids[:len(gen)]
+
+
+def test_original_masks_all(tok, non_legacy):
+    """The original's round counting (minus one per later round with legacy=false) matches its ids only where
+    "USER" after "</s>" is one piece shorter than "▁USER"; single-turn and plain records always match."""
+    new, vocab = non_legacy
+    assert original_masks_all(MULTI, "vicuna_v1", new, IMG, 2048) == (vocab == "user-two-pieces")
+    assert not original_masks_all(MULTI, "vicuna_v1", tok, IMG, 2048)  # legacy: exact
+    assert not original_masks_all(SINGLE, "vicuna_v1", new, IMG, 2048)
+    assert not original_masks_all(SINGLE, "plain", new, IMG, 2048)
+    # A reply that contains " ASSISTANT: " breaks its round split: the original masks everything, legacy or not.
+    odd = [SINGLE[0], {"from": "gpt", "value": "I said ASSISTANT: hello"}]
+    assert original_masks_all(odd, "vicuna_v1", tok, IMG, 2048)
+    # It checks only when the counted length is below model_max_length (a truncated sample is not checked).
+    assert not original_masks_all(MULTI, "vicuna_v1", new, IMG, 20)

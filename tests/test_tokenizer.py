@@ -142,3 +142,74 @@ def test_parity_with_hf_legacy_tokenizer(tok):
     for prompt in ["USER: <image>\nWhat is this? ASSISTANT: A bus.</s>USER: Color? ASSISTANT:",
                    "<image>the dog<image><image> a cat </s> x", "no image at all 🙂", "<image>"]:
         assert tokenize_with_images(prompt, tok, IMG) == original_tokenizer_image_token(prompt), prompt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizer_config.json: legacy, add_bos_token, add_eos_token. The expected pieces below are what transformers
+# 4.37.2's slow LlamaTokenizer gives on this vocabulary (tests/test_original_llava.py checks it live).
+
+def with_config(tmp_path, tok, config):
+    import json
+    import shutil
+    shutil.copyfile(tok.path, tmp_path / "tokenizer.model")
+    if config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("text, legacy, non_legacy", [
+    ("a dog.</s>USER: hi", ["▁a", "▁dog", ".", "</s>", "▁USER", ":", "▁h", "i"],
+     ["▁a", "▁dog", ".", "</s>", "U", "SER", ":", "▁h", "i"]),                # no "▁" after a special token
+    ("</s>USER", ["</s>", "▁USER"], ["</s>", "U", "SER"]),                     # nor at a special start
+    ("a </s> USER", ["▁a", "▁", "</s>", "▁", "▁USER"], ["▁a", "▁", "</s>", "▁USER"]),  # a space stays one "▁"
+    ("x<s>y<unk>z", ["▁", "x", "<s>", "▁y", "<unk>", "▁", "<0x7A>"],            # all three specials split
+     ["▁", "x", "<s>", "y", "<unk>", "<0x7A>"]),
+    ("USER: hi", ["▁USER", ":", "▁h", "i"], ["▁USER", ":", "▁h", "i"]),        # the start is the same
+    ("", [], []),
+])
+def test_legacy_and_non_legacy_pieces(tmp_path, tok, text, legacy, non_legacy):
+    old = with_config(tmp_path, tok, {"legacy": True})
+    new = Tokenizer(tmp_path, legacy=False)
+    assert pieces(old, old.encode(text)) == legacy
+    assert pieces(new, new.encode(text)) == non_legacy
+
+
+def test_settings_from_tokenizer_config(tmp_path, tok):
+    d = tmp_path / "defaults"
+    d.mkdir()
+    t = with_config(d, tok, None)  # no file: transformers' defaults
+    assert (t.legacy, t.add_bos, t.add_eos) == (True, True, False) and "defaults" in t.describe()
+    d = tmp_path / "vicuna"
+    d.mkdir()
+    t = with_config(d, tok, {"legacy": False, "add_bos_token": True, "add_eos_token": False, "pad_token": None})
+    assert t.describe() == (f"legacy=false add_bos_token=true add_eos_token=false "
+                            f"(from {d / 'tokenizer_config.json'})")
+    t = Tokenizer(d, legacy=True)
+    assert t.legacy and t.describe().endswith("(overridden: legacy))")
+    (d / "tokenizer_config.json").write_text('{"legacy": null}')  # null is the default, as in transformers
+    assert Tokenizer(d).legacy is True
+    (d / "tokenizer_config.json").write_text('{"legacy": "no"}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: 'legacy' must be true, false or null, got 'no'"):
+        Tokenizer(d)
+    (d / "tokenizer_config.json").write_text('{"legacy": fal')
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        Tokenizer(d)
+
+
+def test_bos_and_eos_settings_in_prompts(tmp_path, tok):
+    """tokenizer_image_token: each <image> chunk is `tokenizer(chunk).input_ids`, only the first BOS kept."""
+    enc = tok.encode
+    t = with_config(tmp_path, tok, {"add_bos_token": False, "add_eos_token": True})
+    assert tokenize_with_images("a <image> b", t, IMG) == enc("a ") + [2, IMG] + enc(" b") + [2]
+    t = Tokenizer(tmp_path, add_bos_token=True, add_eos_token=False)
+    assert tokenize_with_images("a <image> b", t, IMG) == [1] + enc("a ") + [IMG] + enc(" b")
+
+
+def test_non_legacy_image_chunks_start_a_text(tmp_path, tok):
+    """Each chunk between images is its own tokenizer call in the original, so it starts with the dummy "▁"
+    under legacy=false too; only text after "</s>" inside a chunk loses it."""
+    t = with_config(tmp_path, tok, {"legacy": False})
+    ids = tokenize_with_images("USER: <image>\nWhat</s>USER: x", t, IMG)
+    i = ids.index(IMG)
+    assert pieces(t, ids[i + 1:i + 3]) == ["▁", "<0x0A>"]
+    assert pieces(t, ids[ids.index(2) + 1:ids.index(2) + 3]) == ["U", "SER"]

@@ -39,7 +39,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     paths = synthetic.write_dataset(str(root / "data"), n_train=24, n_test=0, seed=0, image_size=32)
     tok = synthetic.train_tokenizer(paths["corpus"], str(root / "tok"), vocab_size=CFG.text.vocab_size)
-    ckpt = write_random_checkpoint(root / "ckpt", CFG, "C", seed=0, tokenizer_path=tok)
+    ckpt = write_random_checkpoint(root / "ckpt", CFG, "C", seed=0, tokenizer=tok)
     return {"root": root, "data": root / "data", "pretrain": paths["pretrain"], "instruct": paths["instruct"],
             "llama": str(ckpt["model"]), "clip": str(ckpt["vision"]), "projector": str(ckpt["projector"])}
 
@@ -149,7 +149,8 @@ def stage2(env, tmp_path_factory):
 def test_stage2_keeps_clip_and_writes_layout_a(env, stage2):
     out, result = stage2
     assert sorted(os.listdir(out)) == sorted(["checkpoints", "config.json", "data_report.json", "log.jsonl",
-                                              "model.safetensors", "tokenizer.model", "train_config.json"])
+                                              "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+                                              "train_config.json"])
     start = load_llava(env["llama"], vision_path=env["clip"], projector_path=env["projector"]).state_dict()
     saved = load_llava(out).state_dict()  # layout A; the -200 model got <image>/<pad> rows appended
     V = CFG.text.vocab_size
@@ -257,6 +258,21 @@ def test_bad_records_refuse_to_start_or_are_skipped_by_name(env, tmp_path, capsy
     printed = capsys.readouterr().out
     assert all(f"skipped {n}: " in printed for n in names) and "skipping 4 bad record(s)" in printed
     assert "8 usable" in printed
+
+
+def test_tokenizer_legacy_flag_is_printed_reported_and_saved(env, tmp_path, capsys):
+    """--tokenizer-legacy false (Vicuna-v1.5's setting) overrides the file's, is printed with the data report,
+    the records the original would have masked entirely are counted, and the saved model keeps the setting."""
+    out = tmp_path / "out"
+    train.main(argv(env, 2, out, steps=1) + ["--tokenizer-legacy", "false"])
+    printed = capsys.readouterr().out
+    assert "tokenizer: legacy=false add_bos_token=true add_eos_token=false (" in printed
+    assert "(overridden: legacy)" in printed
+    report = json.load(open(out / "data_report.json"))
+    assert len(report["original_masks_all"]) == report["summary"]["original_masks_all"]
+    assert json.load(open(out / "tokenizer_config.json"))["legacy"] is False
+    with pytest.raises(ValueError, match="--tokenizer-legacy must be true or false"):
+        train.main(argv(env, 2, tmp_path / "o2", steps=1) + ["--tokenizer-legacy", "yes"])
 
 
 def test_samples_without_supervision_after_truncation_are_reported(env, tmp_path, capsys):

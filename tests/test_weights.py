@@ -12,10 +12,12 @@ from safetensors.torch import load_file, save_file
 
 import minillava
 from minillava.config import IMAGE_TOKEN_INDEX, get_preset
+from minillava.tokenizer import Tokenizer
 from weights import (CheckpointError, load_llava, random_llava, save_llava, save_projector, write_layout,
                      write_random_checkpoint)
 from weights import keymaps
 from weights import save as save_module
+from tests.spm_util import train_tiny_spm
 
 TINY = get_preset("tiny")
 LAYOUTS = ("A", "A'", "A'-flat", "B", "C")
@@ -236,16 +238,32 @@ def test_pickle_bin_loads_only_through_weights_only(tmp_path, ckpts, ref):
 # Saving
 
 def test_save_llava_round_trip_is_bitwise(tmp_path, ref):
-    tok = tmp_path / "tokenizer.model"
-    tok.write_bytes(b"not really a sentencepiece model")
-    out = save_llava(ref, tmp_path / "out", tokenizer_path=tok)
+    tok = Path(train_tiny_spm(tmp_path / "tok"))
+    out = save_llava(ref, tmp_path / "out", tokenizer=tok)
     assert (out / "tokenizer.model").read_bytes() == tok.read_bytes()
+    # the settings in force are written beside it (here transformers' defaults: the source has no config)
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert (saved["legacy"], saved["add_bos_token"], saved["add_eos_token"]) == (True, True, False)
+    assert saved["tokenizer_class"] == "LlamaTokenizer"
     model = load_llava(out)
     assert model.config == ref.config
     assert_same_state(model, ref)
     sharded = save_llava(ref, tmp_path / "sharded", max_shard_bytes=50_000)
     assert (sharded / "model.safetensors.index.json").exists()
     assert_same_state(load_llava(sharded), ref)
+
+
+def test_saved_tokenizer_keeps_its_settings(tmp_path, ref):
+    """A legacy=false tokenizer (Vicuna-v1.5's) or an override stays what it was in the saved checkpoint; the
+    source's other tokenizer_config.json keys are kept."""
+    src = tmp_path / "vicuna"
+    train_tiny_spm(src)
+    (src / "tokenizer_config.json").write_text(json.dumps({"legacy": False, "model_max_length": 4096}))
+    out = save_llava(ref, tmp_path / "a", tokenizer=src)
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+    assert Tokenizer(out).legacy is False and "tokenizer_config.json" in Tokenizer(out).settings_source
+    out = save_llava(ref, tmp_path / "b", tokenizer=Tokenizer(src, legacy=True))
+    assert Tokenizer(out).legacy is True
 
 
 def test_save_llava_adds_image_token_for_sentinel_models(tmp_path, ckpts, ref):

@@ -145,22 +145,22 @@ def _llm_tensors(model: Llava, rules) -> dict:
     return state
 
 
-def _write_dir(out_dir: Path, tensors: dict, config: dict, max_shard_bytes=None, tokenizer_path=None):
+def _write_dir(out_dir: Path, tensors: dict, config: dict, max_shard_bytes=None, tokenizer=None):
     with atomic_dir(out_dir) as tmp:
         write_safetensors(tensors, tmp, max_shard_bytes)
         write_json(tmp / "config.json", config)
-        if tokenizer_path is not None:
-            copy_tokenizer(tokenizer_path, tmp)
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp)
 
 
-def write_layout(model: Llava, out_dir, layout: str, max_shard_bytes=None, tokenizer_path=None) -> dict:
+def write_layout(model: Llava, out_dir, layout: str, max_shard_bytes=None, tokenizer=None) -> dict:
     """Write `model` in one official layout (see the module docstring for what goes where)."""
     out_dir = Path(out_dir)
     dtype = model.language_model.lm_head.weight.dtype
     if layout in keymaps.LLAVA_HF:
         state, hf = llava_hf_state(model)
         state = {keymaps.to_official(k, keymaps.LLAVA_HF[layout]): v for k, v in state.items()}
-        _write_dir(out_dir, state, hf, max_shard_bytes, tokenizer_path)
+        _write_dir(out_dir, state, hf, max_shard_bytes, tokenizer)
         return {"model": out_dir}
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
@@ -170,17 +170,17 @@ def write_layout(model: Llava, out_dir, layout: str, max_shard_bytes=None, token
         paths["model"] = out_dir / "llava"
         state = _llm_tensors(model, keymaps.layout_b_rules(model.config.projector_type))
         _write_dir(paths["model"], state, original_llava_config(model.config, dtype), max_shard_bytes,
-                   tokenizer_path)
+                   tokenizer)
     else:
         paths["model"] = out_dir / "llama"
         _write_dir(paths["model"], _llm_tensors(model, keymaps.LLAMA_RULES), llama_config(model.config.text, dtype),
-                   max_shard_bytes, tokenizer_path)
+                   max_shard_bytes, tokenizer)
         paths["projector"] = save_projector(model, out_dir / "mm_projector.safetensors")
     return paths
 
 
 def write_random_checkpoint(out_dir, config: LlavaConfig, layout: str, seed: int = 0, dtype=torch.float32,
-                            max_shard_bytes=None, tokenizer_path=None) -> dict:
+                            max_shard_bytes=None, tokenizer=None) -> dict:
     """Tiny random checkpoint in `layout` ("A", "A'", "A'-flat", "B", "C"); returns its paths (see above).
     The weights are random_llava(config, seed, dtype): the same seed gives the same model in every layout."""
-    return write_layout(random_llava(config, seed, dtype), out_dir, layout, max_shard_bytes, tokenizer_path)
+    return write_layout(random_llava(config, seed, dtype), out_dir, layout, max_shard_bytes, tokenizer)

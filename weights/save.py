@@ -96,13 +96,11 @@ def write_safetensors(tensors: dict, out_dir: Path, max_shard_bytes=None, metada
                                                              "weight_map": weight_map})
 
 
-def copy_tokenizer(tokenizer_path, out_dir: Path):
-    src = Path(tokenizer_path)
-    if src.is_dir():
-        src = src / "tokenizer.model"
-    if not src.is_file():
-        raise FileNotFoundError(f"tokenizer {src} does not exist")
-    shutil.copyfile(src, out_dir / "tokenizer.model")
+def copy_tokenizer(tokenizer, out_dir: Path):
+    """tokenizer.model + tokenizer_config.json with the settings in force (legacy, add_bos_token,
+    add_eos_token), from a Tokenizer or a tokenizer path (read with its own tokenizer_config.json)."""
+    from minillava.tokenizer import Tokenizer
+    (tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)).save(out_dir)
 
 
 def llava_hf_state(model) -> tuple[dict, dict]:
@@ -133,14 +131,15 @@ def llava_hf_state(model) -> tuple[dict, dict]:
     return state, hf
 
 
-def save_llava(model, out_dir, tokenizer_path=None, max_shard_bytes=MAX_SHARD_BYTES):
-    """Save in layout A: config.json + model.safetensors (or shards + index) [+ tokenizer.model]. Atomic."""
+def save_llava(model, out_dir, tokenizer=None, max_shard_bytes=MAX_SHARD_BYTES):
+    """Save in layout A: config.json + model.safetensors (or shards + index) [+ tokenizer.model and
+    tokenizer_config.json, from a Tokenizer or a tokenizer path]. Atomic."""
     state, hf = llava_hf_state(model)
     with atomic_dir(out_dir) as tmp:
         write_safetensors(state, tmp, max_shard_bytes)
         write_json(tmp / "config.json", hf)
-        if tokenizer_path is not None:
-            copy_tokenizer(tokenizer_path, tmp)
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp)
     return Path(out_dir)
 
 

@@ -1,0 +1,169 @@
+"""Oracle: the original LLaVA code (`llava-torch==1.2.2.post1` on PyPI, importable as `llava`) with the slow
+LlamaTokenizer it loads (`AutoTokenizer(..., use_fast=False)`, transformers 4.37.2). Skipped where it is not
+installed; it does not import with transformers 5, so it runs in a virtualenv of its own:
+
+    python3 -m venv /tmp/llava-venv && /tmp/llava-venv/bin/pip install torch==2.13.0 transformers==4.37.2 \\
+        sentencepiece protobuf numpy pillow safetensors triton pytest && \\
+        /tmp/llava-venv/bin/pip install --no-deps llava-torch==1.2.2.post1
+    /tmp/llava-venv/bin/python -m pytest -q tests/test_original_llava.py
+
+For `legacy` true and false, on two tiny vocabularies (one where "USER" after "</s>" costs one piece less than
+"▁USER", as in LLaMA's, and one where it does not), minillava's training ids and labels must equal the
+original's `preprocess_v1` / `preprocess_plain`, except on records where the original's own count disagrees
+with its ids ("tokenization mismatch ... (ignored)", every label masked): there the ids must still be equal,
+`original_masks_all` must say so, and minillava's labels are the correct spans. Chat prompts of every turn
+must equal `conv_templates['vicuna_v1']` + `tokenizer_image_token`.
+"""
+import copy
+import json
+import types
+
+import pytest
+
+from minillava.templates import (IGNORE_INDEX, build_prompt, original_masks_all, stop_strings,
+                                 tokenize_conversation)
+from minillava.tokenizer import Tokenizer, tokenize_with_images
+from tests.spm_util import train_tiny_spm
+
+llava_train = pytest.importorskip("llava.train.train", reason="the original LLaVA package is not installed")
+from llava import conversation as conversation_lib  # noqa: E402
+from llava.mm_utils import tokenizer_image_token  # noqa: E402
+
+IMG = -200  # the original's IMAGE_TOKEN_INDEX
+MAX_LENGTH = 2048
+
+RECORDS = [
+    {"image": "a.jpg", "conversations": [  # image before the text, three rounds
+        {"from": "human", "value": "<image>\nWhat is the dog doing?"},
+        {"from": "gpt", "value": "The dog is sitting near 2 trees."},
+        {"from": "human", "value": "What color is it?"},
+        {"from": "gpt", "value": "It is black, with a café-au-lait 🙂 spot."},
+        {"from": "human", "value": "Count the people."},
+        {"from": "gpt", "value": "\nThere are 12 people."}]},
+    {"image": "a.jpg", "conversations": [  # image after the text
+        {"from": "human", "value": "Describe the picture.\n<image>"},
+        {"from": "gpt", "value": "A red bus on the street."},
+        {"from": "human", "value": "Is it moving?"},
+        {"from": "gpt", "value": "No."}]},
+    {"image": "a.jpg", "conversations": [  # image inside the text
+        {"from": "human", "value": "Look at <image> this: what is it?"},
+        {"from": "gpt", "value": "A cat."}]},
+    {"conversations": [  # text-only, multi-turn, unicode and a reply with a leading space
+        {"from": "human", "value": "Say hello in German, Zürich style."},
+        {"from": "gpt", "value": " Grüezi! 日本語"},
+        {"from": "human", "value": "And 2048?"},
+        {"from": "gpt", "value": "zwei null vier acht"}]},
+    {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Hello there."}]},
+]
+
+
+@pytest.fixture(scope="module", params=["user-two-pieces", "user-one-piece"])
+def vocab(request, tmp_path_factory):
+    symbols = ("USER",) if request.param == "user-one-piece" else ()
+    return train_tiny_spm(tmp_path_factory.mktemp(request.param), user_defined_symbols=symbols)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["legacy", "non-legacy"])
+def tokenizers(request, vocab, tmp_path_factory):
+    """(minillava Tokenizer, the original's slow LlamaTokenizer), both read from one checkpoint dir whose
+    tokenizer_config.json says legacy true / false (as Vicuna-v1.5's says false)."""
+    import shutil
+
+    import transformers
+    d = tmp_path_factory.mktemp("tok")
+    shutil.copyfile(vocab, d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": request.param, "add_bos_token": True,
+        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+        "model_max_length": MAX_LENGTH, "padding_side": "right"}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(d), use_fast=False)
+    assert hf.legacy is request.param
+    hf.pad_token = hf.unk_token  # as the original train.py does for v1
+    tok = Tokenizer(d)
+    assert tok.legacy is request.param and tok.settings_source == f"from {d / 'tokenizer_config.json'}"
+    return tok, hf
+
+
+def original(record, template, hf, capsys):
+    """(input_ids, labels, masked-everything warning printed?) from the original train.py."""
+    conversation_lib.default_conversation = conversation_lib.conv_templates[template]
+    sources = [copy.deepcopy(record["conversations"])]
+    if "image" in record:
+        args = types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=False)
+        sources = llava_train.preprocess_multimodal(sources, args)
+    capsys.readouterr()
+    out = llava_train.preprocess(sources, hf, has_image="image" in record)
+    warned = "tokenization mismatch" in capsys.readouterr().out
+    return out["input_ids"][0].tolist(), out["labels"][0].tolist(), warned
+
+
+@pytest.mark.parametrize("k", range(len(RECORDS)))
+def test_training_ids_and_labels_equal_preprocess_v1(tokenizers, k, capsys):
+    tok, hf = tokenizers
+    rec = RECORDS[k]
+    ids, labels = tokenize_conversation(rec["conversations"], "vicuna_v1", tok, IMG)
+    want_ids, want_labels, warned = original(rec, "vicuna_v1", hf, capsys)
+    assert ids == want_ids
+    assert original_masks_all(rec["conversations"], "vicuna_v1", tok, IMG, MAX_LENGTH) == warned
+    if warned:  # the original trains on nothing; ours supervises each reply and its </s>
+        assert set(want_labels) == {IGNORE_INDEX}
+        n_rounds = len(rec["conversations"]) // 2
+        assert labels.count(tok.eos_id) == n_rounds and sum(y != IGNORE_INDEX for y in labels) > 2 * n_rounds
+    else:
+        assert labels == want_labels
+
+
+def test_where_the_original_masks_everything(tokenizers, vocab, capsys):
+    """The original's legacy=false correction is exact only where "USER" is one piece shorter than "▁USER"."""
+    tok, hf = tokenizers
+    warned = [original(rec, "vicuna_v1", hf, capsys)[2] for rec in RECORDS]
+    multi_turn = [len(rec["conversations"]) > 2 for rec in RECORDS]
+    user_one_piece = len(tok.encode("a</s>USER")) == len(tok.encode("a")) + 2
+    assert warned == [m and not tok.legacy and not user_one_piece for m in multi_turn]
+
+
+def test_plain_equals_preprocess_plain(tokenizers, capsys):
+    tok, hf = tokenizers
+    for caption in ["A dog on the grass.", "café 🙂 2048", " leading space"]:
+        rec = {"image": "a.jpg", "conversations": [{"from": "human", "value": "Describe.\n<image>"},
+                                                   {"from": "gpt", "value": caption}]}
+        ids, labels = tokenize_conversation(rec["conversations"], "plain", tok, IMG)
+        want_ids, want_labels, warned = original(rec, "plain", hf, capsys)
+        assert (ids, labels, warned) == (want_ids, want_labels, False)
+        assert not original_masks_all(rec["conversations"], "plain", tok, IMG, MAX_LENGTH)
+
+
+def test_chat_prompts_of_every_turn(tokenizers):
+    tok, hf = tokenizers
+    for rec in RECORDS:
+        turns = rec["conversations"]
+        for n in range(1, len(turns) + 1, 2):  # the prompt before each assistant reply
+            conv = conversation_lib.conv_templates["vicuna_v1"].copy()
+            for t in turns[:n]:
+                conv.append_message(conv.roles[t["from"] == "gpt"], t["value"])
+            conv.append_message(conv.roles[1], None)
+            history = [(t["from"], t["value"]) for t in turns[:n]]
+            if "image" in rec:  # the original's cli.py / model_vqa put the image first in the first turn
+                text = turns[0]["value"].replace("<image>", "").strip()
+                conv.messages[0][1] = "<image>\n" + text
+                history[0] = ("human", "<image>\n" + text)
+            want = tokenizer_image_token(conv.get_prompt(), hf)
+            assert tokenize_with_images(build_prompt(history, "vicuna_v1"), tok, IMG) == want
+            assert stop_strings("vicuna_v1") == [conv.sep2]
+
+
+def test_tokenizer_equals_slow_llama_tokenizer(tokenizers):
+    """Text with special-token strings, spaces and "▁" around them, through encode and tokenizer_image_token."""
+    import random
+    tok, hf = tokenizers
+    rng = random.Random(0)
+    atoms = ["USER", ":", " ", "  ", "\n", "</s>", "<s>", "<unk>", "<image>", "▁", "the dog", "café", "🙂", "2048",
+             "ASSISTANT", "x", ".", " USER"]
+    for _ in range(1000):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 9)))
+        plain = text.replace("<image>", "")
+        assert tok.encode(plain) == hf.encode(plain, add_special_tokens=False), text
+        assert tokenize_with_images(text, tok, IMG) == tokenizer_image_token(text, hf), text
+    if not tok.legacy:  # the protobuf-free no-dummy-prefix model is transformers' protobuf-edited one
+        for text in ["USER", " a  b", "▁x", "\nthe"]:
+            assert tok.sp_bare.encode(text) == hf.sp_model.encode(text)
