@@ -1,7 +1,7 @@
 """Parity with transformers (the oracle): same random weights on disk, fp32, max abs error <= 1e-4 for CLIP
-features, LLM logits and full LLaVA logits, for layouts A, A', A'-flat, B, C x MHA/GQA x linear/mlp2x_gelu, with two
-images in one prompt and a padded batch of two (left and right padding); then bf16, and save_llava's output
-in LlavaForConditionalGeneration.
+features, LLM logits and full LLaVA logits, for every layout (A and its variants, B, C) x MHA/GQA x
+linear/mlp2x_gelu, with two images in one prompt and a padded batch of two (left and right padding); then bf16,
+save_llava's output in LlavaForConditionalGeneration, and what the installed transformers itself saves.
 
 Conventions differ in one place: minillava takes ONE image id per image in input_ids and expands it to Np
 embeddings itself; llava-hf expects the image id already repeated Np times. For layouts B and C (no image
@@ -17,6 +17,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import (CLIPVisionModel, LlamaForCausalLM, LlavaConfig as HFLlavaConfig,  # noqa: E402
                           LlavaForConditionalGeneration)
+from weights import keymaps  # noqa: E402
+from weights.random_checkpoint import LAYOUTS  # noqa: E402
 
 from minillava.config import get_preset  # noqa: E402
 from weights import load_llava, random_llava, save_llava, write_layout  # noqa: E402
@@ -153,14 +155,14 @@ def written(tmp_path_factory):
             model = random_llava(cfg, seed=1)
             cache[attn, projector_type] = cfg, {
                 layout: write_layout(model, root / f"{attn}-{projector_type}-{layout.replace(chr(39), 'p')}", layout)
-                for layout in ("A", "A'", "A'-flat", "B", "C")}
+                for layout in LAYOUTS}
         return cache[attn, projector_type]
     return get
 
 
 @pytest.mark.parametrize("projector_type", ["linear", "mlp2x_gelu"])
 @pytest.mark.parametrize("attn", ["mha", "gqa"])
-@pytest.mark.parametrize("layout", ["A", "A'", "A'-flat", "B", "C"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_fp32_parity(written, layout, attn, projector_type):
     cfg, paths = written(attn, projector_type)
     p = paths[layout]
@@ -169,7 +171,7 @@ def test_fp32_parity(written, layout, attn, projector_type):
     assert max(errs.values()) <= ATOL, errs
 
 
-@pytest.mark.parametrize("layout", ["A", "A'", "A'-flat", "B", "C"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_bf16_parity(written, layout):
     """Loaded in bf16, minillava is as close to the fp32 oracle as transformers in bf16 is.
     bf16 keeps 8 bits of mantissa, so both land ~0.01 RMS (~0.05 max) off fp32 logits of order 4 here; the two
@@ -219,3 +221,33 @@ def test_save_llava_output_loads_in_transformers(written, tmp_path, source):
     again = load_llava(tmp_path / "resaved")
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+def transformers_save_layout(version: str) -> str:
+    """The layout LlavaForConditionalGeneration.save_pretrained writes for a model built from its config, by
+    transformers version (weights/keymaps.py; measured on 4.37.2, 4.45.2, 4.57.6 and 5.0.0-5.24.0)."""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    if (major, minor) >= (5, 6):
+        return "A-flat"
+    return "A-mixed" if (major, minor) >= (5, 4) else "A"
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_transformers_own_save_loads(written, tmp_path, shard):
+    """A model built from a config and saved by the installed transformers (what conversion scripts and
+    trainers that start from_config write: layout A-flat since 5.6) loads strictly, sharded or not, with the
+    same logits; its keys are exactly the layout keymaps.py names for this version."""
+    from weights.load import TensorFiles
+    cfg, paths = written("gqa", "mlp2x_gelu")
+    src = LlavaForConditionalGeneration.from_pretrained(paths["A"]["model"]).eval()
+    fresh = LlavaForConditionalGeneration(src.config).eval()
+    fresh.load_state_dict(src.state_dict())
+    fresh.save_pretrained(tmp_path / "saved", **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "saved" / "model.safetensors.index.json").exists() == (shard is not None)
+    rules = keymaps.LLAVA_HF[transformers_save_layout(transformers.__version__)]
+    model = load_llava(tmp_path / "saved")
+    expected = set(model.state_dict())
+    keys = TensorFiles(tmp_path / "saved").keys()
+    assert {keymaps.to_internal(k, rules) for k in keys} == expected
+    errs = max_errors(model, src, None, None, cfg.image_token_id)
+    assert max(errs.values()) <= ATOL, errs

@@ -6,14 +6,21 @@ prefix it starts with, and written back by the first rule whose internal prefix 
 rule matches and that is not in IGNORED is an unexpected tensor (an error, never skipped).
 
   layout   files                                      keys
-  A        llava-hf model dir (transformers <= 4.51,  vision_tower.vision_model.*, multi_modal_projector.linear_N.*,
-           and what later versions write on save)     language_model.model.*, language_model.lm_head.weight
-  A'       llava-hf dir, newer prefixes               model.vision_tower.vision_model.*, model.multi_modal_projector.*,
-                                                      model.language_model.* (no inner `model.`), lm_head.weight
-  A'-flat  the same without the inner vision_model.   model.vision_tower.embeddings... (transformers 5 in memory)
+  A        llava-hf model dir: the hub's llava-hf     vision_tower.vision_model.*, multi_modal_projector.linear_N.*,
+           files; every save by transformers           language_model.model.*, language_model.lm_head.weight
+           4.37-5.3; a re-save of an A model by 5.6+
+  A-flat   transformers >= 5.6 saving a model built   vision_tower.embeddings... (no inner vision_model.), the
+           from a config (from_config, conversions)   other prefixes as A
+  A-mixed  transformers 5.4 and 5.5, every save       model.vision_tower.vision_model.*, model.multi_modal_projector.*,
+                                                      model.language_model.model.*, language_model.lm_head.weight
+  A'       transformers >= 5.6 re-saving a model it   model.vision_tower.vision_model.*, model.multi_modal_projector.*,
+           loaded in A' (its in-memory names, 4.52+)  model.language_model.* (no inner `model.`), lm_head.weight
+  A'-flat  the same without the inner vision_model.   model.vision_tower.embeddings... (5.x in memory; >= 5.6 re-save)
   B        original LLaVA dir (`llava_llama`)         model.embed_tokens/layers.N/norm, lm_head, model.mm_projector.*
            + a separate CLIP dir                      vision_model.* (+ CLIP's text tower and heads, ignored)
   C        CLIP dir + HF LLaMA dir + projector file   vision_model.*; model.*, lm_head.weight; (model.)mm_projector.*
+Checked by running save_pretrained in transformers 4.37.2, 4.45.2, 4.57.6, 5.0.0 ... 5.24.0 (tests/test_parity.py
+checks the installed version's save). minillava itself writes layout A, which all of them read.
 """
 import re
 
@@ -33,6 +40,10 @@ LLAVA_HF = {  # layouts of one llava-hf directory (config.json model_type "llava
            ("model.language_model.", LM), ("lm_head.", LM_HEAD)],
     "A'-flat": [("model.vision_tower.", VISION), ("model.multi_modal_projector.", PROJECTOR),
                 ("model.language_model.", LM), ("lm_head.", LM_HEAD)],
+    "A-flat": [("vision_tower.", VISION), ("multi_modal_projector.", PROJECTOR),
+               ("language_model.model.", LM), ("language_model.lm_head.", LM_HEAD)],
+    "A-mixed": [("model.vision_tower.vision_model.", VISION), ("model.multi_modal_projector.", PROJECTOR),
+                ("model.language_model.model.", LM), ("language_model.lm_head.", LM_HEAD)],
 }
 CLIP_RULES = [("vision_model.", VISION)]  # a CLIP dir (CLIPModel or CLIPVisionModel); layouts B, C
 LLAMA_RULES = [("model.", LM), ("lm_head.", LM_HEAD)]  # a HF LLaMA dir (C), and the LLM inside a layout-B file

@@ -1,6 +1,6 @@
 """Load LLaVA weights in every official layout (LLAVA_REFERENCE.md §2, weights/keymaps.py) into a Llava.
 
-    model = load_llava("llava-1.5-7b-hf")                                    # A, A', A'-flat (llava-hf)
+    model = load_llava("llava-1.5-7b-hf")                                    # A, A-flat, A', ... (llava-hf)
     model = load_llava("llava-v1.5-7b", vision_path="clip-vit-large-patch14-336")         # B (original)
     model = load_llava("vicuna-7b-v1.5", vision_path="clip-...", projector_path="mm_projector.safetensors")  # C
 
@@ -161,8 +161,8 @@ def _raise_problems(problems: list, header: str):
 
 
 def _pick_llava_hf_rules(files: TensorFiles, expected: dict) -> list:
-    """Layouts A / A' / A'-flat share model_type "llava": the prefix family that explains most keys wins
-    (A on a tie). Keys of any other family then show up as unexpected."""
+    """The llava-hf layouts (A, A-flat, A-mixed, A', A'-flat) share model_type "llava": the prefix family that
+    explains most keys wins (A on a tie). Keys of any other family then show up as unexpected."""
     def n_matched(rules):
         return sum(keymaps.to_internal(k, rules) in expected for k in files.keys())
     return max(keymaps.LLAVA_HF.values(), key=n_matched)
@@ -248,7 +248,7 @@ def _layout(path: Path, d: dict, vision_path, projector_path, projector_type, ne
     model_type = d.get("model_type")
     if new_projector and model_type != "llama":
         raise ValueError(f"new_projector=True is for a plain LLaMA checkpoint (layout C); {path} is {model_type!r}")
-    if model_type == "llava":  # A, A', A'-flat: one directory holds everything
+    if model_type == "llava":  # the llava-hf layouts: one directory holds everything
         return _config(config_file, d, projector_type=projector_type), [(TensorFiles(path), None)]
     if model_type not in ("llava_llama", "llama"):
         raise CheckpointError(f"{config_file}: unknown model_type {model_type!r}; expected 'llava' (llava-hf), "
@@ -309,7 +309,7 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
                projector_type=None, new_projector=False) -> Llava:
     """Load a LLaVA checkpoint in any official layout; see the module docstring and CONTRACTS.md.
 
-    path:           checkpoint dir; config.json's model_type picks the layout: "llava" (A, A', A'-flat),
+    path:           checkpoint dir; config.json's model_type picks the layout: "llava" (A and its variants),
                     "llava_llama" (B), "llama" (C).
     vision_path:    the CLIP dir for layouts B and C.
     projector_path: layout C's stage-1 projector file (or a dir holding mm_projector.safetensors/.bin).

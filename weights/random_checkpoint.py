@@ -5,7 +5,7 @@ official files have them, for the tests and the CPU demo (nothing is ever downlo
     model = load_llava(paths["model"], vision_path=paths["vision"], projector_path=paths["projector"])
 
   layout      writes                                          returns
-  A, A', A'-flat  out_dir: llava-hf config.json + weights      {"model": out_dir}
+  A, A', ...  out_dir: llava-hf config.json + weights      {"model": out_dir}  (every keymaps.LLAVA_HF layout)
   B           out_dir/llava (original LLaVA-1.5), out_dir/clip   {"model": .../llava, "vision": .../clip}
   C           out_dir/llama (HF LLaMA), out_dir/clip,         {"model": .../llama, "vision": .../clip,
               out_dir/mm_projector.safetensors                 "projector": .../mm_projector.safetensors}
@@ -25,7 +25,7 @@ from minillava.llava import Llava
 from weights import keymaps
 from weights.save import atomic_dir, copy_tokenizer, llava_hf_state, save_projector, write_json, write_safetensors
 
-LAYOUTS = ("A", "A'", "A'-flat", "B", "C")
+LAYOUTS = (*keymaps.LLAVA_HF, "B", "C")
 CLIP_NAME = "openai/clip-vit-large-patch14-336"  # what original LLaVA-1.5 configs name as mm_vision_tower
 
 
@@ -181,6 +181,6 @@ def write_layout(model: Llava, out_dir, layout: str, max_shard_bytes=None, token
 
 def write_random_checkpoint(out_dir, config: LlavaConfig, layout: str, seed: int = 0, dtype=torch.float32,
                             max_shard_bytes=None, tokenizer=None) -> dict:
-    """Tiny random checkpoint in `layout` ("A", "A'", "A'-flat", "B", "C"); returns its paths (see above).
+    """Tiny random checkpoint in `layout` (one of LAYOUTS: "A", "A'", ..., "B", "C"); returns its paths (see above).
     The weights are random_llava(config, seed, dtype): the same seed gives the same model in every layout."""
     return write_layout(random_llava(config, seed, dtype), out_dir, layout, max_shard_bytes, tokenizer)
