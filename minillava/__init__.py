@@ -2,10 +2,16 @@
 
     import minillava
     model = minillava.load(path, vision_path=None, dtype=torch.float32, device="cpu")  # any official layout
-    logits = model(input_ids, pixel_values=pixel_values)  # ONE image_token_id per image in input_ids
+    tok = minillava.Tokenizer(path)                                 # its tokenizer.model + tokenizer_config.json
+    prompt = minillava.build_prompt([("human", "<image>\nWhat is this?")], "vicuna_v1")
+    input_ids = torch.tensor([minillava.tokenize_with_images(prompt, tok, model.config.image_token_id)])
+    pixels = minillava.preprocess_image("photo.jpg", size=model.config.vision.image_size)  # (3, S, S)
+    logits = model(input_ids, pixel_values=pixels[None])  # ONE image_token_id per image in input_ids
 """
 from minillava.config import LlavaConfig, TextConfig, VisionConfig, from_hf_config, get_preset, to_hf_config
 from minillava.llava import Llava
+from minillava.templates import build_prompt
+from minillava.tokenizer import Tokenizer, tokenize_with_images
 
 
 def load(path, vision_path=None, projector_path=None, dtype=None, device="cpu", **kwargs) -> Llava:

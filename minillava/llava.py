@@ -39,6 +39,10 @@ class Llava(nn.Module):
 
     def encode_images(self, pixel_values):
         """(N, 3, S, S) -> projected image features (N, Np, C)."""
+        S = self.config.vision.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
+            raise ValueError(f"pixel_values have shape {tuple(pixel_values.shape)}, but this model's vision tower "
+                             f"takes (N, 3, {S}, {S}): use minillava.preprocess_image(image, size={S})")
         feats = self.vision_tower(pixel_values, self.config.vision_feature_layer)  # (N, Np + 1, Cv)
         if self.config.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]  # drop CLS: (N, Np, Cv)

@@ -81,6 +81,14 @@ def test_image_count_mismatch_is_an_error():
         model(ids, torch.randn(2, 3, 32, 32))
 
 
+def test_wrong_image_size_names_the_expected_size():
+    model = tiny_model()
+    S = model.config.vision.image_size
+    ids = torch.tensor([[1, model.config.image_token_id, 5]])
+    with pytest.raises(ValueError, match=rf"shape \(1, 3, {S + 4}, {S + 4}\).*\(N, 3, {S}, {S}\).*size={S}"):
+        model(ids, torch.randn(1, 3, S + 4, S + 4))
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_batch_equals_each_sequence_alone(padding_side):
     model = tiny_model()

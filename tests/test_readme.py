@@ -1,7 +1,13 @@
 """The README's file table: every file it lists exists with the line count it states, and every source file of
 the project is listed (counts that go stale mislead the learners the table is for)."""
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,3 +30,77 @@ def test_every_source_file_is_listed():
     sources |= {p.name for p in ROOT.glob("*.py")}
     missing = sources - set(_table())
     assert not missing, f"README's file table lacks {sorted(missing)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every command and code block of "Use it on real checkpoints" runs as written, on tiny files in the official
+# formats: only the paths are substituted.
+
+def _blocks(lang):
+    section = (ROOT / "README.md").read_text().split("## Use it on real checkpoints")[1].split("\n## ")[0]
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny stand-ins for each path the README names."""
+    import dataclasses
+    import json
+
+    from minillava import synthetic
+    from minillava.config import get_preset
+    from weights import write_random_checkpoint
+    root = tmp_path_factory.mktemp("readme")
+    cfg = get_preset("tiny")
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=576), image_token_id=512, pad_token_id=513)
+    data = synthetic.write_dataset(str(root / "data"), n_train=256, n_test=2, seed=0, image_size=32)
+    tok = synthetic.train_tokenizer(data["corpus"], str(root / "tok"), vocab_size=512)  # + <image>, <pad>
+    hf = write_random_checkpoint(root / "hf", cfg, "A", seed=0, tokenizer=tok)["model"]
+    long = cfg.replace(text=dataclasses.replace(cfg.text, max_position_embeddings=2048))  # train.py's recipe length
+    c = write_random_checkpoint(root / "c", long, "C", seed=0, tokenizer=tok)
+    image = str(root / "data" / json.load(open(data["pretrain"]))[0]["image"])
+    (root / "q.jsonl").write_text(json.dumps({"question_id": 1, "image": os.path.basename(image),
+                                              "text": "What is in this image?"}) + "\n")
+    return {"llava-1.5-7b-hf": str(hf), "photo.jpg": image, "q.jsonl": str(root / "q.jsonl"),
+            "a.jsonl": str(root / "a.jsonl"), "images": os.path.dirname(image),
+            "vicuna-7b-v1.5": str(c["model"]), "clip-vit-large-patch14-336": str(c["vision"]),
+            "blip_laion_cc_sbu_558k.json": data["pretrain"], "LLaVA-Pretrain/images": str(root / "data"),
+            "llava_v1_5_mix665k.json": data["instruct"], "data": str(root / "data"),
+            "runs/stage1": str(root / "runs" / "stage1"), "runs/stage2": str(root / "runs" / "stage2")}
+
+
+def _substitute(text, files):
+    # whole tokens only ("data" is a path, "--data" a flag; a path inside a quoted string is replaced too)
+    return re.sub(r"(?<![\w./-])(" + "|".join(map(re.escape, sorted(files, key=len, reverse=True))) + r")(?![\w.-])",
+                  lambda m: files[m.group(1)], text)
+
+
+def _run(args, stdin=""):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, cwd=ROOT, input=stdin, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_python_block_runs_as_written(files):
+    (block,) = _blocks("python")
+    proc = _run([sys.executable, "-c", _substitute(block, files)])
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2  # the greedy answer, then the first answer token by hand
+    assert lines[0].startswith(lines[1].strip()) or lines[1].strip() == ""
+
+
+def test_commands_run_as_written(files):
+    """The generate.py lines (one-shot, chat, batch), then stage 1 and stage 2 under torchrun, in order."""
+    (block,) = _blocks("bash")
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+    commands = [shlex.split(_substitute(c.split("  #")[0], files)) for c in commands]
+    assert [c[0] for c in commands] == ["python"] * 4 + ["torchrun"]
+    for c in commands:
+        launcher = [sys.executable] if c[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
+        proc = _run(launcher + c[1:], stdin="What color is it?\n" if "--chat" in c else "")
+        if "--chat" in c:
+            assert proc.stdout.count("ASSISTANT: ") == 1
+    assert len(open(files["a.jsonl"]).read().splitlines()) == 1
+    assert os.path.isfile(os.path.join(files["runs/stage1"], "mm_projector.safetensors"))
+    assert os.path.isfile(os.path.join(files["runs/stage2"], "model.safetensors"))
