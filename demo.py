@@ -22,7 +22,6 @@ LLaVA keeps CLIP frozen: its features still tell shapes, colours and places apar
 LLM learn to read them. Learning is not smooth: count and position come first, colour and shape later.
 """
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -37,18 +36,18 @@ from minillava.llama import RMSNorm
 
 @dataclass
 class DemoConfig:
-    out: str = "demo_out"
-    seed: int = 0
+    out: str = "demo_out"  # everything goes here: data/, base/, stage1/, stage2/
+    seed: int = 0  # images, tokenizer, weights and data order
     n_train: int = 4000  # training images (one caption and one instruction record each)
     n_test: int = 200  # held-out images, 4 short questions each
     image_size: int = 48  # 3x3 grid of 16 px cells: one patch per cell
-    vocab_size: int = 768
-    stage1_epochs: float = 1.0
+    vocab_size: int = 768  # SentencePiece pieces of the demo's tokenizer
+    stage1_epochs: float = 1.0  # passes over the captions (projector only)
     stage1_lr: float = 1e-3  # LLaVA-1.5's stage-1 lr
     stage2_epochs: float = 10.0  # colour and shape are learned late (after ~5 epochs); 10 leaves a margin
     stage2_lr: float = 5e-4  # LLaVA uses 2e-5 on a pretrained Vicuna; a random 1M-parameter LLM needs more
-    batch: int = 32
-    threads: int = 0  # torch CPU threads (0: torch's default, all cores)
+    batch: int = 32  # sequences per optimizer step, both stages
+    threads: int = 0  # CPU threads (0: the cores this process may use; OMP_NUM_THREADS if set)
     examples: int = 8  # held-out questions printed with the model's answers
 
 
@@ -118,7 +117,8 @@ def run_stage(stage: int, cfg: DemoConfig, base: dict, data: dict, out: str, pro
             "--out", out, "--global-batch", str(cfg.batch), "--micro-batch", str(cfg.batch),
             "--epochs", str(cfg.stage1_epochs if stage == 1 else cfg.stage2_epochs),
             "--lr", str(cfg.stage1_lr if stage == 1 else cfg.stage2_lr), "--max-length", "256",
-            "--no-grad-checkpointing", "--log-every", "50", "--save-every", "100000", "--seed", str(cfg.seed)]
+            "--no-grad-checkpointing", "--log-every", "50", "--save-every", "100000", "--seed", str(cfg.seed),
+            "--threads", str(torch.get_num_threads())]
     if projector:
         argv += ["--projector", projector]
     print(f"\n$ python train.py {' '.join(argv)}", flush=True)
@@ -146,12 +146,12 @@ def evaluate(model_dir: str, data: dict) -> dict:
 def main(argv=None) -> dict:
     from minillava import synthetic
 
+    from minillava.cli import add_config_args, set_threads
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(DemoConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    add_config_args(p, DemoConfig)
     cfg = DemoConfig(**vars(p.parse_args(argv)))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    print(set_threads(cfg.threads), flush=True)
     t0 = time.time()
 
     print(f"1-2. data and tokenizer -> {cfg.out}/data", flush=True)

@@ -45,29 +45,40 @@ from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tok
 @dataclass
 class GenerateConfig:
     # what to load
-    model: str = None         # checkpoint directory: llava-hf (layout A), original LLaVA (B), or a LLaMA dir (C)
+    model: str = None         # checkpoint dir: llava-hf (layout A), original LLaVA (B, with --vision), LLaMA (C)
     vision: str = None        # CLIP directory, for layouts B and C
     tokenizer: str = None     # tokenizer.model, or a directory holding one (default: the model directory's)
-    tokenizer_legacy: str = None  # true | false: overrides "legacy" of the tokenizer_config.json beside it
+    tokenizer_legacy: str = None  # true | false: overrides the "legacy" of the tokenizer_config.json beside it
     # what to ask: --image + --prompt (one-shot), --image + --chat, or --questions + --answers (batch)
-    image: str = None
-    prompt: str = None
-    chat: bool = False
-    questions: str = None     # jsonl: {"question_id", "image", "text"} per line
-    answers: str = None       # jsonl: {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    image: str = None         # the image to ask about (one-shot and chat)
+    prompt: str = None        # one-shot: the question; the answer is streamed to stdout
+    chat: bool = False        # interactive conversation about --image (the image is encoded once)
+    questions: str = None     # batch: jsonl, {"question_id", "image", "text"} per line
+    answers: str = None       # batch: jsonl written here ({"question_id", "prompt", "text", ...}); resumable
     image_folder: str = ""    # where the questions' "image" paths are relative to
-    # how to answer (LLAVA_REFERENCE.md section 7: evaluation passes --temperature 0)
-    template: str = "vicuna_v1"
-    temperature: float = 0.2  # 0 = greedy
-    top_p: float = None       # None = off (the web demo used 0.7)
-    top_k: int = None
-    max_new_tokens: int = 512
-    seed: int = 0
-    batch_size: int = 8
+    num_chunks: int = 1       # batch: split the questions into this many contiguous chunks (the original's sharding)
+    chunk_idx: int = 0        # batch: answer only this chunk
+    # how to answer. The command line's temperature is the original cli.py's 0.2; the Python API is greedy.
+    template: str = "vicuna_v1"  # conversation template: plain, vicuna_v1, llava_v1, llava_hf
+    temperature: float = 0.2  # 0 = greedy (evaluation); 0.2 = the original's cli.py default
+    top_p: float = None       # nucleus sampling: keep the smallest set of tokens with this much probability
+    top_k: int = None         # sample among the k most likely tokens only
+    max_new_tokens: int = 512  # the answer is cut after this many tokens
+    seed: int = 0             # sampling seed: the same seed and prompt give the same answer
+    batch_size: int = 8       # batch: questions answered together
+    num_beams: int = 1        # the original's flag; only 1 (no beam search) is supported
     # where
     dtype: str = "auto"       # fp32 | fp16 | bf16; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"      # auto = cuda when available, else cpu
+    threads: int = 0          # CPU threads (0: the cores this process may use; OMP_NUM_THREADS if set)
     profile: str = None       # write a torch.profiler trace (chrome://tracing) of the generation here
+
+
+# The original LLaVA scripts' flag names (llava/eval/model_vqa*.py, llava/serve/cli.py): same meaning, so their
+# eval scripts run with minillava by changing the command.
+ORIGINAL_FLAGS = {"model": ["--model-path"], "image": ["--image-file"], "questions": ["--question-file"],
+                  "answers": ["--answers-file"], "template": ["--conv-mode"], "max_new_tokens": ["--max_new_tokens"],
+                  "top_p": ["--top_p"], "num_beams": ["--num_beams"]}
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -328,19 +339,34 @@ def run_one_shot(model, tokenizer, cfg: GenerateConfig, image=None) -> Generatio
 
 
 def run_chat(model, tokenizer, cfg: GenerateConfig, image=None, stdin=None) -> GenerationStats:
+    """Ask, answer, repeat. On a terminal the line is read with the standard library's line editing (arrow
+    keys, history); an empty line, end of input or Ctrl-C ends the chat."""
     stdin = stdin or sys.stdin
+    interactive = stdin is sys.stdin and sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
     chat = Chat(model, tokenizer, image, cfg.template, cfg.temperature, cfg.top_p, cfg.top_k,
                 cfg.max_new_tokens, cfg.seed)
-    print(f"chat about {cfg.image or 'no image'}; an empty line or end of input ends it", file=sys.stderr)
-    while True:
-        _write("USER: ")
-        line = stdin.readline()
-        if not line.strip():
-            _write("\n" if not line else "")
-            return chat.stats
-        _write("ASSISTANT: ")
-        chat.ask(line.strip(), on_text=_write)
+    print(f"chat about {cfg.image or 'no image'}; an empty line, end of input or Ctrl-C ends it", file=sys.stderr)
+    try:
+        while True:
+            if interactive:
+                try:
+                    line = input("USER: ") + "\n"
+                except EOFError:
+                    line = ""
+            else:
+                _write("USER: ")
+                line = stdin.readline()
+            if not line.strip():
+                _write("\n" if not line else "")
+                return chat.stats
+            _write("ASSISTANT: ")
+            chat.ask(line.strip(), on_text=_write)
+            _write("\n")
+    except KeyboardInterrupt:
         _write("\n")
+        return chat.stats
 
 
 def read_questions(path):
@@ -397,6 +423,9 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
     """Answer every question not yet in cfg.answers; each answer line is written and flushed as its batch ends.
     -> (stats, errors): malformed lines and questions that could not be answered, each named."""
     questions, errors = read_questions(cfg.questions)
+    if cfg.num_chunks > 1:  # the original's get_chunk: contiguous chunks of ceil(n / num_chunks)
+        size = -(-len(questions) // cfg.num_chunks)
+        questions = questions[cfg.chunk_idx * size:(cfg.chunk_idx + 1) * size]
     done = read_answered(cfg.answers)
     todo = [(n, q) for n, q in questions if q["question_id"] not in done]
     model_id = os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "minillava"
@@ -455,17 +484,11 @@ def profiler(path):
 
 
 def parse_args(argv=None) -> GenerateConfig:
+    from minillava.cli import add_config_args
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = {"chat": "interactive conversation about --image", "template": f"one of {', '.join(TEMPLATES)}",
-             "tokenizer_legacy": "true | false: override the tokenizer_config.json's \"legacy\" (default: the "
-                                 "file's; no file = true)"}
-    for f in fields(GenerateConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", help=helps.get(f.name))
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, help=helps.get(f.name, f"default: {f.default}"))
+    add_config_args(p, GenerateConfig, aliases=ORIGINAL_FLAGS,
+                    choices={"template": list(TEMPLATES), "tokenizer_legacy": ["true", "false"]})
     cfg = GenerateConfig(**vars(p.parse_args(argv)))
     if cfg.model is None:
         p.error("--model is required")
@@ -474,18 +497,20 @@ def parse_args(argv=None) -> GenerateConfig:
         p.error("choose one mode: --prompt TEXT (one-shot), --chat, or --questions FILE --answers FILE")
     if cfg.questions is not None and cfg.answers is None:
         p.error("--questions needs --answers OUT.jsonl")
-    if cfg.template not in TEMPLATES:
-        p.error(f"unknown --template {cfg.template!r}; known: {', '.join(TEMPLATES)}")
-    if cfg.tokenizer_legacy not in (None, "true", "false"):
-        p.error(f"--tokenizer-legacy must be true or false, got {cfg.tokenizer_legacy!r}")
+    if cfg.num_beams != 1:
+        p.error("--num-beams: only 1 (no beam search) is supported; the LLaVA-1.5 evaluation uses 1")
+    if not 0 <= cfg.chunk_idx < cfg.num_chunks:
+        p.error(f"--chunk-idx {cfg.chunk_idx} must be in [0, --num-chunks {cfg.num_chunks})")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be >= 1")
     return cfg
 
 
 def main(argv=None) -> int:
+    from minillava.cli import set_threads
     cfg = parse_args(argv)
     errors = []
+    threads = set_threads(cfg.threads)
     try:
         # fail on a bad image before loading gigabytes of weights
         image = None if cfg.image is None else load_image(cfg.image)
@@ -493,6 +518,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"questions file not found: {cfg.questions}")
         legacy = {None: None, "true": True, "false": False}[cfg.tokenizer_legacy]
         model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device, legacy)
+        print(threads, file=sys.stderr)
         if cfg.prompt is not None:  # check the prompt fits before anything is printed
             n_img = 0 if image is None else 1
             prompt_ids([("human", with_image_placeholder(cfg.prompt, n_img))], tokenizer, model.config, cfg.template)
@@ -506,6 +532,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        resume = f"; the answers so far are in {cfg.answers}: run the same command to go on" if cfg.answers else ""
+        print(f"\ninterrupted{resume}", file=sys.stderr)
+        return 130
     print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
     print_stats(stats, model)
     for e in errors:

@@ -7,7 +7,9 @@ setup(
     python_requires=">=3.10",
     packages=["minillava", "kernels", "weights"],
     py_modules=["train", "generate", "demo"],
-    install_requires=["torch>=2.5", "safetensors", "sentencepiece", "numpy", "pillow",
-                      "triton; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest"], "parity": ["pytest", "transformers>=4.45"]},
+    # triton is not required: torch's CUDA wheels bring it; on a CPU it only serves the kernel tests (interpreter)
+    install_requires=["torch>=2.5", "safetensors", "sentencepiece", "numpy", "pillow"],
+    extras_require={"kernels": ["triton; platform_system == 'Linux'"],
+                    "test": ["pytest", "triton; platform_system == 'Linux'"],
+                    "parity": ["pytest", "transformers>=4.45"]},
 )

@@ -1,6 +1,7 @@
 """Train LLaVA: stage 1 (feature alignment: the projector) or stage 2 (visual instruction tuning: projector + LLM,
 or LoRA adapters), on a CPU, one GPU, or many of either through torchrun. The recipe is LLaVA-1.5's
-(LLAVA_REFERENCE.md §6); every default is in TrainConfig below and every field is a flag.
+(the table in the README); every default is in TrainConfig below and every field is a flag, explained
+by `python train.py --help`.
 
     # stage 1 from CLIP + Vicuna (layout C), writes OUT/mm_projector.safetensors
     python train.py --stage 1 --model vicuna-7b-v1.5 --vision clip-vit-large-patch14-336 \\
@@ -39,6 +40,7 @@ import math
 import os
 import random
 import resource
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -59,35 +61,36 @@ class TrainConfig:
     tokenizer_legacy: str = ""  # true | false: overrides "legacy" of the tokenizer_config.json beside it
     data: str = ""  # the official JSON list of records
     image_folder: str = ""  # image paths in --data are relative to it
-    out: str = "out"
-    template: str = ""  # default: plain (stage 1), vicuna_v1 (stage 2)
+    out: str = "out"  # output dir: model files, checkpoints/, log.jsonl, data_report.json
+    template: str = ""  # plain, vicuna_v1, llava_v1 or llava_hf (default: plain in stage 1, vicuna_v1 in 2)
     # optimisation; 0 means "the recipe's value for this stage" (RECIPES)
-    lr: float = 0.0
+    lr: float = 0.0  # peak learning rate, cosine decay after a linear warmup (0: 1e-3 stage 1, 2e-5 stage 2, 2e-4 LoRA)
     projector_lr: float = 0.0  # the projector's lr; LoRA recipe 2e-5, else = lr
     global_batch: int = 0  # sequences per optimizer step, over all ranks and accumulation steps
     micro_batch: int = 4  # sequences per forward/backward on one rank
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the data (fractions allowed)
     max_steps: int = 0  # > 0: train this many optimizer steps instead of `epochs`
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.03  # fraction of the steps with a linear lr warmup
     weight_decay: float = 0.0  # AdamW; biases and norm weights never decay
     grad_clip: float = 1.0  # max global grad norm (0: no clipping)
     max_length: int = 2048  # LLM positions per sample, each image counting Np
-    group_by_modality_length: bool = True
+    group_by_modality_length: bool = True  # batches all-image or all-text, of similar lengths (the original's)
     lora: int = 0  # LoRA rank (0: full fine-tuning); the recipe uses 128
     lora_alpha: float = 0.0  # 0: 2 * rank (256 for r 128)
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.05  # dropout on the LoRA input
     grad_checkpointing: bool = True  # recompute each decoder block in backward
     ddp: bool = False  # under torchrun: DDP instead of FSDP2
-    seed: int = 42
+    seed: int = 42  # initial weights of new modules, data order
     # bookkeeping
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps between log lines (and log.jsonl records)
     save_every: int = 500  # optimizer steps between checkpoints; one is always written at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # checkpoints kept in OUT/checkpoints (older ones are deleted)
     resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints (if there is one)
     skip_bad_records: bool = False  # train without the records the data check rejects (listed)
     workers: int = -1  # data loader and data check processes (-1: 4 on GPU, 0 on CPU)
     profile: bool = False  # torch profiler trace of steps 3-5 to OUT/profile/
-    device: str = ""  # default: cuda when available, else cpu
+    device: str = ""  # cuda or cpu (default: cuda when available)
+    threads: int = 0  # CPU threads per process (0: the cores this process may use; OMP_NUM_THREADS if set)
 
 
 RECIPES = {1: dict(lr=1e-3, global_batch=256, template="plain"),
@@ -95,19 +98,14 @@ RECIPES = {1: dict(lr=1e-3, global_batch=256, template="plain"),
 LORA_RECIPE = dict(lr=2e-4, projector_lr=2e-5)
 # Fields that change what a resumed run computes; the others (logging, workers...) may differ.
 RESUME_FREE = {"out", "resume", "log_every", "save_every", "keep_checkpoints", "workers", "profile", "device",
-               "skip_bad_records", "grad_checkpointing", "ddp", "micro_batch"}
+               "threads", "skip_bad_records", "grad_checkpointing", "ddp", "micro_batch"}
 
 
 def parse_args(argv=None) -> TrainConfig:
+    from minillava.cli import add_config_args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default,
-                           choices=(1, 2) if f.name == "stage" else None)
+    add_config_args(p, TrainConfig, choices={"stage": (1, 2), "tokenizer_legacy": ("", "true", "false")})
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -123,8 +121,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"--{name} is required")
     if cfg.lora and cfg.stage != 2:
         raise ValueError("--lora is a stage-2 option (stage 1 trains the projector only)")
-    if cfg.tokenizer_legacy not in ("", "true", "false"):
-        raise ValueError(f"--tokenizer-legacy must be true or false, got {cfg.tokenizer_legacy!r}")
     if cfg.stage == 2 and cfg.template == "plain":
         raise ValueError("stage 2 trains on conversations: --template plain is stage 1's")
     return cfg
@@ -289,6 +285,24 @@ def atomic_torch_save(obj, path: str):
 def list_checkpoints(out: str) -> list:
     """Finished checkpoints, oldest first (temporary files of an interrupted save are not listed)."""
     return sorted(glob.glob(os.path.join(out, "checkpoints", "step_*.pt")))
+
+
+def open_log(path: str, start: int):
+    """log.jsonl for appending. A fresh run starts it empty; a run resumed at step `start` drops the records
+    of steps after the checkpoint (the interrupted run logged them, and they are about to be run again), then
+    marks the resume."""
+    if not start:
+        return open(path, "w")
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.write(json.dumps({"event": "resume", "step": start}) + "\n")
+    os.replace(tmp, path)
+    return open(path, "a")
 
 
 def rng_state(device) -> dict:
@@ -479,12 +493,15 @@ def main(argv=None):
 
 def train(cfg: TrainConfig, rank: int, world: int, device):
     from minillava import data
+    from minillava.cli import set_threads
     from minillava.tokenizer import Tokenizer
     t_start = time.time()
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
+    log(set_threads(cfg.threads), flush=True)
     workers = cfg.workers if cfg.workers >= 0 else (4 if device.type == "cuda" else 0)
-    os.makedirs(cfg.out, exist_ok=True)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise TrainingError(f"--out {cfg.out} is a file; give a directory (it is created if missing)")
     if list_checkpoints(cfg.out) and not cfg.resume:
         raise TrainingError(f"{cfg.out} already holds checkpoints: pass --resume to continue that run, or "
                             "choose another --out")
@@ -496,6 +513,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
     # model (on the CPU: the data check forks worker processes, which must happen before CUDA starts)
     torch.manual_seed(cfg.seed)  # the same initial weights (stage 1's projector, LoRA's A) on every rank
     llava = load_model(cfg)
+    os.makedirs(cfg.out, exist_ok=True)  # only once the model loaded: a wrong --model leaves no empty dir
     mc = llava.config
     if cfg.max_length > mc.text.max_position_embeddings:
         raise ValueError(f"--max-length {cfg.max_length} exceeds the model's {mc.text.max_position_embeddings} "
@@ -549,9 +567,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
     has_image = {s.index: s.has_image for s in samples}
     trainable = [p for g in opt.param_groups for p in g["params"]]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a" if start else "w") if master else None
-    if log_file and start:
-        log_file.write(json.dumps({"event": "resume", "step": start}) + "\n")
+    log_file = open_log(os.path.join(cfg.out, "log.jsonl"), start) if master else None
     profiler = None
     if cfg.profile:
         def on_trace(prof):
@@ -644,9 +660,23 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def interrupted(argv) -> str:
+    """What to tell a user who pressed Ctrl-C: where the last checkpoint is and the command that continues."""
+    cfg = parse_args(argv)
+    ckpts = list_checkpoints(cfg.out)
+    if not ckpts:
+        return f"interrupted before the first checkpoint: nothing saved in {cfg.out}/checkpoints"
+    again = " ".join(["python train.py", *map(shlex.quote, argv), *([] if cfg.resume else ["--resume"])])
+    return f"interrupted; the last checkpoint is {ckpts[-1]}. Continue from it with:\n  {again}"
+
+
 if __name__ == "__main__":
     try:
         main()
     except (TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{interrupted(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(130)

@@ -6,29 +6,13 @@ oracle and the documentation of the math. Attention is the one exception on the 
 fused ``scaled_dot_product_attention`` (``attention_torch``), held to the reference by the tests, because the
 reference's explicit fp32 score matrix makes CPU training and decoding several times slower.
 
-Which path runs is decided in one place, :func:`enabled`:
-- ``MINILLAVA_KERNELS=0``      plain PyTorch everywhere;
-- ``MINILLAVA_KERNELS=1``      (default) Triton for CUDA tensors, plain PyTorch for CPU tensors;
-- ``MINILLAVA_KERNELS=force``  Triton for every tensor; on CPU this needs ``TRITON_INTERPRET=1`` (tests).
+Which path runs is decided in one place, :func:`kernels.dispatch.enabled` (its docstring lists the modes of
+``MINILLAVA_KERNELS``; by default plain PyTorch until a GPU check is recorded).
 """
-import os
-
-import torch
-
-
-def enabled(x: torch.Tensor) -> bool:
-    """True when the Triton path should run for tensors like ``x``."""
-    mode = os.environ.get("MINILLAVA_KERNELS", "1")
-    if mode == "0":
-        return False
-    if mode == "force":
-        return True
-    return x.is_cuda
-
-
-from kernels.attention import attention, attention_reference, attention_torch  # noqa: E402
-from kernels.mlp import swiglu, swiglu_reference, linear_quick_gelu, linear_quick_gelu_reference  # noqa: E402
-from kernels.linear import linear  # noqa: E402
-from kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
-from kernels.rope import apply_rope, apply_rope_reference  # noqa: E402
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference  # noqa: E402
+from kernels.dispatch import enabled
+from kernels.attention import attention, attention_reference, attention_torch
+from kernels.mlp import swiglu, swiglu_reference, linear_quick_gelu, linear_quick_gelu_reference
+from kernels.linear import linear
+from kernels.rmsnorm import rms_norm, rms_norm_reference
+from kernels.rope import apply_rope, apply_rope_reference
+from kernels.cross_entropy import cross_entropy, cross_entropy_reference

@@ -29,10 +29,8 @@ For GQA, dk/dv of a kv head also sum over its nh // n_kv query heads (inside one
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-import kernels
+from kernels.dispatch import enabled, tl, triton
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): e^x = 2^(x * LOG2E)
 HEAD_SIZES = (16, 32, 64, 128)  # hs must be a power of two >= 16 (tl.dot and tl.arange need it)
@@ -689,9 +687,9 @@ def _decode_torch(q, k, v, key_padding_mask, scale):
 
 
 def attention(q, k, v, causal: bool, key_padding_mask=None, scale=None):
-    """Attention through the Triton kernels when :func:`kernels.enabled` and the shape is supported (head size
+    """Attention through the Triton kernels when :func:`kernels.dispatch.enabled` and the shape is supported (head size
     16/32/64/128, fp16/bf16/fp32, non-empty sequences); otherwise, on purpose, :func:`attention_torch`."""
     _validate(q, k, v, key_padding_mask)
-    if kernels.enabled(q) and _kernel_supports(q, k, v):
+    if enabled(q) and _kernel_supports(q, k, v):
         return AttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)
     return attention_torch(q, k, v, causal, key_padding_mask, scale)

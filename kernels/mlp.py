@@ -14,10 +14,9 @@ gate, up and silu(gate): three (M, F) tensors per layer). The backward pass reco
 """
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-import kernels
+from kernels.dispatch import enabled, tl, triton
+from kernels.linear import linear
 
 QUICK_GELU_ALPHA = tl.constexpr(1.702)  # CLIP's quick_gelu: y * sigmoid(1.702 y), a cheap approximation of GELU
 
@@ -381,18 +380,18 @@ def _needs_grad(*tensors):
 
 
 def swiglu(x, w_gate, w_up):
-    """silu(x W_gate^T) * (x W_up^T): (..., C) -> (..., F), fused Triton GEMM when :func:`kernels.enabled`."""
-    if kernels.enabled(x) and _gemm_supported(x, w_gate, w_up):
+    """silu(x W_gate^T) * (x W_up^T): (..., C) -> (..., F), fused Triton GEMM when :func:`kernels.dispatch.enabled`."""
+    if enabled(x) and _gemm_supported(x, w_gate, w_up):
         return SwiGLUFunction.apply(x, w_gate, w_up)
-    # the reference's math; kernels.linear is F.linear except for the few rows of a CPU decoding step
-    return F.silu(kernels.linear(x, w_gate)) * kernels.linear(x, w_up)
+    # the reference's math; kernels.linear.linear is F.linear except for the few rows of a CPU decoding step
+    return F.silu(linear(x, w_gate)) * linear(x, w_up)
 
 
 def linear_quick_gelu(x, weight, bias):
-    """quick_gelu(x W^T + b): (..., C) -> (..., F), Triton GEMM + epilogue when :func:`kernels.enabled`."""
+    """quick_gelu(x W^T + b): (..., C) -> (..., F), Triton GEMM + epilogue when :func:`kernels.dispatch.enabled`."""
     ok = _gemm_supported(x, weight) and (bias is None or (bias.dtype == x.dtype and bias.device == x.device
                                                           and bias.shape == weight.shape[:1]))
-    if not (kernels.enabled(x) and ok):
+    if not (enabled(x) and ok):
         return linear_quick_gelu_reference(x, weight, bias)
     if _needs_grad(x, weight, bias):
         return LinearQuickGELUFunction.apply(x, weight, bias)

@@ -10,10 +10,8 @@ the opposite angle, i.e. the same formula with sin -> -sin):
 One Triton program per (b, t) token loads cos/sin once and rotates every q and k head of that token, in fp32.
 """
 import torch
-import triton
-import triton.language as tl
 
-import kernels
+from kernels.dispatch import enabled, tl, triton
 
 
 def rotate_half(x):
@@ -144,7 +142,7 @@ class RoPEFunction(torch.autograd.Function):
 
 
 def apply_rope(q, k, cos, sin):
-    """RoPE on q and k through the Triton kernel when :func:`kernels.enabled`, else the reference.
+    """RoPE on q and k through the Triton kernel when :func:`kernels.dispatch.enabled`, else the reference.
     Falls back on purpose for: shapes other than q (B, nh, T, hs), k (B, n_kv, T, hs), cos/sin (B or 1, T, hs)
     with even hs; cos/sin that require grad (the kernel does not differentiate them); empty inputs; mixed
     devices; bf16 off CUDA (the interpreter has no bf16)."""
@@ -156,6 +154,6 @@ def apply_rope(q, k, cos, sin):
           and not (cos.requires_grad or sin.requires_grad)
           and all(t.dtype in floats and t.device == q.device for t in (k, cos, sin)) and q.dtype in floats
           and (q.is_cuda or torch.bfloat16 not in (q.dtype, k.dtype, cos.dtype, sin.dtype)))
-    if kernels.enabled(q) and ok:
+    if enabled(q) and ok:
         return RoPEFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)

@@ -1,6 +1,6 @@
 """LLaVA's official training data: read the JSON list, check every record, batch the good ones.
 
-Both stages read one JSON list (LLAVA_REFERENCE.md §5) plus an image folder:
+Both stages read one JSON list (the README's training data) plus an image folder:
     [{"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
       "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
                         {"from": "gpt", "value": "The bus is white and red."}, ...]},

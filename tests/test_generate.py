@@ -188,6 +188,7 @@ def test_one_shot_streams_the_answer_and_prints_speed(ckpt, loaded, images, caps
     assert out.strip() == want and out.endswith("\n")
     assert "prefill:" in err and "decode:" in err and "tokens/s" in err and "GB/s" in err
     assert "tokenizer: legacy=true add_bos_token=true add_eos_token=false (from " in err
+    assert f"threads: {torch.get_num_threads()} (" in err
     assert G.main(["--model", ckpt, "--image", images[1], "--prompt", "What is in the picture?",
                    "--temperature", "0", "--max-new-tokens", "10", "--tokenizer-legacy", "false"]) == 0
     assert "tokenizer: legacy=false" in capsys.readouterr().err
@@ -241,6 +242,7 @@ def test_prompt_that_does_not_fit_says_by_how_much(ckpt, images, capsys):
     context, Np = CFG.text.max_position_embeddings, CFG.num_image_tokens
     rc, out, err = run_main(["--model", ckpt, "--image", images[0], "--prompt", "the dog " * 150], capsys)
     assert rc == 1 and out == ""
+    err = next(line for line in err.splitlines() if line.startswith("error: "))
     text_tokens = int(err.split("(")[1].split(" text")[0])
     L = text_tokens + Np
     assert f"the prompt is {L} tokens ({text_tokens} text + 1 image x {Np})" in err
@@ -322,8 +324,8 @@ def test_batch_interrupted_loses_nothing_already_answered(ckpt, images, tmp_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(G, "answer_batch", interrupted_on_the_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        G.main(argv)
+    rc, out, err = run_main(argv, capsys)  # Ctrl-C: no traceback, says where the answers are
+    assert rc == 130 and f"interrupted; the answers so far are in {answers}: run the same command" in err
     assert [a["question_id"] for a in read_answers(answers)] == [0, 1]
     # A process killed in the middle of a write leaves a partial line: the next run drops it and goes on.
     with open(answers, "a") as f:
@@ -332,6 +334,32 @@ def test_batch_interrupted_loses_nothing_already_answered(ckpt, images, tmp_path
     rc, out, err = run_main(argv, capsys)
     assert rc == 0 and "dropping an incomplete last line" in err
     assert [a["question_id"] for a in read_answers(answers)] == [0, 1, 2, 3, 4]
+
+
+def test_the_original_scripts_flag_names(ckpt, images, tmp_path, capsys):
+    """model_vqa.py's command line (--model-path, --question-file, --answers-file, --conv-mode, --num-chunks /
+    --chunk-idx, --temperature 0, --max_new_tokens) answers as minillava's own flags do, chunk by chunk."""
+    folder = os.path.dirname(images[0])
+    qs = [{"question_id": i, "image": "a.png", "text": f"Question number {i}?"} for i in range(5)]
+    questions = tmp_path / "q.jsonl"
+    write_lines(questions, qs)
+    ours = ["--model", ckpt, "--questions", str(questions), "--answers", str(tmp_path / "ours.jsonl"),
+            "--image-folder", folder, "--template", "vicuna_v1", "--temperature", "0", "--max-new-tokens", "6"]
+    assert run_main(ours, capsys)[0] == 0
+    want = read_answers(tmp_path / "ours.jsonl")
+    got = []
+    for k in range(2):  # ceil(5 / 2) = 3 questions in chunk 0, 2 in chunk 1, as the original's get_chunk
+        path = tmp_path / f"chunk{k}.jsonl"
+        original = ["--model-path", ckpt, "--question-file", str(questions), "--answers-file", str(path),
+                    "--image-folder", folder, "--conv-mode", "vicuna_v1", "--num-chunks", "2", "--chunk-idx",
+                    str(k), "--temperature", "0", "--max_new_tokens", "6", "--num_beams", "1"]
+        assert run_main(original, capsys)[0] == 0
+        got.append(read_answers(path))
+    assert [len(c) for c in got] == [3, 2]
+    assert [(a["question_id"], a["text"]) for a in got[0] + got[1]] == [(a["question_id"], a["text"]) for a in want]
+    with pytest.raises(SystemExit):
+        G.parse_args(["--model-path", ckpt, "--prompt", "x", "--num_beams", "3"])
+    assert "only 1 (no beam search)" in capsys.readouterr().err
 
 
 def test_batch_missing_questions_file_writes_nothing(ckpt, tmp_path, capsys):

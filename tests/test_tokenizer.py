@@ -161,7 +161,7 @@ def with_config(tmp_path, tok, config):
     ("a dog.</s>USER: hi", ["▁a", "▁dog", ".", "</s>", "▁USER", ":", "▁h", "i"],
      ["▁a", "▁dog", ".", "</s>", "U", "SER", ":", "▁h", "i"]),                # no "▁" after a special token
     ("</s>USER", ["</s>", "▁USER"], ["</s>", "U", "SER"]),                     # nor at a special start
-    ("a </s> USER", ["▁a", "▁", "</s>", "▁", "▁USER"], ["▁a", "▁", "</s>", "▁USER"]),  # a space stays one "▁"
+    ("a </s> USER", ["▁a", "▁", "</s>", "▁", "▁USER"], ["▁a", "▁", "</s>", "▁USER"]),  # the space is kept
     ("x<s>y<unk>z", ["▁", "x", "<s>", "▁y", "<unk>", "▁", "<0x7A>"],            # all three specials split
      ["▁", "x", "<s>", "y", "<unk>", "<0x7A>"]),
     ("USER: hi", ["▁USER", ":", "▁h", "i"], ["▁USER", ":", "▁h", "i"]),        # the start is the same

@@ -48,7 +48,8 @@ def argv(env, stage, out, *extra, steps=3):
     a = ["--stage", str(stage), "--model", env["llama"], "--vision", env["clip"],
          "--data", str(env["pretrain"] if stage == 1 else env["instruct"]), "--image-folder", str(env["data"]),
          "--out", str(out), "--micro-batch", "2", "--global-batch", "4", "--max-length", "256",
-         "--max-steps", str(steps), "--log-every", "1", "--no-grad-checkpointing", "--warmup-ratio", "0.3"]
+         "--max-steps", str(steps), "--log-every", "1", "--no-grad-checkpointing", "--warmup-ratio", "0.3",
+         "--threads", "1"]
     if stage == 2 and "--projector" not in extra:
         a += ["--projector", env["projector"]]
     return a + list(extra)
@@ -61,7 +62,7 @@ def run_script(args, launcher=()):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def finish(proc, timeout=120) -> str:
+def finish(proc, timeout=120, expect=0) -> str:
     """Wait for a run_script process; on timeout kill its whole group (torchrun's workers too) and fail."""
     try:
         out = proc.communicate(timeout=timeout)[0]
@@ -69,7 +70,7 @@ def finish(proc, timeout=120) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         out = proc.communicate()[0]
         pytest.fail(f"timed out after {timeout}s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == expect, out[-3000:]
     return out
 
 
@@ -208,6 +209,36 @@ def test_resume_after_sigkill_is_bitwise_exact(env, tmp_path):
     ref_log = {r["step"]: r["loss"] for r in log_lines(tmp_path / "ref")}
     run_log = [r for r in log_lines(tmp_path / "run") if "step" in r and "loss" in r]
     assert all(r["loss"] == ref_log[r["step"]] for r in run_log)
+    # the steps the killed run logged past its checkpoint are not repeated: each step once, then the resume mark
+    assert [r["step"] for r in run_log] == list(range(1, 13))
+    assert [r for r in log_lines(tmp_path / "run") if "event" in r] == [{"event": "resume", "step": 6}]
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(env, tmp_path):
+    args = argv(env, 2, tmp_path / "run", "--save-every", "2", steps=200)
+    proc = run_script(args)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and sum(1 for _ in open(log)) >= 3:  # past the checkpoint at step 2
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.005)
+    out = finish(proc, expect=130)
+    assert "Traceback" not in out
+    assert "interrupted; the last checkpoint is " + str(tmp_path / "run" / "checkpoints" / "step_") in out
+    assert "Continue from it with:\n  python train.py " in out and out.rstrip().endswith("--resume")
+
+
+def test_out_that_is_a_file_and_a_missing_model(env, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(train.TrainingError, match="--out .*file is a file"):
+        train.main(argv(env, 2, tmp_path / "file", steps=1))
+    args = argv(env, 2, tmp_path / "never", steps=1)
+    args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+    with pytest.raises(Exception, match="no-such-model"):
+        train.main(args)
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
@@ -271,8 +302,9 @@ def test_tokenizer_legacy_flag_is_printed_reported_and_saved(env, tmp_path, caps
     report = json.load(open(out / "data_report.json"))
     assert len(report["original_masks_all"]) == report["summary"]["original_masks_all"]
     assert json.load(open(out / "tokenizer_config.json"))["legacy"] is False
-    with pytest.raises(ValueError, match="--tokenizer-legacy must be true or false"):
+    with pytest.raises(SystemExit):
         train.main(argv(env, 2, tmp_path / "o2", steps=1) + ["--tokenizer-legacy", "yes"])
+    assert "invalid choice: 'yes'" in capsys.readouterr().err
 
 
 def test_samples_without_supervision_after_truncation_are_reported(env, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Load LLaVA weights in every official layout (LLAVA_REFERENCE.md §2, weights/keymaps.py) into a Llava.
+"""Load LLaVA weights in every official layout (weights/keymaps.py lists them) into a Llava.
 
     model = load_llava("llava-1.5-7b-hf")                                    # A, A-flat, A', ... (llava-hf)
     model = load_llava("llava-v1.5-7b", vision_path="clip-vit-large-patch14-336")         # B (original)
@@ -307,7 +307,7 @@ def _read(found: dict, dtype, device) -> dict:
 
 def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32, device="cpu",
                projector_type=None, new_projector=False) -> Llava:
-    """Load a LLaVA checkpoint in any official layout; see the module docstring and CONTRACTS.md.
+    """Load a LLaVA checkpoint in any official layout; see the module docstring.
 
     path:           checkpoint dir; config.json's model_type picks the layout: "llava" (A and its variants),
                     "llava_llama" (B), "llama" (C).

@@ -66,6 +66,16 @@ def atomic_dir(out_dir):
         shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
 
 
+def _save_file(tensors: dict, path, metadata: dict):
+    """safetensors' save_file, with the file mode the umask gives (save_file itself creates files 0600, which
+    would keep a trained model from the other users of a shared machine)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: Path, d: dict):
     Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
@@ -73,7 +83,6 @@ def write_json(path: Path, d: dict):
 def write_safetensors(tensors: dict, out_dir: Path, max_shard_bytes=None, metadata=None, stem="model"):
     """`{stem}.safetensors`, or, above max_shard_bytes, shards `{stem}-0000i-of-0000n.safetensors` plus
     `{stem}.safetensors.index.json` = {"metadata": {"total_size": bytes}, "weight_map": {key: shard}}."""
-    from safetensors.torch import save_file
     metadata = {"format": "pt", **(metadata or {})}  # transformers requires format=pt
     shards, size = [{}], 0
     for key, t in tensors.items():
@@ -84,12 +93,12 @@ def write_safetensors(tensors: dict, out_dir: Path, max_shard_bytes=None, metada
         shards[-1][key] = t.detach().contiguous()
         size += n
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / f"{stem}.safetensors"), metadata=metadata)
+        _save_file(shards[0], out_dir / f"{stem}.safetensors", metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / name), metadata=metadata)
+        _save_file(shard, out_dir / name, metadata)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(out_dir / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total},
@@ -146,7 +155,6 @@ def save_llava(model, out_dir, tokenizer=None, max_shard_bytes=MAX_SHARD_BYTES):
 def save_projector(model, path):
     """Save the projector alone as a layout-C stage-1 file: `model.mm_projector.{0,2}.{weight,bias}`
     (`model.mm_projector.{weight,bias}` for linear) + metadata {"mm_projector_type": ...}. Atomic."""
-    from safetensors.torch import save_file
     path = Path(path)
     ptype = model.config.projector_type
     rules = keymaps.projector_rules(ptype)
@@ -155,7 +163,7 @@ def save_projector(model, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path, "tmp")
     try:
-        save_file(state, str(tmp), metadata={"format": "pt", "mm_projector_type": ptype})
+        _save_file(state, tmp, {"format": "pt", "mm_projector_type": ptype})
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)

@@ -1,0 +1,53 @@
+"""Which path runs, Triton kernels or plain PyTorch: decided here and only here, by `enabled`.
+
+    MINILLAVA_KERNELS=0      plain PyTorch everywhere
+    MINILLAVA_KERNELS=auto   (the default) plain PyTorch everywhere until a GPU check has passed and is recorded
+                             in benchmarks/RESULTS.md (GPU_VALIDATED below); from then on, Triton for CUDA tensors
+    MINILLAVA_KERNELS=1      Triton for CUDA tensors, plain PyTorch for CPU tensors
+    MINILLAVA_KERNELS=force  Triton for every tensor; on CPU this needs TRITON_INTERPRET=1 (the kernel tests)
+
+The `triton` package is optional: torch's CUDA wheels bring it, a CPU install need not (1 GB it would only use
+in the interpreter tests). Without it the kernel modules still import, because their plain-torch references are
+the CPU path: `triton` and `tl` are then stand-ins that let the decorators and annotations evaluate (a decorator
+returns its function unchanged), and `enabled` is False.
+"""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+    class _Missing:
+        """Stands in for `triton` and `triton.language`: every attribute is itself, and calling it on a lone
+        function (`@triton.jit`, `autotune(...)(fn)`) returns the function."""
+
+        def __getattr__(self, name):
+            return self
+
+        def __call__(self, *args, **kwargs):
+            return args[0] if len(args) == 1 and not kwargs and callable(args[0]) else self
+
+    triton = tl = _Missing()
+
+# Flipped to True in the change that records a passing benchmarks/gpu_check.sh run in benchmarks/RESULTS.md.
+GPU_VALIDATED = False
+MODES = ("0", "auto", "1", "force")
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """True when the Triton path should run for tensors like `x`."""
+    mode = os.environ.get("MINILLAVA_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"MINILLAVA_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "force" and not HAVE_TRITON:
+        raise RuntimeError("MINILLAVA_KERNELS=force needs the triton package (pip install triton)")
+    if mode == "0" or not HAVE_TRITON:
+        return False
+    if mode == "force":
+        return True
+    return x.is_cuda and (mode == "1" or GPU_VALIDATED)

@@ -1,0 +1,72 @@
+"""What the scripts (train.py, generate.py, demo.py) share on the command line: flags built from a config
+dataclass, each flag's help the comment written beside its field (one source for both), and the CPU thread
+count.
+
+    @dataclass
+    class GenerateConfig:
+        temperature: float = 0.2  # 0 = greedy       ->  --temperature T   0 = greedy (default: 0.2)
+
+Threads: PyTorch starts one thread per core it sees, but a container or a CPU quota may give the process fewer,
+and on a shared machine idle-spinning OpenMP threads that outnumber the free cores make training and decoding
+10-40x slower. `default_threads` counts the cores this process may really use (affinity and the cgroup quota);
+OMP_NUM_THREADS, when set, wins; each script has --threads and prints the count it runs with.
+"""
+import argparse
+import dataclasses
+import inspect
+import math
+import os
+import re
+
+
+def field_help(cls) -> dict:
+    """{field name: the `# comment` on its line in the class body}."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, aliases=None, choices=None):
+    """One flag per field of the dataclass `cls` (`--micro-batch` for micro_batch), its help the field's
+    comment and its default. `aliases`: {field: ["--other-name", ...]} (the original LLaVA's flag names);
+    `choices`: {field: allowed values}. Booleans get --flag / --no-flag."""
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        names = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
+        text = helps.get(f.name, "")
+        if f.type is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=text)
+            continue
+        default = "" if f.default in (None, "") else f" (default: {f.default})"
+        parser.add_argument(*names, dest=f.name, type=f.type, default=f.default, help=text + default,
+                            choices=(choices or {}).get(f.name), metavar=f.name.upper())
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS if set, else the cores this process may use: its CPU affinity, capped by a cgroup v2
+    CPU quota (cpu.max "QUOTA PERIOD", as containers set it)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads(n: int = 0) -> str:
+    """Use n CPU threads (0: default_threads()) and return the line the scripts print about it."""
+    import torch
+    chosen = n or default_threads()
+    torch.set_num_threads(chosen)
+    why = "--threads" if n else ("OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else "the cores this process "
+                                 "may use")
+    return f"threads: {chosen} ({why}; change with --threads N)"
