@@ -385,19 +385,20 @@ def read_questions(path):
                     raise ValueError(f"missing key(s) {', '.join(missing)}")
                 if not isinstance(q["text"], str) or not isinstance(q.get("image", ""), str):
                     raise ValueError("'text' and 'image' must be strings")
-                if q["question_id"] in seen:
-                    first = seen[q["question_id"]]
-                    raise ValueError(f"duplicate question_id {q['question_id']!r} (first on line {first})")
+                key = (q["question_id"], q["text"])  # TextVQA's question_id is the image's, shared by its questions
+                if key in seen:
+                    raise ValueError(f"duplicate question {q['question_id']!r} (the same id and text as line "
+                                     f"{seen[key]})")
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 errors.append(f"{path}:{n}: {e}")
                 continue
-            seen[q["question_id"]] = n
+            seen[key] = n
             questions.append((n, q))
     return questions, errors
 
 
 def read_answered(path) -> set:
-    """question_ids already in the answers file. An incomplete last line (the process was killed in the middle of
+    """(question_id, prompt) of the answers already in the answers file. An incomplete last line (the process was killed in the middle of
     writing it) is cut off; any other unreadable line is an error."""
     if not os.path.exists(path):
         return set()
@@ -413,7 +414,8 @@ def read_answered(path) -> set:
     for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if line.strip():
             try:
-                done.add(json.loads(line)["question_id"])
+                a = json.loads(line)
+                done.add((a["question_id"], a["prompt"]))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: not an answer line ({e}); fix or move the answers file") from e
     return done
@@ -427,7 +429,7 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
         size = -(-len(questions) // cfg.num_chunks)
         questions = questions[cfg.chunk_idx * size:(cfg.chunk_idx + 1) * size]
     done = read_answered(cfg.answers)
-    todo = [(n, q) for n, q in questions if q["question_id"] not in done]
+    todo = [(n, q) for n, q in questions if (q["question_id"], q["text"]) not in done]
     model_id = os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "minillava"
     total = GenerationStats()
     t0, n_answered = time.perf_counter(), 0

@@ -6,7 +6,7 @@ setup(
     description="LLaVA (v1 and 1.5) from scratch in plain PyTorch, with fused Triton kernels",
     python_requires=">=3.10",
     packages=["minillava", "kernels", "weights"],
-    py_modules=["train", "generate", "demo"],
+    py_modules=["train", "generate", "eval", "demo"],
     # triton is not required: torch's CUDA wheels bring it; on a CPU it only serves the kernel tests (interpreter)
     install_requires=["torch>=2.5", "safetensors", "sentencepiece", "numpy", "pillow"],
     extras_require={"kernels": ["triton; platform_system == 'Linux'"],

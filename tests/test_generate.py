@@ -282,14 +282,14 @@ def test_batch_answers_errors_and_resume(ckpt, loaded, images, tmp_path, capsys)
     questions = tmp_path / "q.jsonl"
     write_lines(questions, [good[0], good[1], "{not json", {"question_id": "q9", "image": "a.png"},
                             {"question_id": "q4", "image": str(tmp_path / "truncated.png"), "text": "What?"},
-                            good[2], {"question_id": "q0", "image": "a.png", "text": "duplicate"}, good[3]])
+                            good[2], dict(good[0]), good[3]])
     answers = tmp_path / "out" / "answers.jsonl"
     argv = ["--model", ckpt, "--questions", str(questions), "--answers", str(answers), "--image-folder", folder,
             "--temperature", "0", "--max-new-tokens", "10", "--batch-size", "2"]
     rc, out, err = run_main(argv, capsys)
     assert rc == 1
     for line, what in [(3, "Expecting property name"), (4, "missing key(s) text"), (5, "cannot decode image"),
-                       (7, "duplicate question_id 'q0' (first on line 1)")]:
+                       (7, "duplicate question 'q0' (the same id and text as line 1)")]:
         assert f"{questions}:{line}: " in err and what in err.split(f"{questions}:{line}: ")[1].split("\n")[0]
     assert "4 question(s) not answered" in err and "answered" in err
     got = read_answers(answers)

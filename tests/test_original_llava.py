@@ -167,3 +167,88 @@ def test_tokenizer_equals_slow_llama_tokenizer(tokenizers):
     if not tok.legacy:  # the protobuf-free no-dummy-prefix model is transformers' protobuf-edited one
         for text in ["USER", " a  b", "▁x", "\nthe"]:
             assert tok.sp_bare.encode(text) == hf.sp_model.encode(text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval.py's scorers against the original eval scripts, on the small files of tests/test_eval.py
+
+def test_evalai_normalization_equals_m4c_evaluator():
+    import random
+
+    import eval as E
+    from llava.eval.m4c_evaluator import EvalAIAnswerProcessor
+    original = EvalAIAnswerProcessor()
+    rng = random.Random(0)
+    atoms = ["the", "a", "two", "none", "dont", "3", ".", ",", "1,000", "-", " - ", "man's", "?", "!", "(", ")",
+             "/", "\n", "\t", "  ", "e.g.", "3.5", "Yes", "somebody'd", "ten", "...", ";", "'", "x"]
+    for _ in range(3000):
+        text = "".join(rng.choice(atoms) + rng.choice(["", " "]) for _ in range(rng.randint(0, 8)))
+        assert E.evalai_normalize(text) == original(text), repr(text)
+    assert E.evalai_normalize("." * 40) == original("." * 40)
+
+
+def test_pope_sqa_textvqa_scores_equal_the_original_scripts(tmp_path, capsys):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import eval as E
+    from llava.eval import eval_pope, eval_textvqa
+    from tests import test_eval as T
+
+    # POPE: eval_pope.eval_pope per category prints "f1, acc, precision, recall, yes_ratio"
+    data = tmp_path / "pope"
+    questions, pairs = [], []
+    for cat, rows in T.POPE_ANSWERS.items():
+        T.write_jsonl(data / "coco" / f"coco_pope_{cat}.json", [{"label": label} for label, _ in rows])
+        for label, text in rows:
+            q = {"question_id": len(questions), "image": "x.jpg", "category": cat, "text": "Is there a dog?"}
+            questions.append(q)
+            pairs.append((q, text))
+    T.write_jsonl(data / "llava_pope_test.jsonl", questions)
+    path = T.answers_file(data / "a.jsonl", pairs)
+    ours = E.score("pope", str(data), path)["metrics"]
+    for cat in T.POPE_ANSWERS:
+        answers = [json.loads(line) for line in open(path)]
+        answers = [a for a in answers if questions[a["question_id"]]["category"] == cat]
+        capsys.readouterr()
+        eval_pope.eval_pope(answers, str(data / "coco" / f"coco_pope_{cat}.json"))
+        f1, acc, precision, recall, yes = map(float, capsys.readouterr().out.strip().splitlines()[-1].split(", "))
+        m = ours[cat]
+        assert [round(m[k] / 100, 3) for k in ("f1", "accuracy", "precision", "recall", "yes_ratio")] == \
+            [f1, acc, precision, recall, yes], cat
+
+    # ScienceQA: the script's "Accuracy: x%, IMG-Accuracy: y%"
+    sqa = tmp_path / "sqa"
+    sqa.mkdir()
+    problems = {str(i): {"choices": ["a", "b", "c"][:2 + i % 2], "answer": i % 2} for i in range(8)}
+    (sqa / "problems.json").write_text(json.dumps(problems))
+    (sqa / "pid_splits.json").write_text(json.dumps({"test": list(problems)}))
+    recs = [{"id": pid, "conversations": [{"from": "human", "value": f"Q{pid}?"}, {"from": "gpt", "value": "A"}],
+             **({"image": "i.png"} if int(pid) % 3 else {})} for pid in problems]
+    (sqa / "llava_test_CQM-A.json").write_text(json.dumps(recs))
+    qs = E.questions_for_generate(E.BENCHMARKS["sqa"], str(sqa))
+    texts = ["A", "B", "The answer is A.", "B. yes", "C", "The answer is B. The answer is B.", "b"]  # 8th missing
+    path = T.answers_file(sqa / "a.jsonl", list(zip(qs, texts)))
+    m = E.score("sqa", str(sqa), path)["metrics"]
+    script = os.path.join(os.path.dirname(eval_pope.__file__), "eval_science_qa.py")
+    out = subprocess.run([sys.executable, script, "--base-dir", str(sqa), "--result-file", path, "--output-file",
+                          str(sqa / "o.json"), "--output-result", str(sqa / "r.json")], capture_output=True, text=True)
+    acc, img = map(float, re.search(r"Accuracy: ([\d.]+)%, IMG-Accuracy: ([\d.]+)%", out.stdout).groups())
+    assert (round(m["accuracy"], 2), round(m["img_accuracy"], 2)) == (acc, img)
+
+    # TextVQA: eval_single's "Accuracy: x%"
+    tv = tmp_path / "textvqa"
+    tv.mkdir()
+    ann = [{"image_id": f"img{i}", "question": f"What is {i}?", "answers": ["two dogs"] * (i + 1) + ["2 dogs"] *
+            (9 - i)} for i in range(9)]
+    (tv / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": ann}))
+    suffix = "\nReference OCR token: x\nAnswer the question using a single word or phrase."
+    qs = [{"question_id": a["image_id"], "image": "x.jpg", "text": a["question"] + suffix} for a in ann]
+    T.write_jsonl(tv / "llava_textvqa_val_v051_ocr.jsonl", qs)
+    path = T.answers_file(tv / "a.jsonl", [(q, t) for q, t in zip(qs, ["Two dogs.", "2", "the 2 dogs", "dogs"] * 3)])
+    capsys.readouterr()
+    eval_textvqa.eval_single(str(tv / "TextVQA_0.5.1_val.json"), path)
+    want = float(re.search(r"Accuracy: ([\d.]+)%", capsys.readouterr().out).group(1))
+    assert round(E.score("textvqa", str(tv), path)["metrics"]["accuracy"], 2) == want

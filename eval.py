@@ -1,0 +1,574 @@
+"""Evaluate LLaVA on LLaVA-1.5's benchmarks with the official protocol and the official scoring.
+
+    python eval.py list                                                  # benchmarks, their files, the paper's numbers
+    python eval.py answer BENCH --model DIR [--vision DIR] --data DIR --answers FILE [--batch-size N]
+    python eval.py score  BENCH --data DIR --answers FILE [--output metrics.json]
+    python eval.py run    BENCH --model DIR [--vision DIR] --data DIR --out DIR   # answer, then score
+    torchrun --nproc_per_node N eval.py answer ...                       # each rank a contiguous chunk, merged
+
+--data is the benchmark's folder as LLaVA's eval.zip lays it out (playground/data/eval/<bench>); `list` names the
+files each benchmark needs. Answering is the original's model_vqa_loader.py / model_vqa_science.py: vicuna_v1,
+greedy, pad-to-square, "<image>\\n" before the question, 128 new tokens (1024 for ScienceQA), the answers file in
+their format (resumable: a killed run goes on where it stopped). Scoring is the original's scripts, quirks
+included (each one moves a published number; see the scorers' docstrings), and imports neither torch nor the
+model. A question without an answer counts as wrong, as in the original; how many there were is printed.
+"""
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmarks
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    questions: str          # in --data: what the model answers
+    images: str             # in --data: the folder the questions' "image" paths are relative to
+    ground_truth: tuple     # in --data: what `score` reads
+    source: str             # where the files come from
+    paper: tuple            # LLaVA-1.5 7B, 13B (MODEL_ZOO.md), in the headline's unit
+    headline: str           # the paper's number among the metrics
+    max_new_tokens: int = 128
+
+
+BENCHMARKS = {b.name: b for b in [
+    Benchmark("pope", "llava_pope_test.jsonl", "val2014",
+              ("coco/coco_pope_adversarial.json", "coco/coco_pope_popular.json", "coco/coco_pope_random.json"),
+              "eval.zip (pope/); images: COCO val2014", (85.9, 85.9), "f1"),
+    Benchmark("sqa", "llava_test_CQM-A.json", "images/test", ("problems.json", "pid_splits.json"),
+              "eval.zip (scienceqa/); problems.json, pid_splits.json and images/test from ScienceQA",
+              (66.8, 71.6), "img_accuracy", max_new_tokens=1024),
+    Benchmark("textvqa", "llava_textvqa_val_v051_ocr.jsonl", "train_images", ("TextVQA_0.5.1_val.json",),
+              "eval.zip (textvqa/); TextVQA_0.5.1_val.json and train_images from TextVQA 0.5.1", (58.2, 61.3),
+              "accuracy"),
+    Benchmark("gqa", "llava_gqa_testdev_balanced.jsonl", "data/images", ("data/testdev_balanced_questions.json",),
+              "eval.zip (gqa/); data/ (questions1.2 and images) from GQA", (62.0, 63.3), "accuracy"),
+    Benchmark("mme", "llava_mme.jsonl", "MME_Benchmark_release_version", ("MME_Benchmark_release_version",),
+              "eval.zip (MME/); MME_Benchmark_release_version from the MME authors", (1510.7, 1531.3),
+              "perception"),
+    # scored by their servers: `score` writes the file they take (--output-submission)
+    Benchmark("vqav2", "llava_vqav2_mscoco_test-dev2015.jsonl", "test2015", ("llava_vqav2_mscoco_test2015.jsonl",),
+              "eval.zip (vqav2/); test2015 images from COCO; upload to the VQAv2 EvalAI server", (78.5, 80.0),
+              "server"),
+    Benchmark("vizwiz", "llava_test.jsonl", "test", (), "eval.zip (vizwiz/); test images from VizWiz; upload to "
+              "the VizWiz EvalAI server", (50.0, 53.6), "server"),
+]}
+SUBMISSION = {"vqav2", "vizwiz"}
+SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+class EvalError(ValueError):
+    """Bad benchmark files or answers; the message names the file (and line)."""
+
+
+def check_files(bench: Benchmark, data: str, for_answering: bool):
+    """Every file the step needs, named with where it comes from, before any model is loaded."""
+    need = [bench.questions] + ([bench.images] if for_answering else list(bench.ground_truth))
+    missing = [p for p in need if not os.path.exists(os.path.join(data, p))]
+    if missing:
+        raise EvalError(f"{bench.name}: missing {', '.join(os.path.join(data, p) for p in missing)} "
+                        f"(from {bench.source})")
+
+
+def read_jsonl(path) -> list:
+    """[(line number, object)]; a malformed line is an error naming path:line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{path}:{n}: not JSON ({e})") from None
+    return out
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: not JSON ({e})") from None
+
+
+def questions_for_generate(bench: Benchmark, data: str) -> list:
+    """The benchmark's questions as generate.py answers them: {"question_id", "image", "text"}, "text" being
+    what the answers file records as "prompt". POPE, TextVQA, GQA, MME: the question file's lines as they are
+    (model_vqa_loader puts "<image>\\n" before the text). ScienceQA (model_vqa_science --single-pred-prompt): the
+    first human turn without "<image>", "<image>\\n" in front when the problem has an image, the letter
+    instruction after it."""
+    path = os.path.join(data, bench.questions)
+    if bench.name != "sqa":
+        return [q for _, q in read_jsonl(path)]
+    out = []
+    for rec in read_json(path):
+        text = rec["conversations"][0]["value"].replace("<image>", "").strip()
+        q = {"question_id": rec["id"], "text": ("<image>\n" if "image" in rec else "") + text + "\n" + SQA_SUFFIX}
+        if "image" in rec:
+            q["image"] = rec["image"]
+        out.append(q)
+    return out
+
+
+def key(q) -> tuple:
+    """A question's identity: (question_id, text). TextVQA's question_id is its image's, shared by the questions
+    of one image; an answer carries the text as its "prompt"."""
+    return q["question_id"], q["text"]
+
+
+def read_answers(bench: Benchmark, path: str, questions) -> dict:
+    """{(question_id, prompt): answer dict} from an answers file; malformed lines, duplicates and answers to
+    questions this benchmark does not have are errors naming path:line (an answers file of another benchmark
+    is caught here)."""
+    known = {key(q) for q in questions}
+    answers, unknown = {}, []
+    for n, a in read_jsonl(path):
+        if not (isinstance(a, dict) and "question_id" in a and isinstance(a.get("text"), str)
+                and isinstance(a.get("prompt"), str)):
+            raise EvalError(f"{path}:{n}: not an answer line (expected question_id, prompt and text)")
+        k = (a["question_id"], a["prompt"])
+        if k not in known:
+            unknown.append((n, k[0]))
+        elif k in answers:
+            raise EvalError(f"{path}:{n}: a second answer to question {k[0]!r}")
+        answers[k] = a
+    if unknown:
+        n, qid = unknown[0]
+        raise EvalError(f"{path}: {len(unknown)} answer(s) to questions {bench.name} does not have (first: "
+                        f"{qid!r} on line {n}); is it the answers file of another benchmark?")
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scorers: the original scripts' arithmetic. Each takes the benchmark folder and {question_id: answer} in
+# answers-file order, and returns metrics in the paper's units (percent; MME in points).
+
+def _ratio(a, b):
+    return 100.0 * a / b if b else 0.0
+
+
+def pope_yes_no(text: str) -> str:
+    """eval_pope.py: the text before the first ".", commas dropped, split on single spaces; "no" when a word is
+    exactly "No", "no" or "not", else "yes"."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+
+
+def score_pope(data, answers, questions):
+    """Per category (coco/coco_pope_<category>.json, one {"label"} per line): the category's questions, in file
+    order, are paired with the labels in order (the original pairs the answers, which are in that order).
+    Accuracy, precision, recall, F1 and the share of "yes"; the paper's number is the mean F1 of the three."""
+    metrics, n_missing = {}, 0
+    for file in BENCHMARKS["pope"].ground_truth:
+        category = os.path.basename(file)[len("coco_pope_"):-len(".json")]
+        labels = ["no" if json.loads(line)["label"] == "no" else "yes"
+                  for line in open(os.path.join(data, file)) if line.strip()]
+        mine = [q for q in questions if q.get("category") == category]
+        if len(mine) != len(labels):
+            raise EvalError(f"{os.path.join(data, file)} has {len(labels)} labels for {len(mine)} {category} "
+                            "questions")
+        preds = []
+        for q, label in zip(mine, labels):
+            a = answers.get(key(q))
+            n_missing += a is None
+            preds.append(pope_yes_no(a["text"]) if a else ("no" if label == "yes" else "yes"))  # missing: wrong
+        tp = sum(p == "yes" and t == "yes" for p, t in zip(preds, labels))
+        fp = sum(p == "yes" and t == "no" for p, t in zip(preds, labels))
+        tn = sum(p == "no" and t == "no" for p, t in zip(preds, labels))
+        precision, recall = _ratio(tp, tp + fp), _ratio(tp, labels.count("yes"))
+        metrics[category] = {"accuracy": _ratio(tp + tn, len(labels)), "precision": precision, "recall": recall,
+                             "f1": 2 * precision * recall / (precision + recall) if tp else 0.0,
+                             "yes_ratio": _ratio(preds.count("yes"), len(preds)), "n": len(preds)}
+    cats = list(metrics.values())
+    metrics["f1"] = sum(m["f1"] for m in cats) / len(cats)
+    metrics["accuracy"] = sum(m["accuracy"] for m in cats) / len(cats)
+    return metrics, n_missing
+
+
+def sqa_letter(text: str) -> str:
+    """eval_science_qa.py: the text itself when it is a letter A-E; its first letter when it reads "B. ...";
+    else the X of exactly one "The answer is X." (the "." matches any character); else "FAILED"."""
+    options = "ABCDE"
+    if text in options:
+        return text
+    if len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+        return text[0]
+    found = re.findall(r"The answer is ([A-Z]).", text)
+    return found[0] if len(found) == 1 else "FAILED"
+
+
+def score_sqa(data, answers, questions):
+    """Over pid_splits.json["test"]: a problem is right when the parsed letter is its answer's (letters A-E,
+    an index past the choices never right). IMG-accuracy (the LLaVA-1.5 table's) counts the problems whose
+    answer's prompt holds "<image>", so an unanswered problem counts as wrong and as a text problem."""
+    problems = read_json(os.path.join(data, "problems.json"))
+    test = read_json(os.path.join(data, "pid_splits.json"))["test"]
+    answers = {qid: a for (qid, _), a in answers.items()}  # ScienceQA's ids are unique
+    right = total = img_right = img_total = n_missing = 0
+    for pid in test:
+        a = answers.get(pid)
+        n_missing += a is None
+        text, prompt = (a["text"], a.get("prompt", "")) if a else ("FAILED", "Unknown")
+        letter = sqa_letter(text)
+        choices = problems[pid]["choices"]
+        ok = letter in "ABCDE"[:len(choices)] and "ABCDE".index(letter) == problems[pid]["answer"]
+        img = "<image>" in prompt
+        right, total = right + ok, total + 1
+        img_right, img_total = img_right + (ok and img), img_total + img
+    return {"accuracy": _ratio(right, total), "img_accuracy": _ratio(img_right, img_total), "n": total,
+            "n_img": img_total}, n_missing
+
+
+# EvalAI's answer normalisation (TextVQA, VQAv2, VizWiz), as m4c_evaluator.EvalAIAnswerProcessor. The tables
+# are the EvalAI data; "somebody'd" -> "somebodyd" is theirs too.
+_CONTRACTIONS = dict(pair.split("=") for pair in (
+    "aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've "
+    "couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've "
+    "hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd "
+    "howll=how'll hows=how's Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've "
+    "it'dve=it'd've itll=it'll let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've "
+    "mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've neednt=needn't notve=not've "
+    "oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't "
+    "shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't "
+    "shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've "
+    "somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's someoned=someone'd "
+    "someoned've=someone'd've someone'dve=someone'd've someonell=someone'll someones=someone's "
+    "somethingd=something'd somethingd've=something'd've something'dve=something'd've somethingll=something'll "
+    "thats=that's thered=there'd thered've=there'd've there'dve=there'd've therere=there're theres=there's "
+    "theyd=they'd theyd've=they'd've they'dve=they'd've theyll=they'll theyre=they're theyve=they've "
+    "twas='twas wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll "
+    "whatre=what're whats=what's whatve=what've whens=when's whered=where'd wheres=where's whereve=where've "
+    "whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's whove=who've whyll=why'll "
+    "whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've "
+    "wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've "
+    "y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll "
+    "youre=you're youve=you've").split())
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS["none"] = "0"
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, so "3." loses its period too
+_DIGIT_COMMA = re.compile(r"(?<=\d)(\,)+(?=\d)")
+
+
+def evalai_normalize(text: str) -> str:
+    """Lower-case; drop "," "?"; "'s" -> " 's"; punctuation removed (or made a space when no space touches it
+    and no digit comma is present); at most 32 periods not followed by a digit removed (the original passes
+    re.UNICODE = 32 as the count); number words to digits; articles dropped; contractions restored."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _PUNCT:
+        if p + " " in text or " " + p in text or _DIGIT_COMMA.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _PERIOD.sub("", out, 32)
+    words = [_NUMBERS.get(w, w) for w in out.lower().split()]
+    words = [_CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def vqa_soft_scores(gt_answers) -> dict:
+    """{normalised answer: its accuracy}: for each of the 10 annotators, min(1, matches among the other 9 / 3),
+    averaged."""
+    gts = [evalai_normalize(a) for a in gt_answers]
+    if len(gts) != 10:
+        raise EvalError(f"expected 10 annotator answers, got {len(gts)}")
+    return {u: sum(min(1.0, sum(g == u for j, g in enumerate(gts) if j != i) / 3) for i in range(10)) / 10
+            for u in set(gts)}
+
+
+def textvqa_question(prompt: str) -> str:
+    """eval_textvqa.prompt_processor: the question inside the prompt, lower-cased, for its three prompt shapes."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        m = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        question = m.group(1) if m else None
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    elif len(lines) == 2:
+        question = lines[0]
+    else:
+        question = None
+    if question is None:
+        raise EvalError(f"a TextVQA prompt of none of the original's three shapes: {prompt!r}")
+    return question.lower()
+
+
+def score_textvqa(data, answers, questions):
+    """Each answer is matched to its annotation by (question_id = image_id, the question parsed from its
+    prompt); the mean over the answers file of the soft accuracy of the normalised answer. Unanswered
+    questions of the question file add 0 (the original averages over the answers file only; here they count
+    as wrong, as for every benchmark, and are counted)."""
+    ann = {(a["image_id"], a["question"].lower()): a
+           for a in read_json(os.path.join(data, "TextVQA_0.5.1_val.json"))["data"]}
+    scores = []
+    for q in questions:
+        a = answers.get(key(q))
+        if a is None:
+            scores.append(0.0)
+            continue
+        k = (a["question_id"], textvqa_question(a["prompt"]))
+        if k not in ann:
+            raise EvalError(f"TextVQA_0.5.1_val.json has no annotation for image {k[0]!r}, question {k[1]!r}")
+        scores.append(vqa_soft_scores(ann[k]["answers"]).get(evalai_normalize(a["text"]), 0.0))
+    return {"accuracy": _ratio(sum(scores), len(scores)), "n": len(scores)}, sum(key(q) not in answers
+                                                                                for q in questions)
+
+
+def score_gqa(data, answers, questions):
+    """convert_gqa_for_eval.py (prediction = text.rstrip(".").lower()) + GQA's eval.py on the balanced
+    testdev questions: exact match; "open" questions are those of structural type "query", the rest binary."""
+    gold = read_json(os.path.join(data, "data", "testdev_balanced_questions.json"))
+    answers = {qid: a for (qid, _), a in answers.items()}
+    by_kind = {"open": [], "binary": []}
+    n_missing = 0
+    for qid, g in gold.items():
+        if not g.get("isBalanced", True):
+            continue
+        a = answers.get(qid)
+        n_missing += a is None
+        ok = a is not None and a["text"].rstrip(".").lower() == g["answer"]
+        by_kind["open" if g["types"]["structural"] == "query" else "binary"].append(ok)
+    every = by_kind["open"] + by_kind["binary"]
+    return {"accuracy": _ratio(sum(every), len(every)), "open": _ratio(sum(by_kind["open"]), len(by_kind["open"])),
+            "binary": _ratio(sum(by_kind["binary"]), len(by_kind["binary"])), "n": len(every)}, n_missing
+
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_ground_truth(root) -> dict:
+    """{(subtask, question file, question): "Yes"/"No"} from MME's per-subtask .txt files (question<TAB>answer),
+    in <subtask>/ or <subtask>/questions_answers_YN/."""
+    gt = {}
+    for task in sorted(os.listdir(root)):
+        folder = os.path.join(root, task)
+        if not os.path.isdir(folder):
+            continue
+        qa = os.path.join(folder, "questions_answers_YN")
+        qa = qa if os.path.isdir(qa) else folder
+        for name in sorted(os.listdir(qa)):
+            if name.endswith(".txt"):
+                for n, line in enumerate(open(os.path.join(qa, name), encoding="utf-8"), 1):
+                    if line.strip():
+                        parts = line.rstrip("\n").split("\t")
+                        if len(parts) != 2:
+                            raise EvalError(f"{os.path.join(qa, name)}:{n}: expected question<TAB>answer")
+                        gt[task, name, parts[0]] = parts[1]
+    return gt
+
+
+def mme_yes_no(text: str) -> str:
+    """calculation.py: "yes"/"no" when the lower-cased text is exactly that, else by its first 4 characters."""
+    text = text.lower()
+    if text in ("yes", "no"):
+        return text
+    return "yes" if "yes" in text[:4] else "no" if "no" in text[:4] else "other"
+
+
+def score_mme(data, answers, questions):
+    """convert_answer_to_mme.py rebuilds each answer's ground-truth line from its prompt (the short-answer
+    suffix removed, " Please answer yes or no." appended when absent, with two spaces where MME's file has
+    them); calculation.py then pairs consecutive lines of a subtask (the two questions of one image): per
+    subtask accuracy + accuracy+ (both right), each in percent; perception and cognition are their sums."""
+    gt = mme_ground_truth(os.path.join(data, "MME_Benchmark_release_version"))
+    per_task, n_missing = {}, 0
+    for q in questions:
+        task = q["question_id"].split("/")[0]
+        file = q["question_id"].split("/")[-1].split(".")[0] + ".txt"
+        a = answers.get(key(q))
+        n_missing += a is None
+        prompt = q["text"].replace("Answer the question using a single word or phrase.",
+                                                           "").strip()
+        if "Please answer yes or no." not in prompt:
+            prompt += " Please answer yes or no."
+            if (task, file, prompt) not in gt:
+                prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
+        if (task, file, prompt) not in gt:
+            raise EvalError(f"MME has no ground truth for {task}/{file}: {prompt!r}")
+        truth = gt[task, file, prompt].lower()
+        pred = mme_yes_no(a["text"]) if a else ("no" if truth == "yes" else "yes")
+        per_task.setdefault(task, []).append(pred == truth)
+    metrics = {}
+    for task, right in per_task.items():
+        pairs = [right[i:i + 2] for i in range(0, len(right), 2)]
+        metrics[task] = {"accuracy": _ratio(sum(right), len(right)),
+                         "accuracy_plus": _ratio(sum(all(p) for p in pairs), len(pairs))}
+        metrics[task]["score"] = metrics[task]["accuracy"] + metrics[task]["accuracy_plus"]
+    metrics["perception"] = sum(metrics[t]["score"] for t in MME_PERCEPTION if t in metrics)
+    metrics["cognition"] = sum(metrics[t]["score"] for t in MME_COGNITION if t in metrics)
+    return metrics, n_missing
+
+
+def submission_vqav2(data, answers, questions) -> list:
+    """convert_vqav2_for_submission.py: every question of test2015, in its file's order, with its EvalAI-normalised
+    answer, or '' where test-dev did not ask (or the model did not answer) it."""
+    by_id = {qid: a["text"] for (qid, _), a in answers.items()}
+    split = [q for _, q in read_jsonl(os.path.join(data, "llava_vqav2_mscoco_test2015.jsonl"))]
+    return [{"question_id": q["question_id"],
+             "answer": evalai_normalize(by_id[q["question_id"]]) if q["question_id"] in by_id else ""} for q in split]
+
+
+def submission_vizwiz(data, answers, questions) -> list:
+    """convert_vizwiz_for_submission.py: {"image", "answer"} for every question, which must all be answered."""
+    missing = [q["question_id"] for q in questions if key(q) not in answers]
+    if missing:
+        raise EvalError(f"vizwiz: {len(missing)} question(s) have no answer (first: {missing[0]!r}); the "
+                        "submission needs them all: run `answer` again to complete the answers file")
+    return [{"image": q["image"], "answer": evalai_normalize(answers[key(q)]["text"])} for q in questions]
+
+
+SCORERS = {"pope": score_pope, "sqa": score_sqa, "textvqa": score_textvqa, "gqa": score_gqa, "mme": score_mme,
+           "vqav2": submission_vqav2, "vizwiz": submission_vizwiz}
+
+
+def score(name: str, data: str, answers_path: str, submission_path: str = None) -> dict:
+    """{"benchmark", "metrics": {..., "headline"}, "unanswered": n}. For a benchmark its server scores, the
+    submission file goes to submission_path and the metrics only count answers (headline null)."""
+    bench = BENCHMARKS[name]
+    check_files(bench, data, for_answering=False)
+    questions = questions_for_generate(bench, data)
+    answers = read_answers(bench, answers_path, questions)
+    n_missing = sum(key(q) not in answers for q in questions)
+    if name in SUBMISSION:
+        if not submission_path:
+            raise EvalError(f"{name} is scored by its server: give --output-submission FILE for the file it takes")
+        rows = SCORERS[name](data, answers, questions)
+        write_json_atomic(submission_path, rows)
+        return {"benchmark": name, "metrics": {"answered": len(questions) - n_missing, "questions": len(questions),
+                                               "submission": submission_path, "headline": None},
+                "unanswered": n_missing}
+    metrics, n_missing = SCORERS[name](data, answers, questions)
+    metrics["headline"] = metrics[bench.headline]
+    return {"benchmark": name, "metrics": metrics, "unanswered": n_missing}
+
+
+def write_json_atomic(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def print_metrics(result: dict, file=sys.stdout):
+    bench = BENCHMARKS[result["benchmark"]]
+    m = result["metrics"]
+    got = "for its server" if m["headline"] is None else f"{m['headline']:.2f}"
+    print(f"{bench.name}: {bench.headline} {got} (LLaVA-1.5 paper: 7B {bench.paper[0]}, 13B {bench.paper[1]})",
+          file=file)
+    for key, value in m.items():
+        if isinstance(value, dict):
+            print(f"  {key:24s} " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in value.items()), file=file)
+        elif key != "headline":
+            print(f"  {key:24s} {value:.2f}" if isinstance(value, float) else f"  {key:24s} {value}", file=file)
+    if result["unanswered"]:
+        print(f"  {result['unanswered']} question(s) had no answer and count as wrong", file=file)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Answering (generate.py's batch mode, under the benchmark's protocol)
+
+def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0, device="auto", dtype="auto"):
+    """Answer every question not yet in answers_path; under torchrun each rank answers a contiguous chunk into
+    its own file and rank 0 merges them in question order. Returns generate.main's exit status."""
+    import generate
+    bench = BENCHMARKS[name]
+    check_files(bench, data, for_answering=True)
+    questions = questions_for_generate(bench, data)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out = answers_path if world == 1 else f"{answers_path}.rank{rank}-of-{world}"
+    prepared = out + ".questions.jsonl"  # the questions as generate.py reads them (the prompts it records)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(prepared, "w", encoding="utf-8") as f:
+        for q in questions:
+            f.write(json.dumps(q, ensure_ascii=False) + "\n")
+    argv = ["--model", model, "--questions", prepared, "--answers", out, "--image-folder",
+            os.path.join(data, bench.images), "--template", "vicuna_v1", "--temperature", "0",
+            "--max-new-tokens", str(bench.max_new_tokens), "--batch-size", str(batch_size),
+            "--threads", str(threads), "--device", device, "--dtype", dtype,
+            "--num-chunks", str(world), "--chunk-idx", str(rank)] + (["--vision", vision] if vision else [])
+    rc = generate.main(argv)
+    os.remove(prepared)
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        dist.barrier()
+        if rank == 0:
+            parts = {}
+            for r in range(world):
+                part = f"{answers_path}.rank{r}-of-{world}"
+                parts.update((a["question_id"], line) for line, a in
+                             ((line, json.loads(line)) for line in open(part, encoding="utf-8") if line.strip()))
+            with open(answers_path, "w", encoding="utf-8") as f:
+                f.writelines(parts[q["question_id"]] for q in questions if q["question_id"] in parts)
+        dist.barrier()
+        dist.destroy_process_group()
+    return rc
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="the benchmarks, the files each needs, the paper's numbers")
+    for cmd in ("answer", "score", "run"):
+        s = sub.add_parser(cmd)
+        s.add_argument("bench", choices=list(BENCHMARKS))
+        s.add_argument("--data", required=True, help="the benchmark's folder (playground/data/eval/<bench>)")
+        if cmd in ("answer", "run"):
+            s.add_argument("--model", "--model-path", required=True, help="checkpoint directory (any layout)")
+            s.add_argument("--vision", help="CLIP directory, for layouts B and C")
+            s.add_argument("--batch-size", type=int, default=8, help="questions answered together (default: 8)")
+            s.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores this process may use)")
+            s.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
+            s.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
+        if cmd in ("answer", "score"):
+            s.add_argument("--answers", "--answers-file", required=True, help="the answers file (jsonl)")
+        if cmd == "score":
+            s.add_argument("--output", help="write the metrics here as JSON")
+        if cmd in ("score", "run"):
+            s.add_argument("--output-submission", help="vqav2, vizwiz: write the file their server takes here")
+        if cmd == "run":
+            s.add_argument("--out", required=True, help="writes answers.jsonl and metrics.json here")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "list":
+            for b in BENCHMARKS.values():
+                print(f"{b.name:8s} {b.headline} (paper 7B {b.paper[0]}, 13B {b.paper[1]})\n"
+                      f"         answer: {b.questions} + {b.images}/; score: {', '.join(b.ground_truth)}\n"
+                      f"         from {b.source}")
+            return 0
+        if a.cmd == "run":
+            a.answers, a.output = os.path.join(a.out, "answers.jsonl"), os.path.join(a.out, "metrics.json")
+            if a.bench in SUBMISSION and not a.output_submission:
+                a.output_submission = os.path.join(a.out, "submission.json")
+        if a.cmd == "run":  # what scoring needs too, before any model is loaded
+            check_files(BENCHMARKS[a.bench], a.data, for_answering=False)
+        if a.cmd in ("answer", "run"):
+            rc = answer(a.bench, a.model, a.data, a.answers, a.vision, a.batch_size, a.threads, a.device, a.dtype)
+            if rc != 0 or a.cmd == "answer" or int(os.environ.get("RANK", 0)) != 0:
+                return rc
+        result = score(a.bench, a.data, a.answers, a.output_submission)
+        print_metrics(result)
+        if a.output:
+            write_json_atomic(a.output, result)
+        return 0
+    except (EvalError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
