@@ -36,8 +36,8 @@ def test_every_source_file_is_listed():
 # Every command and code block of "Use it on real checkpoints" runs as written, on tiny files in the official
 # formats: only the paths are substituted.
 
-def _blocks(lang):
-    section = (ROOT / "README.md").read_text().split("## Use it on real checkpoints")[1].split("\n## ")[0]
+def _blocks(lang, title="Use it on real checkpoints"):
+    section = (ROOT / "README.md").read_text().split(f"## {title}")[1].split("\n## ")[0]
     return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
 
 
@@ -104,3 +104,60 @@ def test_commands_run_as_written(files):
     assert len(open(files["a.jsonl"]).read().splitlines()) == 1
     assert os.path.isfile(os.path.join(files["runs/stage1"], "mm_projector.safetensors"))
     assert os.path.isfile(os.path.join(files["runs/stage2"], "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def benchmarks(files, tmp_path_factory):
+    """Tiny benchmark folders in eval.zip's layout for the README's eval.py commands."""
+    import json
+    import shutil
+
+    from tests.test_eval import write_jsonl
+    root = tmp_path_factory.mktemp("eval")
+    image = files["photo.jpg"]
+
+    def folder(name, questions_file, images, questions):
+        d = root / name
+        os.makedirs(d / images)
+        for q in questions:
+            shutil.copyfile(image, d / images / q["image"])
+        write_jsonl(d / questions_file, questions)
+        return d
+    qs = [{"question_id": i, "image": f"{i}.png", "category": c, "text": "Is there a dog in the image?"}
+          for i, c in enumerate(["adversarial", "popular", "random"])]
+    pope = folder("pope", "llava_pope_test.jsonl", "val2014", qs)
+    for q in qs:
+        write_jsonl(pope / "coco" / f"coco_pope_{q['category']}.json", [{"label": "yes"}])
+    qs = [{"question_id": f"q{i}", "image": f"{i}.png", "text": "What color is it?\nAnswer the question using a "
+           "single word or phrase."} for i in range(2)]
+    gqa = folder("gqa", "llava_gqa_testdev_balanced.jsonl", "data/images", qs)
+    (gqa / "data" / "testdev_balanced_questions.json").write_text(json.dumps(
+        {q["question_id"]: {"answer": "red", "types": {"structural": "query"}, "isBalanced": True} for q in qs}))
+    qs = [{"question_id": "img1", "image": "img1.png", "text": f"What is written {w}?\nReference OCR token: stop\n"
+           "Answer the question using a single word or phrase."} for w in ("here", "there")]
+    textvqa = folder("textvqa", "llava_textvqa_val_v051_ocr.jsonl", "train_images", qs[:1])
+    write_jsonl(textvqa / "llava_textvqa_val_v051_ocr.jsonl", qs)
+    (textvqa / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": [
+        {"image_id": "img1", "question": f"What is written {w}?", "answers": ["stop"] * 10} for w in ("here", "there")]}))
+    qs = [{"question_id": i, "image": f"{i}.png", "text": "What is it?"} for i in range(3)]
+    vqav2 = folder("vqav2", "llava_vqav2_mscoco_test-dev2015.jsonl", "test2015", qs[:2])
+    write_jsonl(vqav2 / "llava_vqav2_mscoco_test2015.jsonl", qs)
+    return {"llava-1.5-7b-hf": files["llava-1.5-7b-hf"], **{f"playground/data/eval/{d.name}": str(d)
+                                                           for d in (pope, gqa, textvqa, vqav2)},
+            **{n: str(root / n) for n in ("runs/pope", "runs/vqav2", "gqa.jsonl", "gqa_metrics.json",
+                                           "textvqa.jsonl")}}
+
+
+def test_reproduce_the_paper_commands_run_as_written(benchmarks):
+    import json
+    (block,) = _blocks("bash", "Reproduce the paper")
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    commands = [shlex.split(_substitute(c.split("  #")[0], benchmarks)) for c in commands]
+    assert [c[0] for c in commands] == ["python"] * 3 + ["torchrun", "python"]
+    for c in commands:
+        launcher = [sys.executable] if c[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
+        _run(launcher + c[1:])
+    assert json.load(open(os.path.join(benchmarks["runs/pope"], "metrics.json")))["benchmark"] == "pope"
+    assert json.load(open(benchmarks["gqa_metrics.json"]))["metrics"]["n"] == 2
+    assert len(open(benchmarks["textvqa.jsonl"]).read().splitlines()) == 2
+    assert len(json.load(open(os.path.join(benchmarks["runs/vqav2"], "submission.json")))) == 3
