@@ -474,10 +474,19 @@ _attn_bwd_dq_tuned = triton.autotune(
     key=_TUNE_KEY)(_attn_bwd_dq_kernel)
 
 
+# fp32 on CUDA: one small config, not the autotuner. Exact fp32 dots ("ieee") cannot use tensor cores; their
+# big tiles took ptxas minutes each (one: 14 min, 139 KB of register spills per thread), and autotuning
+# compiles every candidate. fp32 is for checking, not for speed.
+_FP32_CUDA = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
 def _launch(kernel, tuned, grid_fn, x, args, **constexprs):
-    """Autotuned kernel on CUDA; the fixed interpreter config otherwise. grid_fn(BLOCK_M, BLOCK_N) -> grid."""
-    if x.is_cuda:
+    """Autotuned kernel on CUDA for 16-bit inputs, one fixed config for fp32 on CUDA and in the interpreter.
+    grid_fn(BLOCK_M, BLOCK_N) -> grid."""
+    if x.is_cuda and x.dtype != torch.float32:
         tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+    elif x.is_cuda:
+        kernel[grid_fn(_FP32_CUDA["BLOCK_M"], _FP32_CUDA["BLOCK_N"])](*args, **constexprs, **_FP32_CUDA)
     else:
         kernel[grid_fn(_CPU_BLOCK, _CPU_BLOCK)](*args, **constexprs, BLOCK_M=_CPU_BLOCK, BLOCK_N=_CPU_BLOCK)
 
@@ -644,9 +653,15 @@ def _validate(q, k, v, key_padding_mask):
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
 
 
+MAX_ELEMENTS = 2**31 - 1  # the kernels' pointer offsets are int32 products of program ids and strides
+
+
 def _kernel_supports(q, k, v):
+    """Shapes the kernels cover; the rest goes to attention_torch on purpose (never wrong numbers): head sizes
+    in HEAD_SIZES, one 16-bit or fp32 dtype, and tensors small enough for int32 offsets."""
     return (q.shape[-1] in HEAD_SIZES and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[2] >= 1 and k.shape[2] >= 1)
+            and q.shape[2] >= 1 and k.shape[2] >= 1
+            and all(sum((n - 1) * st for n, st in zip(x.shape, x.stride())) <= MAX_ELEMENTS for x in (q, k, v)))
 
 
 def attention_torch(q, k, v, causal: bool, key_padding_mask=None, scale=None):

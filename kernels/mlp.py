@@ -46,8 +46,13 @@ _CUDA_CONFIGS = [
         (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
     ]
 ]
-# Tuning is keyed on (N, K) and M rounded up to a power of two, so varying sequence lengths do not retune.
+# Tuning is keyed on (N, K) and a bucket of M, so varying sequence lengths do not retune: every M up to 64
+# (decoding steps, small batches) shares one bucket, above that M rounded up to a power of two, capped at 8192.
 _TUNE_KEY = ["M_BUCKET", "N", "K"]
+
+
+def _m_bucket(M: int) -> int:
+    return min(max(triton.next_power_of_2(M), 64), 8192)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,12 +224,13 @@ def _launch_gemm(kernel, tuned, x2, N, args, **constexprs):
     M, K = x2.shape
     if M * max(N, K) >= 2**31:
         raise ValueError(f"GEMM (M={M}, N={N}, K={K}) overflows the kernels' int32 offsets")
-    if x2.is_cuda:
+    if x2.is_cuda and x2.dtype != torch.float32:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         tuned[grid](*args, **constexprs)
-    else:
-        grid = (triton.cdiv(M, _CPU_CONFIG["BLOCK_M"]) * triton.cdiv(N, _CPU_CONFIG["BLOCK_N"]),)
-        kernel[grid](*args, **_CPU_CONFIG, **constexprs)
+    else:  # fp32 on CUDA too: exact fp32 dots compile slowly, and autotuning compiles every candidate
+        config = dict(_CPU_CONFIG, num_warps=4, num_stages=2) if x2.is_cuda else _CPU_CONFIG
+        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        kernel[grid](*args, **config, **constexprs)
 
 
 def _input_precision(x):
@@ -250,7 +256,7 @@ def swiglu_forward(x2, w_gate, w_up):
     w_gate, w_up = w_gate.contiguous(), w_up.contiguous()  # one set of weight strides serves both
     (M, K), N = x2.shape, w_gate.shape[0]
     h = torch.empty(M, N, device=x2.device, dtype=x2.dtype)  # (M, F)
-    args = (x2, w_gate, w_up, h, M, N, K, triton.next_power_of_2(M),
+    args = (x2, w_gate, w_up, h, M, N, K, _m_bucket(M),
             *x2.stride(), *w_gate.stride(), *h.stride())
     _launch_gemm(_swiglu_fwd_kernel, _swiglu_fwd_tuned, x2, N, args, INPUT_PRECISION=_input_precision(x2))
     return h
@@ -262,7 +268,7 @@ def swiglu_backward(x2, w_gate, w_up, dh2):
     (M, K), N = x2.shape, w_gate.shape[0]
     d_gate = torch.empty(M, N, device=x2.device, dtype=x2.dtype)  # (M, F)
     d_up = torch.empty_like(d_gate)  # (M, F), same strides as d_gate
-    args = (x2, w_gate, w_up, dh2, d_gate, d_up, M, N, K, triton.next_power_of_2(M),
+    args = (x2, w_gate, w_up, dh2, d_gate, d_up, M, N, K, _m_bucket(M),
             *x2.stride(), *w_gate.stride(), *dh2.stride(), *d_gate.stride())
     _launch_gemm(_swiglu_bwd_kernel, _swiglu_bwd_tuned, x2, N, args, INPUT_PRECISION=_input_precision(x2))
     return d_gate, d_up
@@ -279,7 +285,7 @@ def linear_quick_gelu_forward(x2, weight, bias, store_y: bool):
     h = torch.empty(M, N, device=x2.device, dtype=x2.dtype)  # (M, F)
     y = torch.empty_like(h) if store_y else None  # (M, F), same strides as h
     args = (x2, weight, bias if bias is not None else weight, h, y if store_y else h,  # dummies: never read
-            M, N, K, triton.next_power_of_2(M), *x2.stride(), *weight.stride(), *h.stride())
+            M, N, K, _m_bucket(M), *x2.stride(), *weight.stride(), *h.stride())
     _launch_gemm(_linear_quick_gelu_fwd_kernel, _linear_quick_gelu_fwd_tuned, x2, N, args,
                  HAS_BIAS=bias is not None, STORE_Y=store_y, INPUT_PRECISION=_input_precision(x2))
     return h, y

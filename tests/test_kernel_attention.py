@@ -286,3 +286,12 @@ def test_gpu_decode_matches_reference(Tk, dtype):
         out, _ = attention_decode(q.to(dtype), k.to(dtype), v.to(dtype), kpm)
         ref = attention_reference(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), True, kpm)
     assert _rel_err(out, ref) < GPU_REL_TOL[dtype]
+
+
+def test_offsets_past_int32_go_to_the_torch_path():
+    """The kernels index with int32 offsets: a tensor whose last element lies past 2**31 - 1 is not theirs."""
+    from kernels.attention import MAX_ELEMENTS, _kernel_supports
+    small = torch.zeros(1, 2, 4, 16)
+    assert _kernel_supports(small, small, small)
+    far = torch.empty_strided((1, 2, 2, 16), (0, 0, MAX_ELEMENTS, 1), device="meta")  # shape only, no memory
+    assert not _kernel_supports(far, small, small) and not _kernel_supports(small, small, far)
