@@ -151,10 +151,6 @@ class LlamaForCausalLM(nn.Module):
             a = layer.self_attn
             a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.hs, dtype or w.dtype, device or w.device)
 
-    def clear_cache(self):
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
-
     def forward(self, input_ids, position_ids=None, key_padding_mask=None):
         """Text-only forward: input_ids (B, T) -> logits (B, T, V)."""
         if position_ids is None:

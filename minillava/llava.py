@@ -15,8 +15,8 @@ from minillava.clip import CLIPVisionTower
 from minillava.config import LlavaConfig
 from minillava.llama import LlamaForCausalLM
 from minillava.projector import Projector
+from minillava.templates import IGNORE_INDEX  # the label of positions without a loss, defined once
 
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -38,6 +38,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minillava.templates import VICUNA_SYSTEM
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 205, 40), "purple": (150, 60, 190), "orange": (245, 140, 30)}
@@ -50,8 +52,7 @@ JITTER = 0.4                              # how far a shape may move from its ce
 NOISE_STD = (0.0, 6.0)                    # plain or lightly noisy (per-pixel Gaussian, in 0..255 units)
 SUPERSAMPLE = 4                           # draw at 4x and box-downsample: anti-aliased edges
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEM = VICUNA_SYSTEM  # the vicuna_v1 system prompt the demo trains with
 ROLES = ("USER", "ASSISTANT")
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
 TEST_KINDS = ("color", "shape", "count", "position")

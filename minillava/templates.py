@@ -158,18 +158,15 @@ def format_conversation(conversations, template) -> str:
     return _join(_segments(_normalize_turns(conversations), t), t)
 
 
-def tokenize_conversation(conversations, template, tokenizer: Tokenizer, image_token_id: int,
-                          max_length: int = None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(conversations, template, tokenizer: Tokenizer,
+                          image_token_id: int) -> tuple[list[int], list[int]]:
     """Training ids and labels of one conversation [{"from": "human"|"gpt", "value": str}, ...].
 
     Returns (input_ids, labels), equal lengths; labels[i] = input_ids[i] on the assistant replies and their
     closing EOS (vicuna_v1 / llava_v1 / llava_hf) or on caption + "\\n" (plain), IGNORE_INDEX (-100)
     elsewhere (BOS, system, user turns, role names, image ids). Each `<image>` becomes one `image_token_id`.
-    The conversation must alternate human/gpt starting with human and end with a gpt reply.
-
-    max_length: keep the first max_length ids (each image counts as one id here, as in the original's
-    tokenizer truncation; the model glue must re-truncate after expanding images to Np embeddings).
-    Truncation that would drop an image id is an error, since the images would no longer match the ids.
+    The conversation must alternate human/gpt starting with human and end with a gpt reply. Truncation to the
+    model's positions (each image counting Np) is data.encode's.
     """
     t = get_template(template)
     turns = _normalize_turns(conversations)
@@ -187,13 +184,6 @@ def tokenize_conversation(conversations, template, tokenizer: Tokenizer, image_t
         ids = tokenize_with_images(segs[k - 1][1] * n_eos + text, tokenizer, image_token_id, bos=False)
         input_ids += ids
         labels += ids[:n_eos] + [IGNORE_INDEX] * (len(ids) - n_eos) if kind == "prompt" else ids
-    if max_length is not None:
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if image_token_id in input_ids[max_length:]:
-            raise ValueError(f"max_length={max_length} would cut off an image token "
-                             f"(at position {input_ids.index(image_token_id, max_length)})")
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
     return input_ids, labels
 
 

@@ -167,16 +167,6 @@ def test_text_only_and_whitespace_replies(tok):
     assert got == [tok.encode(" Hello!") + [2], tok.encode("\n4") + [2]]
 
 
-def test_truncation_keeps_prefix(tok):
-    ids, labels = tokenize_conversation(MULTI, "vicuna_v1", tok, IMG)
-    for n in (len(ids) - 1, len(ids) - 7, ids.index(IMG) + 1):
-        tids, tlabels = tokenize_conversation(MULTI, "vicuna_v1", tok, IMG, max_length=n)
-        assert tids == ids[:n] and tlabels == labels[:n]
-    assert tokenize_conversation(MULTI, "vicuna_v1", tok, IMG, max_length=10**6) == (ids, labels)
-    with pytest.raises(ValueError, match="image token"):
-        tokenize_conversation(MULTI, "vicuna_v1", tok, IMG, max_length=ids.index(IMG))
-
-
 @pytest.mark.parametrize("conv, template, match", [
     ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "vicuna_v1", "turn 0.*expected 'human'"),
     ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "vicuna_v1", "turn 1.*expected 'gpt'"),
