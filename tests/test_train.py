@@ -74,6 +74,17 @@ def finish(proc, timeout=120, expect=0) -> str:
     return out
 
 
+def signal_when_logged(proc, out, n_lines, sig, timeout=60):
+    """Send `sig` to a run_script process once its OUT/log.jsonl has n_lines lines (or give up when it ends)."""
+    log = Path(out) / "log.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and sum(1 for _ in open(log)) >= n_lines:
+            proc.send_signal(sig)
+            return
+        time.sleep(0.005)
+
+
 def log_lines(out):
     return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
 
@@ -194,13 +205,7 @@ def test_resume_after_sigkill_is_bitwise_exact(env, tmp_path):
     args = ["--lora", "4", "--lora-dropout", "0.1", "--save-every", "3"]
     finish(run_script(argv(env, 2, tmp_path / "ref", *args, steps=12)))
     killed = run_script(argv(env, 2, tmp_path / "run", *args, steps=12))
-    log = tmp_path / "run" / "log.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and killed.poll() is None:
-        if log.exists() and sum(1 for _ in open(log)) >= 8:  # past the checkpoint at step 6
-            killed.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    signal_when_logged(killed, tmp_path / "run", 8, signal.SIGKILL)  # past the checkpoint at step 6
     assert killed.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (tmp_path / "run" / "model.safetensors").exists()
     assert "resumed from" in finish(run_script(argv(env, 2, tmp_path / "run", *args, "--resume", steps=12)))
@@ -217,13 +222,7 @@ def test_resume_after_sigkill_is_bitwise_exact(env, tmp_path):
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(env, tmp_path):
     args = argv(env, 2, tmp_path / "run", "--save-every", "2", steps=200)
     proc = run_script(args)
-    log = tmp_path / "run" / "log.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and sum(1 for _ in open(log)) >= 3:  # past the checkpoint at step 2
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.005)
+    signal_when_logged(proc, tmp_path / "run", 3, signal.SIGINT)  # past the checkpoint at step 2: Ctrl-C
     out = finish(proc, expect=130)
     assert "Traceback" not in out
     assert "interrupted; the last checkpoint is " + str(tmp_path / "run" / "checkpoints" / "step_") in out
