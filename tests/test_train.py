@@ -55,11 +55,18 @@ def argv(env, stage, out, *extra, steps=3):
     return a + list(extra)
 
 
+def _interruptible():
+    # A job started in the background by a shell (as a CI runner may start this suite) inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler; a user's terminal would deliver Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(args, launcher=()):
-    """train.py in a fresh process (what a user runs), in its own process group (see finish)."""
+    """train.py in a fresh process (what a user runs), in its own process group (see finish), with Ctrl-C
+    handled as in a terminal."""
     return subprocess.Popen([sys.executable, *launcher, str(ROOT / "train.py"), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_interruptible)
 
 
 def finish(proc, timeout=120, expect=0) -> str:
