@@ -90,8 +90,13 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
 
 def decode(model, logits, state, stats, max_new_tokens, temperature=0.0, top_p=None, top_k=None, stop_ids=(2,),
            generator=None, on_token=None, on_finish=None):
-    """The decode loop from the prefill's last logits (B, V) and DecodeState; see `generate`."""
-    B = logits.shape[0]
+    """The decode loop from the prefill's last logits (B, V) and DecodeState; see `generate`. The image token and
+    the pad token are never sampled: they are not text (a model that emitted the image id would, fed back, hold
+    an image token without an image)."""
+    B, V = logits.shape
+    cfg = model.config
+    banned = torch.tensor(sorted({i for i in (cfg.image_token_id, cfg.pad_token_id) if 0 <= i < V} - set(stop_ids)),
+                          dtype=torch.long, device=logits.device)
     out, done = [[] for _ in range(B)], [False] * B
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
@@ -101,7 +106,7 @@ def decode(model, logits, state, stats, max_new_tokens, temperature=0.0, top_p=N
             logits = model.decode_one_token(token, state)  # (B, V); feeds last step's ids
             stats.decode_steps += 1
             stats.decode_tokens += done.count(False)
-        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = sample(logits.index_fill(-1, banned, float("-inf")), temperature, top_k, top_p, generator)  # (B,)
         for b, t in enumerate(token.tolist()):  # .tolist() is the step's only host sync
             if done[b]:
                 continue

@@ -367,3 +367,19 @@ def test_batch_missing_questions_file_writes_nothing(ckpt, tmp_path, capsys):
     rc, out, err = run_main(["--model", ckpt, "--questions", str(tmp_path / "nope.jsonl"), "--answers",
                              str(answers)], capsys)
     assert rc == 1 and "questions file not found" in err and "nope.jsonl" in err and not answers.exists()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_image_and_pad_tokens_are_never_sampled(loaded, images, monkeypatch, temperature):
+    """Even when the model puts nearly all its mass on them (here: their logits raised by 1e4), generation
+    emits neither the image token nor the pad token: fed back, an image id without an image is an error."""
+    from minillava.sampling import generate
+    model, tok = loaded
+    head = model.language_model.lm_head
+    banned = torch.tensor([CFG.image_token_id, CFG.pad_token_id])
+    real = head.forward
+    monkeypatch.setattr(head, "forward", lambda h: real(h).index_fill(-1, banned, 1e4))
+    ids = torch.tensor([ask_ids(model, tok, "What is the man holding?", 1)])
+    pixels = G.load_pixels(images[0], model.config)[None]
+    out, _ = generate(model, ids, pixels, max_new_tokens=6, temperature=temperature, seed=0)
+    assert len(out[0]) == 6 and not set(out[0]) & set(banned.tolist())
