@@ -398,8 +398,8 @@ def read_questions(path):
 
 
 def read_answered(path) -> set:
-    """(question_id, prompt) of the answers already in the answers file. An incomplete last line (the process was killed in the middle of
-    writing it) is cut off; any other unreadable line is an error."""
+    """(question_id, prompt) of the answers already in the answers file. An incomplete last line (the process was
+    killed in the middle of writing it) is cut off; any other unreadable line is an error."""
     if not os.path.exists(path):
         return set()
     with open(path, "rb") as f:

@@ -137,7 +137,8 @@ def benchmarks(files, tmp_path_factory):
            "Answer the question using a single word or phrase."} for w in ("here", "there")]
     textvqa = folder("textvqa", "llava_textvqa_val_v051_ocr.jsonl", "train_images", qs[:1])
     write_jsonl(textvqa / "llava_textvqa_val_v051_ocr.jsonl", qs)
-    ann = [{"image_id": "img1", "question": f"What is written {w}?", "answers": ["stop"] * 10} for w in ("here", "there")]
+    ann = [{"image_id": "img1", "question": f"What is written {w}?", "answers": ["stop"] * 10}
+           for w in ("here", "there")]
     (textvqa / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": ann}))
     qs = [{"question_id": i, "image": f"{i}.png", "text": "What is it?"} for i in range(3)]
     vqav2 = folder("vqav2", "llava_vqav2_mscoco_test-dev2015.jsonl", "test2015", qs[:2])
