@@ -509,7 +509,7 @@ def parse_args(argv=None) -> GenerateConfig:
 
 
 def main(argv=None) -> int:
-    from minillava.cli import set_threads
+    from minillava.cli import optional_bool, set_threads
     cfg = parse_args(argv)
     errors = []
     threads = set_threads(cfg.threads)
@@ -518,8 +518,8 @@ def main(argv=None) -> int:
         image = None if cfg.image is None else load_image(cfg.image)
         if cfg.questions is not None and not os.path.isfile(cfg.questions):
             raise FileNotFoundError(f"questions file not found: {cfg.questions}")
-        legacy = {None: None, "true": True, "false": False}[cfg.tokenizer_legacy]
-        model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device, legacy)
+        model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device,
+                                optional_bool(cfg.tokenizer_legacy))
         print(threads, file=sys.stderr)
         if cfg.prompt is not None:  # check the prompt fits before anything is printed
             n_img = 0 if image is None else 1

@@ -493,7 +493,7 @@ def main(argv=None):
 
 def train(cfg: TrainConfig, rank: int, world: int, device):
     from minillava import data
-    from minillava.cli import set_threads
+    from minillava.cli import optional_bool, set_threads
     from minillava.tokenizer import Tokenizer
     t_start = time.time()
     master = rank == 0
@@ -518,8 +518,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
     if cfg.max_length > mc.text.max_position_embeddings:
         raise ValueError(f"--max-length {cfg.max_length} exceeds the model's {mc.text.max_position_embeddings} "
                          "positions")
-    legacy = {"": None, "true": True, "false": False}[cfg.tokenizer_legacy]
-    tokenizer = Tokenizer(cfg.tokenizer or cfg.model, legacy=legacy)
+    tokenizer = Tokenizer(cfg.tokenizer or cfg.model, legacy=optional_bool(cfg.tokenizer_legacy))
     records, dcfg, samples = prepare_data(cfg, llava, tokenizer, rank, world, workers)
     spe = data.steps_per_epoch(samples, cfg.global_batch, cfg.group_by_modality_length)
     if spe == 0:

@@ -6,7 +6,6 @@ so a figure is what one call costs cold, as in a model. Peaks are NVIDIA's datas
 sparsity), looked up by the device name torch reports; an unknown device prints no fraction of peak.
 """
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -104,17 +103,11 @@ def saved_mb(forward, exclude=()):
 
 
 def parse_args(defaults_cls, doc):
-    """Flags derived from the defaults dataclass: --field-name (lists take several values, bools --flag/--no-flag)."""
+    """Flags derived from the defaults dataclass by minillava.cli.add_config_args: --field-name, the comment
+    beside the field as its help (lists take several values, bools --flag/--no-flag)."""
+    from minillava.cli import add_config_args
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(defaults_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, (list, tuple)):
-            p.add_argument(flag, nargs="+", type=type(default[0]), default=list(default))
-        else:
-            p.add_argument(flag, type=type(default), default=default)
+    add_config_args(p, defaults_cls)
     return defaults_cls(**vars(p.parse_args()))
 
 

@@ -1,4 +1,4 @@
-"""What the scripts (train.py, generate.py, demo.py) share on the command line: flags built from a config
+"""What the scripts (train.py, generate.py, demo.py, benchmarks/) share on the command line: flags built from a config
 dataclass, each flag's help the comment written beside its field (one source for both), and the CPU thread
 count.
 
@@ -32,18 +32,25 @@ def field_help(cls) -> dict:
 def add_config_args(parser: argparse.ArgumentParser, cls, aliases=None, choices=None):
     """One flag per field of the dataclass `cls` (`--micro-batch` for micro_batch), its help the field's
     comment and its default. `aliases`: {field: ["--other-name", ...]} (the original LLaVA's flag names);
-    `choices`: {field: allowed values}. Booleans get --flag / --no-flag."""
+    `choices`: {field: allowed values}. Booleans get --flag / --no-flag; list fields take several values."""
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
         text = helps.get(f.name, "")
-        if f.type is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+        if f.type is bool or isinstance(default, bool):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=text)
             continue
-        default = "" if f.default in (None, "") else f" (default: {f.default})"
-        parser.add_argument(*names, dest=f.name, type=f.type, default=f.default, help=text + default,
-                            choices=(choices or {}).get(f.name), metavar=f.name.upper())
+        kind = {"nargs": "+", "type": type(default[0])} if isinstance(default, (list, tuple)) else {"type": f.type}
+        shown = "" if default in (None, "") else f" (default: {default})"
+        parser.add_argument(*names, dest=f.name, default=default, help=text + shown, metavar=f.name.upper(),
+                            choices=(choices or {}).get(f.name), **kind)
+
+
+def optional_bool(text):
+    """A flag's "true" / "false" -> True / False; not given ("" or None) -> None (the file's setting stands)."""
+    return {"": None, None: None, "true": True, "false": False}[text]
 
 
 def default_threads() -> int:

@@ -222,9 +222,8 @@ def original_masks_all(conversations, template, tokenizer: Tokenizer, image_toke
     It tokenizes the whole prompt, then walks the rounds (split on "</s>") counting each as
     len(tokenizer_image_token(round)) (its BOS stands for the "</s>" cut off), minus one for rounds after the
     first when `legacy` is false (a correction that is exact when "USER" is one piece shorter than "▁USER",
-    as in LLaMA's vocabulary). If the counted length differs from the ids'
-    (pad = <unk> ids not counted) and the sample was not truncated, it masks every label. `plain`
-    (preprocess_plain) never does."""
+    as in LLaMA's vocabulary). If the counted length differs from the ids' (pad = <unk> ids not counted) and
+    the sample was not truncated, it masks every label. `plain` (preprocess_plain) never does."""
     t = get_template(template)
     if t.plain:
         return False
