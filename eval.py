@@ -7,23 +7,28 @@
     torchrun --nproc_per_node N eval.py answer ...                       # each rank a contiguous chunk, merged
 
 --data is the benchmark's folder as LLaVA's eval.zip lays it out (playground/data/eval/<bench>); `list` names the
-files each benchmark needs. Answering is the original's model_vqa_loader.py / model_vqa_science.py: vicuna_v1,
-greedy, pad-to-square, "<image>\\n" before the question, 128 new tokens (1024 for ScienceQA), the answers file in
-their format (resumable: a killed run goes on where it stopped). Scoring is the original's scripts, quirks
-included (each one moves a published number; see the scorers' docstrings), and imports neither torch nor the
-model. A question without an answer counts as wrong, as in the original; how many there were is printed.
+files each benchmark needs. Answering is the original's model_vqa_loader.py / model_vqa_science.py /
+model_vqa_mmbench.py: vicuna_v1, greedy, pad-to-square, "<image>\\n" before the question, 128 new tokens (1024
+for ScienceQA and MMBench), the answers file in their format (resumable: a killed run goes on where it stopped).
+Scoring is the original's scripts, quirks included (each one moves a published number; see the scorers'
+docstrings), and imports neither torch nor the model. A question without an answer counts as wrong, as in the
+original; how many there were is printed. --protocol lmms-eval switches to lmms-eval's documented differences.
 """
+import csv
+import dataclasses
+import io
 import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+import zipfile
+from xml.sax.saxutils import escape
 
 # ----------------------------------------------------------------------------------------------------------
 # The benchmarks
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Benchmark:
     name: str
     questions: str          # in --data: what the model answers
@@ -33,6 +38,8 @@ class Benchmark:
     paper: tuple            # LLaVA-1.5 7B, 13B (MODEL_ZOO.md), in the headline's unit
     headline: str           # the paper's number among the metrics
     max_new_tokens: int = 128
+    submission: str = ""    # the file its server takes (`run` writes it as OUT/submission.<ext>); "" = none
+    server_only: bool = False  # no ground truth here: only its server scores it
 
 
 BENCHMARKS = {b.name: b for b in [
@@ -50,15 +57,23 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark("mme", "llava_mme.jsonl", "MME_Benchmark_release_version", ("MME_Benchmark_release_version",),
               "eval.zip (MME/); MME_Benchmark_release_version from the MME authors", (1510.7, 1531.3),
               "perception"),
+    # the images are inside the TSV; dev is scored here (circular), test by MMBench's server (--output-submission)
+    Benchmark("mmbench", "mmbench_dev_20230712.tsv", "", (), "eval.zip (mmbench/); the TSV from MMBench (images "
+              "inside, base64); upload the .xlsx to MMBench's server", (64.3, 67.7), "circular_accuracy",
+              max_new_tokens=1024, submission="xlsx"),
+    Benchmark("mmbench_cn", "mmbench_dev_cn_20231003.tsv", "", (), "eval.zip (mmbench/); the TSV from MMBench "
+              "(images inside, base64); upload the .xlsx to MMBench's server", (58.3, 63.6), "circular_accuracy",
+              max_new_tokens=1024, submission="xlsx"),
     # scored by their servers: `score` writes the file they take (--output-submission)
     Benchmark("vqav2", "llava_vqav2_mscoco_test-dev2015.jsonl", "test2015", ("llava_vqav2_mscoco_test2015.jsonl",),
               "eval.zip (vqav2/); test2015 images from COCO; upload to the VQAv2 EvalAI server", (78.5, 80.0),
-              "server"),
+              "server", submission="json", server_only=True),
     Benchmark("vizwiz", "llava_test.jsonl", "test", (), "eval.zip (vizwiz/); test images from VizWiz; upload to "
-              "the VizWiz EvalAI server", (50.0, 53.6), "server"),
+              "the VizWiz EvalAI server", (50.0, 53.6), "server", submission="json", server_only=True),
 ]}
-SUBMISSION = {"vqav2", "vizwiz"}
 SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
+LMMS_EVAL_NO_PAD = {"sqa", "mmbench", "mmbench_cn"}  # lmms-eval resizes these without padding to square
+MMBENCH_SUFFIX = {"mmbench": SQA_SUFFIX, "mmbench_cn": "请直接回答选项字母。"}  # model_vqa_mmbench --lang en / cn
 
 
 class EvalError(ValueError):
@@ -95,13 +110,18 @@ def read_json(path):
         raise EvalError(f"{path}: not JSON ({e})") from None
 
 
-def questions_for_generate(bench: Benchmark, data: str) -> list:
+def questions_for_generate(bench: Benchmark, data: str, all_rounds: bool = False, protocol: str = "llava") -> list:
     """The benchmark's questions as generate.py answers them: {"question_id", "image", "text"}, "text" being
     what the answers file records as "prompt". POPE, TextVQA, GQA, MME: the question file's lines as they are
     (model_vqa_loader puts "<image>\\n" before the text). ScienceQA (model_vqa_science --single-pred-prompt): the
     first human turn without "<image>", "<image>\\n" in front when the problem has an image, the letter
-    instruction after it."""
+    instruction after it. MMBench: see mmbench_questions. protocol "lmms-eval" drops TextVQA's OCR line."""
     path = os.path.join(data, bench.questions)
+    if bench.name in MMBENCH_SUFFIX:
+        return mmbench_questions(bench, path, all_rounds)
+    if bench.name == "textvqa" and protocol == "lmms-eval":  # lmms-eval's textvqa_val: no OCR tokens
+        return [dict(q, text="\n".join(line for line in q["text"].split("\n")
+                                       if not line.startswith("Reference OCR token:"))) for _, q in read_jsonl(path)]
     if bench.name != "sqa":
         return [q for _, q in read_jsonl(path)]
     out = []
@@ -114,10 +134,76 @@ def questions_for_generate(bench: Benchmark, data: str) -> list:
     return out
 
 
+# MMBench's TSV as the original reads it (pandas.read_table): these strings are missing values, and
+# model_vqa_mmbench's is_none adds "none" in any case; the options stop at the first missing one.
+_PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+
+
+def _missing(value) -> bool:
+    return value is None or value in _PANDAS_NA or value.lower() in ("nan", "none")
+
+
+def read_tsv(path) -> tuple[list, list]:
+    """(columns, [(line number, row dict)]) of a tab-separated file with a header line, quoted as pandas does."""
+    csv.field_size_limit(sys.maxsize)  # a row holds a whole base64 image
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        rows = [(reader.line_num, row) for row in reader]
+    columns = reader.fieldnames or []
+    need = [c for c in ("index", "question", "hint", "A", "B", "image") if c not in columns]
+    if need:
+        raise EvalError(f"{path}: no column(s) {', '.join(need)}; is it an MMBench TSV?")
+    for n, row in rows:
+        if None in row or None in row.values():
+            raise EvalError(f"{path}:{n}: {len(columns)} columns in the header, another number on this line")
+        if not row["index"].lstrip("-").isdigit():
+            raise EvalError(f"{path}:{n}: index {row['index']!r} is not an integer")
+    return columns, rows
+
+
+def mmbench_questions(bench: Benchmark, path: str, all_rounds: bool) -> list:
+    """model_vqa_mmbench.py: the hint (when there is one) and the question on their own lines, then "A. ..." for
+    each option up to the first missing one, then the letter instruction (the answer's "prompt" is the question
+    without it, as the original records it, so its answers files score here); the image is the row's. With
+    all_rounds, one question per option with the options rotated by one each round (the letters stay A, B, ...;
+    "option_char" says which original option each letter shows). The MMBench TSVs already hold the circular
+    copies as rows of their own (index + k * 1e6), so LLaVA-1.5's script does not rotate."""
+    _, rows = read_tsv(path)
+    out = []
+    for _, row in rows:
+        options = []
+        for letter in "ABCD":
+            if _missing(row.get(letter)):
+                break
+            options.append(row[letter])
+        chars = list("ABCD"[:len(options)])
+        for round_id in range(len(options) if all_rounds else 1):
+            question = row["question"] if _missing(row["hint"]) else row["hint"] + "\n" + row["question"]
+            question += "".join(f"\n{letter}. {option}" for letter, option in zip("ABCD", options))
+            out.append({"question_id": int(row["index"]), "image": row["index"], "round_id": round_id,
+                        "text": question + "\n" + MMBENCH_SUFFIX[bench.name], "prompt": question, "options": options,
+                        "option_char": chars, "answer": row.get("answer"), "category": row.get("category")})
+            options, chars = options[1:] + options[:1], chars[1:] + chars[:1]
+    return out
+
+
+def write_mmbench_images(path: str, folder: str):
+    """Each row's base64 image, decoded, as folder/<index> (its bytes as they are: PIL reads them by content)."""
+    import base64
+    os.makedirs(folder, exist_ok=True)
+    for n, row in read_tsv(path)[1]:
+        try:
+            data = base64.b64decode(row["image"], validate=True)
+        except ValueError as e:
+            raise EvalError(f"{path}:{n}: the image of index {row['index']} is not base64 ({e})") from None
+        with open(os.path.join(folder, row["index"]), "wb") as f:
+            f.write(data)
+
+
 def key(q) -> tuple:
-    """A question's identity: (question_id, text). TextVQA's question_id is its image's, shared by the questions
-    of one image; an answer carries the text as its "prompt"."""
-    return q["question_id"], q["text"]
+    """A question's identity, as generate.py's: (question_id, the prompt its answer records)."""
+    return q["question_id"], q.get("prompt", q["text"])
 
 
 def read_answers(bench: Benchmark, path: str, questions) -> dict:
@@ -139,7 +225,8 @@ def read_answers(bench: Benchmark, path: str, questions) -> dict:
     if unknown:
         n, qid = unknown[0]
         raise EvalError(f"{path}: {len(unknown)} answer(s) to questions {bench.name} does not have (first: "
-                        f"{qid!r} on line {n}); is it the answers file of another benchmark?")
+                        f"{qid!r} on line {n}); is it the answers file of another benchmark, or of another "
+                        "--protocol?")
     return answers
 
 
@@ -158,11 +245,19 @@ def pope_yes_no(text: str) -> str:
     return "no" if {"No", "no", "not"} & set(words) else "yes"
 
 
-def score_pope(data, answers, questions):
+def lmms_eval_yes_no(text: str) -> str:
+    """lmms-eval's POPE: the lower-cased, stripped answer must be exactly "yes" or "no"; anything else is wrong."""
+    text = text.lower().strip()
+    return text if text in ("yes", "no") else "other"
+
+
+def score_pope(data, answers, questions, protocol="llava"):
     """Per category (coco/coco_pope_<category>.json, one {"label"} per line): the category's questions, in file
     order, are paired with the labels in order (the original pairs the answers, which are in that order).
-    Accuracy, precision, recall, F1 and the share of "yes"; the paper's number is the mean F1 of the three."""
-    metrics, n_missing = {}, 0
+    Accuracy, precision, recall, F1 and the share of "yes"; the paper's number is the mean F1 of the three;
+    "pooled" is the same over all questions at once. Protocol lmms-eval: exact yes/no, and f1 is the pooled one."""
+    parse = lmms_eval_yes_no if protocol == "lmms-eval" else pope_yes_no
+    metrics, n_missing, pooled = {}, 0, ([], [])
     for file in BENCHMARKS["pope"].ground_truth:
         category = os.path.basename(file)[len("coco_pope_"):-len(".json")]
         labels = ["no" if json.loads(line)["label"] == "no" else "yes"
@@ -175,18 +270,25 @@ def score_pope(data, answers, questions):
         for q, label in zip(mine, labels):
             a = answers.get(key(q))
             n_missing += a is None
-            preds.append(pope_yes_no(a["text"]) if a else ("no" if label == "yes" else "yes"))  # missing: wrong
-        tp = sum(p == "yes" and t == "yes" for p, t in zip(preds, labels))
-        fp = sum(p == "yes" and t == "no" for p, t in zip(preds, labels))
-        tn = sum(p == "no" and t == "no" for p, t in zip(preds, labels))
-        precision, recall = _ratio(tp, tp + fp), _ratio(tp, labels.count("yes"))
-        metrics[category] = {"accuracy": _ratio(tp + tn, len(labels)), "precision": precision, "recall": recall,
-                             "f1": 2 * precision * recall / (precision + recall) if tp else 0.0,
-                             "yes_ratio": _ratio(preds.count("yes"), len(preds)), "n": len(preds)}
+            preds.append(parse(a["text"]) if a else ("no" if label == "yes" else "yes"))  # missing: wrong
+        metrics[category] = _yes_no_metrics(preds, labels)
+        pooled[0].extend(preds)
+        pooled[1].extend(labels)
     cats = list(metrics.values())
-    metrics["f1"] = sum(m["f1"] for m in cats) / len(cats)
-    metrics["accuracy"] = sum(m["accuracy"] for m in cats) / len(cats)
+    metrics["pooled"] = _yes_no_metrics(*pooled)  # lmms-eval's POPE: one set of 9000 questions
+    for k in ("f1", "accuracy"):
+        metrics[k] = metrics["pooled"][k] if protocol == "lmms-eval" else sum(m[k] for m in cats) / len(cats)
     return metrics, n_missing
+
+
+def _yes_no_metrics(preds, labels) -> dict:
+    tp = sum(p == "yes" and t == "yes" for p, t in zip(preds, labels))
+    fp = sum(p == "yes" and t == "no" for p, t in zip(preds, labels))
+    tn = sum(p == "no" and t == "no" for p, t in zip(preds, labels))
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, labels.count("yes"))
+    return {"accuracy": _ratio(tp + tn, len(labels)), "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if tp else 0.0,
+            "yes_ratio": _ratio(preds.count("yes"), len(preds)), "n": len(preds)}
 
 
 def sqa_letter(text: str) -> str:
@@ -407,55 +509,177 @@ def score_mme(data, answers, questions):
     return metrics, n_missing
 
 
-def submission_vqav2(data, answers, questions) -> list:
+def submission_vqav2(bench, data, answers, questions, path):
     """convert_vqav2_for_submission.py: every question of test2015, in its file's order, with its EvalAI-normalised
     answer, or '' where test-dev did not ask (or the model did not answer) it."""
     by_id = {qid: a["text"] for (qid, _), a in answers.items()}
     split = [q for _, q in read_jsonl(os.path.join(data, "llava_vqav2_mscoco_test2015.jsonl"))]
-    return [{"question_id": q["question_id"],
-             "answer": evalai_normalize(by_id[q["question_id"]]) if q["question_id"] in by_id else ""} for q in split]
+    write_json_atomic(path, [{"question_id": q["question_id"], "answer": evalai_normalize(by_id[q["question_id"]])
+                              if q["question_id"] in by_id else ""} for q in split])
 
 
-def submission_vizwiz(data, answers, questions) -> list:
+def submission_vizwiz(bench, data, answers, questions, path):
     """convert_vizwiz_for_submission.py: {"image", "answer"} for every question, which must all be answered."""
     missing = [q["question_id"] for q in questions if key(q) not in answers]
     if missing:
         raise EvalError(f"vizwiz: {len(missing)} question(s) have no answer (first: {missing[0]!r}); the "
                         "submission needs them all: run `answer` again to complete the answers file")
-    return [{"image": q["image"], "answer": evalai_normalize(answers[key(q)]["text"])} for q in questions]
+    write_json_atomic(path, [{"image": q["image"], "answer": evalai_normalize(answers[key(q)]["text"])}
+                             for q in questions])
+
+
+def mmbench_letter(text: str, options: dict):
+    """VLMEvalKit's rule matching for MMBench (can_infer): with ".()[],:;!*#{}" made spaces, the one option
+    letter among the words ("A" not trusted in more than 3 words: it may be the article); else "Z" when
+    it alone is there (a refusal); else the one option whose text is in the lower-cased answer; else None
+    (VLMEvalKit then asks ChatGPT; here the answer counts as wrong, and how many there were is reported)."""
+    words = text
+    for c in ".()[],:;!*#{}":
+        words = words.replace(c, " ")
+    words = words.split()
+    hits = [letter for letter in options if letter in words]
+    if len(hits) == 1 and not ("A" in words and len(words) > 3):
+        return hits[0]
+    if not hits and "Z" in words:
+        return "Z"
+    hits = [letter for letter, option in options.items() if str(option).lower() in text.lower()]
+    return hits[0] if len(hits) == 1 else None
+
+
+def score_mmbench(data, answers, questions):
+    """Circular evaluation, as MMBench's: a question is right only when all its copies are (the rows whose
+    index is equal modulo 1e6, and every round of each with --all-rounds); the headline is the share of such
+    questions, overall and per category; `accuracy` counts the lines one by one (vanilla)."""
+    groups, categories, lines, unmatched, n_missing = {}, {}, [], 0, 0
+    for q in questions:
+        a = answers.get(key(q))
+        n_missing += a is None
+        letter = mmbench_letter(a["text"], dict(zip("ABCD", q["options"]))) if a else "Z"
+        unmatched += letter is None
+        ok = letter is not None and letter in "ABCD"[:len(q["options"])] and \
+            q["option_char"]["ABCD".index(letter)] == q["answer"]
+        group = q["question_id"] % 1_000_000
+        groups[group] = groups.get(group, True) and ok
+        categories.setdefault(q["category"], set()).add(group)
+        lines.append(ok)
+    metrics = {"circular_accuracy": _ratio(sum(groups.values()), len(groups)), "accuracy": _ratio(sum(lines),
+               len(lines)), "n": len(groups), "lines": len(lines), "unmatched": unmatched}
+    for category, members in sorted(categories.items(), key=lambda kv: str(kv[0])):
+        metrics[category] = {"circular_accuracy": _ratio(sum(groups[g] for g in members), len(members)),
+                             "n": len(members)}
+    return metrics, n_missing
+
+
+def submission_mmbench(bench, data, answers, questions, path):
+    """convert_mmbench_for_submission.py: the TSV without its hint, category, source, image, comment and
+    l2-category columns, a "prediction" column inserted as the 7th (the answer's text; with several rounds, the
+    last in the answers file, as the original's overwriting leaves it), as .xlsx; columns whose every value
+    is an integer are written as numbers, as pandas reads them."""
+    columns, rows = read_tsv(os.path.join(data, bench.questions))
+    keep = [c for c in columns if c not in ("hint", "category", "source", "image", "comment", "l2-category")]
+    header = keep[:6] + ["prediction"] + keep[6:]
+    prediction = {qid: a["text"] for (qid, _), a in answers.items()}
+    numeric = {c for c in keep if all(_missing(r[c]) or r[c].lstrip("-").isdigit() for _, r in rows)}
+    table = [[None if _missing(r[c]) else int(r[c]) if c in numeric else r[c] for c in keep] for _, r in rows]
+    for row, (_, r) in zip(table, rows):
+        row.insert(6, prediction.get(int(r["index"])))
+    write_atomic(path, xlsx_bytes(header, table))
+
+
+def xlsx_bytes(header: list, rows: list) -> bytes:
+    """A one-sheet Excel workbook from the standard library: the four Office Open XML parts in a zip; strings
+    inline, numbers as numbers, None as no cell (what pandas' to_excel writes, less the styles)."""
+    def column(i):  # 0 -> A, 25 -> Z, 26 -> AA
+        return column(i // 26 - 1) + chr(65 + i % 26) if i >= 26 else chr(65 + i)
+
+    def cell(ref, v):
+        if v is None:
+            return ""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f'<c r="{ref}"><v>{v}</v></c>'
+        text = escape("".join(ch for ch in str(v) if ch in "\t\n\r" or ord(ch) >= 32))  # XML 1.0's characters
+        return f'<c r="{ref}" t="inlineStr"><is><t xml:space="preserve">{text}</t></is></c>'
+
+    sheet = "".join(f'<row r="{r}">' + "".join(cell(f"{column(c)}{r}", v) for c, v in enumerate(values)) + "</row>"
+                    for r, values in enumerate([header] + rows, 1))
+    ns, rel = "http://schemas.openxmlformats.org", "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+    ct = "application/vnd.openxmlformats-officedocument.spreadsheetml"
+    parts = {
+        "[Content_Types].xml": f'<Types xmlns="{ns}/package/2006/content-types"><Default Extension="rels" '
+        'ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default Extension="xml" '
+        f'ContentType="application/xml"/><Override PartName="/xl/workbook.xml" ContentType="{ct}.sheet.main+xml"/>'
+        f'<Override PartName="/xl/worksheets/sheet1.xml" ContentType="{ct}.worksheet+xml"/></Types>',
+        "_rels/.rels": f'<Relationships xmlns="{ns}/package/2006/relationships"><Relationship Id="rId1" '
+        f'Type="{rel}/officeDocument" Target="xl/workbook.xml"/></Relationships>',
+        "xl/workbook.xml": f'<workbook xmlns="{ns}/spreadsheetml/2006/main" xmlns:r="{rel}"><sheets><sheet '
+        'name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>',
+        "xl/_rels/workbook.xml.rels": f'<Relationships xmlns="{ns}/package/2006/relationships"><Relationship '
+        f'Id="rId1" Type="{rel}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>',
+        "xl/worksheets/sheet1.xml": f'<worksheet xmlns="{ns}/spreadsheetml/2006/main"><sheetData>{sheet}'
+        '</sheetData></worksheet>'}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, xml in parts.items():
+            z.writestr(name, '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n' + xml)
+    return buf.getvalue()
 
 
 SCORERS = {"pope": score_pope, "sqa": score_sqa, "textvqa": score_textvqa, "gqa": score_gqa, "mme": score_mme,
-           "vqav2": submission_vqav2, "vizwiz": submission_vizwiz}
+           "mmbench": score_mmbench, "mmbench_cn": score_mmbench}
+SUBMITTERS = {"vqav2": submission_vqav2, "vizwiz": submission_vizwiz, "mmbench": submission_mmbench,
+              "mmbench_cn": submission_mmbench}
 
 
-def score(name: str, data: str, answers_path: str, submission_path: str = None) -> dict:
-    """{"benchmark", "metrics": {..., "headline"}, "unanswered": n}. For a benchmark its server scores, the
-    submission file goes to submission_path and the metrics only count answers (headline null)."""
-    bench = BENCHMARKS[name]
+def benchmark(name: str, question_file: str = None) -> Benchmark:
+    """The benchmark, with another question file of its folder when given (MMBench's test split, say)."""
+    return dataclasses.replace(BENCHMARKS[name], questions=question_file or BENCHMARKS[name].questions)
+
+
+def score(name: str, data: str, answers_path: str, submission_path: str = None, question_file: str = None,
+          protocol: str = "llava") -> dict:
+    """{"benchmark", "metrics": {..., "headline"}, "unanswered": n}. The submission file for a benchmark's server
+    goes to submission_path; where only the server scores (no ground truth here), the metrics count answers
+    and the headline is null."""
+    bench = benchmark(name, question_file)
     check_files(bench, data, for_answering=False)
-    questions = questions_for_generate(bench, data)
+    questions = questions_for_generate(bench, data, protocol=protocol)
+    if bench.name in MMBENCH_SUFFIX:  # were the options rotated (answer --all-rounds)?
+        rounds = questions_for_generate(bench, data, all_rounds=True)
+        answered = {(a["question_id"], a["prompt"]) for _, a in read_jsonl(answers_path) if isinstance(a, dict)}
+        questions = rounds if any(q["round_id"] > 0 and key(q) in answered for q in rounds) else questions
     answers = read_answers(bench, answers_path, questions)
     n_missing = sum(key(q) not in answers for q in questions)
-    if name in SUBMISSION:
+    if submission_path:
+        if name not in SUBMITTERS:
+            raise EvalError(f"{name} is scored here; only {', '.join(SUBMITTERS)} have a submission file")
+        SUBMITTERS[name](bench, data, answers, questions, submission_path)
+    server_only = bench.server_only or (name in MMBENCH_SUFFIX and any(_missing(q["answer"]) for q in questions))
+    if server_only:
         if not submission_path:
-            raise EvalError(f"{name} is scored by its server: give --output-submission FILE for the file it takes")
-        rows = SCORERS[name](data, answers, questions)
-        write_json_atomic(submission_path, rows)
-        return {"benchmark": name, "metrics": {"answered": len(questions) - n_missing, "questions": len(questions),
-                                               "submission": submission_path, "headline": None},
-                "unanswered": n_missing}
-    metrics, n_missing = SCORERS[name](data, answers, questions)
+            raise EvalError(f"{bench.questions} of {name} is scored by its server (no ground truth here): give "
+                            "--output-submission FILE for the file it takes")
+        metrics = {"answered": len(questions) - n_missing, "questions": len(questions),
+                   "submission": submission_path, "headline": None}
+        return {"benchmark": name, "protocol": protocol, "metrics": metrics, "unanswered": n_missing}
+    extra = {"protocol": protocol} if name == "pope" else {}  # the one scorer lmms-eval's protocol changes
+    metrics, n_missing = SCORERS[name](data, answers, questions, **extra)
     metrics["headline"] = metrics[bench.headline]
-    return {"benchmark": name, "metrics": metrics, "unanswered": n_missing}
+    if submission_path:
+        metrics["submission"] = submission_path
+    return {"benchmark": name, "protocol": protocol, "metrics": metrics, "unanswered": n_missing}
+
+
+def write_atomic(path, data: bytes):
+    """The whole file or nothing: written beside it, then renamed over it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def print_metrics(result: dict, file=sys.stdout):
@@ -477,13 +701,14 @@ def print_metrics(result: dict, file=sys.stdout):
 # ----------------------------------------------------------------------------------------------------------
 # Answering (generate.py's batch mode, under the benchmark's protocol)
 
-def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0, device="auto", dtype="auto"):
+def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0, device="auto", dtype="auto",
+           question_file=None, all_rounds=False, protocol="llava"):
     """Answer every question not yet in answers_path; under torchrun each rank answers a contiguous chunk into
     its own file and rank 0 merges them in question order. Returns generate.main's exit status."""
     import generate
-    bench = BENCHMARKS[name]
+    bench = benchmark(name, question_file)
     check_files(bench, data, for_answering=True)
-    questions = questions_for_generate(bench, data)
+    questions = questions_for_generate(bench, data, all_rounds, protocol)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = answers_path if world == 1 else f"{answers_path}.rank{rank}-of-{world}"
     prepared = out + ".questions.jsonl"  # the questions as generate.py reads them (the prompts it records)
@@ -491,13 +716,21 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
     with open(prepared, "w", encoding="utf-8") as f:
         for q in questions:
             f.write(json.dumps(q, ensure_ascii=False) + "\n")
-    argv = ["--model", model, "--questions", prepared, "--answers", out, "--image-folder",
-            os.path.join(data, bench.images), "--template", "vicuna_v1", "--temperature", "0",
+    images = os.path.join(data, bench.images)
+    if name in MMBENCH_SUFFIX:  # the TSV's images, decoded beside the answers file for generate.py
+        images = out + ".images"
+        write_mmbench_images(os.path.join(data, bench.questions), images)
+    argv = ["--model", model, "--questions", prepared, "--answers", out, "--image-folder", images,
+            "--template", "vicuna_v1", "--temperature", "0",
             "--max-new-tokens", str(bench.max_new_tokens), "--batch-size", str(batch_size),
             "--threads", str(threads), "--device", device, "--dtype", dtype,
-            "--num-chunks", str(world), "--chunk-idx", str(rank)] + (["--vision", vision] if vision else [])
+            "--num-chunks", str(world), "--chunk-idx", str(rank)] + (["--vision", vision] if vision else []) + (
+            ["--image-aspect-ratio", "square"] if protocol == "lmms-eval" and name in LMMS_EVAL_NO_PAD else [])
     rc = generate.main(argv)
     os.remove(prepared)
+    if name in MMBENCH_SUFFIX:
+        import shutil
+        shutil.rmtree(images)
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("gloo")
@@ -506,10 +739,10 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
             parts = {}
             for r in range(world):
                 part = f"{answers_path}.rank{r}-of-{world}"
-                parts.update((a["question_id"], line) for line, a in
+                parts.update(((a["question_id"], a["prompt"]), line) for line, a in
                              ((line, json.loads(line)) for line in open(part, encoding="utf-8") if line.strip()))
             with open(answers_path, "w", encoding="utf-8") as f:
-                f.writelines(parts[q["question_id"]] for q in questions if q["question_id"] in parts)
+                f.writelines(parts[key(q)] for q in questions if key(q) in parts)
         dist.barrier()
         dist.destroy_process_group()
     return rc
@@ -527,6 +760,10 @@ def main(argv=None) -> int:
         s = sub.add_parser(cmd)
         s.add_argument("bench", choices=list(BENCHMARKS))
         s.add_argument("--data", required=True, help="the benchmark's folder (playground/data/eval/<bench>)")
+        s.add_argument("--question-file", help="another question file in --data (MMBench's test TSV, say)")
+        s.add_argument("--protocol", choices=("llava", "lmms-eval"), default="llava",
+                       help="llava: the original's scripts (default); lmms-eval: its documented differences "
+                       "(TextVQA without OCR tokens, POPE pooled with exact yes/no, SQA and MMBench not padded)")
         if cmd in ("answer", "run"):
             s.add_argument("--model", "--model-path", required=True, help="checkpoint directory (any layout)")
             s.add_argument("--vision", help="CLIP directory, for layouts B and C")
@@ -534,33 +771,36 @@ def main(argv=None) -> int:
             s.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores this process may use)")
             s.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
             s.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
+            s.add_argument("--all-rounds", action="store_true", help="MMBench: ask once per option, the options "
+                           "rotated (model_vqa_mmbench --all-rounds); scoring finds the rounds by itself")
         if cmd in ("answer", "score"):
             s.add_argument("--answers", "--answers-file", required=True, help="the answers file (jsonl)")
         if cmd == "score":
             s.add_argument("--output", help="write the metrics here as JSON")
         if cmd in ("score", "run"):
-            s.add_argument("--output-submission", help="vqav2, vizwiz: write the file their server takes here")
+            s.add_argument("--output-submission", help="vqav2, vizwiz, mmbench: write the file their server takes")
         if cmd == "run":
             s.add_argument("--out", required=True, help="writes answers.jsonl and metrics.json here")
     a = p.parse_args(argv)
     try:
         if a.cmd == "list":
             for b in BENCHMARKS.values():
-                print(f"{b.name:8s} {b.headline} (paper 7B {b.paper[0]}, 13B {b.paper[1]})\n"
-                      f"         answer: {b.questions} + {b.images}/; score: {', '.join(b.ground_truth)}\n"
-                      f"         from {b.source}")
+                images = f" + {b.images}/" if b.images else " (images inside)"
+                print(f"{b.name:10s} {b.headline} (paper 7B {b.paper[0]}, 13B {b.paper[1]})\n"
+                      f"           answer: {b.questions}{images}; score: {', '.join(b.ground_truth) or b.questions}"
+                      f"\n           from {b.source}")
             return 0
         if a.cmd == "run":
             a.answers, a.output = os.path.join(a.out, "answers.jsonl"), os.path.join(a.out, "metrics.json")
-            if a.bench in SUBMISSION and not a.output_submission:
-                a.output_submission = os.path.join(a.out, "submission.json")
-        if a.cmd == "run":  # what scoring needs too, before any model is loaded
-            check_files(BENCHMARKS[a.bench], a.data, for_answering=False)
+            if BENCHMARKS[a.bench].submission and not a.output_submission:
+                a.output_submission = os.path.join(a.out, f"submission.{BENCHMARKS[a.bench].submission}")
+            check_files(benchmark(a.bench, a.question_file), a.data, for_answering=False)  # before any model
         if a.cmd in ("answer", "run"):
-            rc = answer(a.bench, a.model, a.data, a.answers, a.vision, a.batch_size, a.threads, a.device, a.dtype)
+            rc = answer(a.bench, a.model, a.data, a.answers, a.vision, a.batch_size, a.threads, a.device, a.dtype,
+                        a.question_file, a.all_rounds, a.protocol)
             if rc != 0 or a.cmd == "answer" or int(os.environ.get("RANK", 0)) != 0:
                 return rc
-        result = score(a.bench, a.data, a.answers, a.output_submission)
+        result = score(a.bench, a.data, a.answers, a.output_submission, a.question_file, a.protocol)
         print_metrics(result)
         if a.output:
             write_json_atomic(a.output, result)

@@ -1,3 +1,5 @@
+"""Packaging: `pip install -e .` installs minillava, kernels, weights and the top-level scripts; the extras bring
+triton (`kernels`), pytest (`test`) and the oracles the parity tests compare with (`parity`)."""
 from setuptools import setup
 
 setup(
@@ -11,5 +13,5 @@ setup(
     install_requires=["torch>=2.5", "safetensors", "sentencepiece", "numpy", "pillow"],
     extras_require={"kernels": ["triton; platform_system == 'Linux'"],
                     "test": ["pytest", "triton; platform_system == 'Linux'"],
-                    "parity": ["pytest", "transformers>=4.45"]},
+                    "parity": ["pytest", "transformers>=4.45", "openpyxl"]},
 )

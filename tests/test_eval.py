@@ -22,8 +22,8 @@ def write_jsonl(path, rows):
 
 def answers_file(path, pairs):
     """[(question dict as generate.py reads it, answer text)] -> an answers file in the original's format."""
-    write_jsonl(path, [{"question_id": q["question_id"], "prompt": q["text"], "text": t, "answer_id": str(i),
-                        "model_id": "m", "metadata": {}} for i, (q, t) in enumerate(pairs)])
+    write_jsonl(path, [{"question_id": q["question_id"], "prompt": q.get("prompt", q["text"]), "text": t,
+                        "answer_id": str(i), "model_id": "m", "metadata": {}} for i, (q, t) in enumerate(pairs)])
     return str(path)
 
 
@@ -343,3 +343,157 @@ def test_vqav2_and_vizwiz_submissions(tmp_path):
     E.score("vizwiz", str(vw), path, str(vw / "s.json"))
     assert json.load(open(vw / "s.json")) == [{"image": "VizWiz_test_0.jpg", "answer": "can of soup"},
                                              {"image": "VizWiz_test_1.jpg", "answer": "unanswerable"}]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MMBench: a TSV with the images inside, circular evaluation, the .xlsx its server takes
+
+def png_base64(seed, size=(24, 20)):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+MMB_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
+               "l2-category", "comment", "split"]
+
+
+def write_mmbench(folder, rows, name="mmbench_dev_20230712.tsv"):
+    """rows: dicts of MMB_COLUMNS (missing ones empty, as pandas writes NaN)."""
+    import csv
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(MMB_COLUMNS)
+        for i, r in enumerate(rows):
+            w.writerow([r.get(c, png_base64(i) if c == "image" else "") for c in MMB_COLUMNS])
+    return str(folder)
+
+
+MMB_ROWS = [  # question 7 and its circular copy (the options rotated by one, as MMBench's TSV holds them)
+    {"index": "7", "question": "What is it?", "hint": "nan", "A": "cat", "B": "dog", "C": "bird", "D": "fish",
+     "answer": "B", "category": "animals", "split": "dev"},
+    {"index": "1000007", "question": "What is it?", "hint": "nan", "A": "dog", "B": "bird", "C": "fish",
+     "D": "cat", "answer": "A", "category": "animals", "split": "dev"},
+    {"index": "8", "question": "Which colour?", "hint": "Look at the car.", "A": "red", "B": "None",
+     "C": "blue", "answer": "A", "category": "colours", "split": "dev"},  # "None" ends the options (pandas: NaN)
+]
+
+
+def test_mmbench_prompts_as_model_vqa_mmbench(tmp_path):
+    data = write_mmbench(tmp_path, MMB_ROWS)
+    qs = E.questions_for_generate(E.BENCHMARKS["mmbench"], data)
+    assert [q["text"] for q in qs] == [
+        "What is it?\nA. cat\nB. dog\nC. bird\nD. fish\n" + E.SQA_SUFFIX,
+        "What is it?\nA. dog\nB. bird\nC. fish\nD. cat\n" + E.SQA_SUFFIX,
+        "Look at the car.\nWhich colour?\nA. red\n" + E.SQA_SUFFIX]
+    assert [q["question_id"] for q in qs] == [7, 1000007, 8] and qs[0]["image"] == "7"
+    rounds = E.questions_for_generate(E.BENCHMARKS["mmbench"], data, all_rounds=True)
+    assert len(rounds) == 4 + 4 + 1
+    assert rounds[1]["text"] == qs[1]["text"] and rounds[1]["option_char"] == ["B", "C", "D", "A"]
+    cn = write_mmbench(tmp_path / "cn", MMB_ROWS[:1], "mmbench_dev_cn_20231003.tsv")
+    assert E.questions_for_generate(E.BENCHMARKS["mmbench_cn"], cn)[0]["text"].endswith("\n请直接回答选项字母。")
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("B", "B"), ("B.", "B"), ("(C) bird", "C"), ("The answer is C.", "C"), ("D: fish", "D"),
+    ("A or B", None),                 # two letters, and no option's text: unmatched
+    ("A cat sits there", "A"),        # "A" in 4 words may be the article: the option text "cat" decides
+    ("A dog or a cat, maybe", None),  # ... and two options' texts match: unmatched
+    ("It is a fish", "D"), ("Z", "Z"), ("", None)])
+def test_mmbench_letter_as_vlmevalkit(text, letter):
+    assert E.mmbench_letter(text, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) == letter
+
+
+def test_mmbench_circular_score_and_submission(tmp_path):
+    openpyxl = pytest.importorskip("openpyxl")  # an independent reader of the .xlsx (the `parity` extra)
+    data = write_mmbench(tmp_path, MMB_ROWS)
+    qs = E.questions_for_generate(E.BENCHMARKS["mmbench"], data)
+    path = answers_file(tmp_path / "a.jsonl", [(qs[0], "B"), (qs[1], "A dog and a bird"), (qs[2], "A")])
+    r = E.score("mmbench", data, path, str(tmp_path / "up.xlsx"))
+    m = r["metrics"]  # 7: the copy's answer names two options' texts -> unmatched -> wrong -> 7 is wrong
+    assert m["accuracy"] == pytest.approx(200 / 3) and m["circular_accuracy"] == m["headline"] == 50.0
+    assert m["animals"] == {"circular_accuracy": 0.0, "n": 1} and m["colours"]["circular_accuracy"] == 100.0
+    assert m["unmatched"] == 1 and m["n"] == 2 and r["unanswered"] == 0
+    path = answers_file(tmp_path / "a.jsonl", [(qs[0], "B"), (qs[1], "A."), (qs[2], "B")])
+    assert E.score("mmbench", data, path)["metrics"]["animals"]["circular_accuracy"] == 100.0
+    sheet = openpyxl.load_workbook(tmp_path / "up.xlsx").active
+    rows = [list(row) for row in sheet.iter_rows(values_only=True)]
+    assert rows[0] == ["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"]
+    assert rows[1] == [7, "What is it?", "cat", "dog", "bird", "fish", "B", "B", "dev"]
+    assert rows[3] == [8, "Which colour?", "red", None, "blue", None, "A", "A", "dev"]  # "None" is NaN to pandas
+    # with the options rotated (--all-rounds), scoring finds the rounds by itself; every round must be right
+    rounds = E.questions_for_generate(E.BENCHMARKS["mmbench"], data, all_rounds=True)
+    right = {7: "B", 1000007: "A", 8: "A"}
+    pairs = [(q, "ABCD"[q["option_char"].index(right[q["question_id"]])]) for q in rounds]
+    assert E.score("mmbench", data, answers_file(tmp_path / "r.jsonl", pairs))["metrics"]["lines"] == 9
+    pairs[2] = (pairs[2][0], "D" if pairs[2][1] != "D" else "C")  # one wrong round of question 7
+    m = E.score("mmbench", data, answers_file(tmp_path / "r.jsonl", pairs))["metrics"]
+    assert m["circular_accuracy"] == 50.0 and m["accuracy"] == pytest.approx(800 / 9)
+
+
+def test_mmbench_test_split_goes_to_the_server(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "answer"} for r in MMB_ROWS]
+    data = write_mmbench(tmp_path, rows, "mmbench_test_20230712.tsv")
+    qs = E.questions_for_generate(E.benchmark("mmbench", "mmbench_test_20230712.tsv"), data)
+    path = answers_file(tmp_path / "a.jsonl", [(q, "A") for q in qs])
+    with pytest.raises(E.EvalError, match="scored by its server"):
+        E.score("mmbench", data, path, question_file="mmbench_test_20230712.tsv")
+    r = E.score("mmbench", data, path, str(tmp_path / "s.xlsx"), question_file="mmbench_test_20230712.tsv")
+    assert r["metrics"]["headline"] is None and r["metrics"]["answered"] == 3
+
+
+def test_mmbench_bad_tsv_is_named(tmp_path):
+    data = write_mmbench(tmp_path, [dict(MMB_ROWS[0], index="seven")])
+    with pytest.raises(E.EvalError, match=r"mmbench_dev_20230712.tsv:2: index 'seven'"):
+        E.questions_for_generate(E.BENCHMARKS["mmbench"], data)
+    with open(tmp_path / "mmbench_dev_20230712.tsv", "w") as f:
+        f.write("index\tquestion\n1\tQ?\n")
+    with pytest.raises(E.EvalError, match="no column\\(s\\) hint, A, B, image"):
+        E.questions_for_generate(E.BENCHMARKS["mmbench"], data)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --protocol lmms-eval
+
+def test_lmms_eval_protocol_scoring(pope, tmp_path):
+    data, pairs = pope
+    path = answers_file(data / "a.jsonl", pairs)
+    r = E.score("pope", str(data), path, protocol="lmms-eval")
+    m = r["metrics"]  # exact yes/no, pooled: "Yes, there is a dog." is neither, so it is wrong
+    exact = [E.lmms_eval_yes_no(t) for _, t in pairs]
+    labels = [label for rows in POPE_ANSWERS.values() for label, _ in rows]
+    assert exact == ["other", "other", "other", "other", "other", "yes", "other", "other", "other", "yes", "no"]
+    assert m["accuracy"] == m["pooled"]["accuracy"] == pytest.approx(300 / 11)
+    # TP 2, FP 0 of 6 "yes" labels: precision 1, recall 1/3, F1 1/2 (the mean of the categories' would differ)
+    assert sum(lab == "yes" for lab in labels) == 6 and m["pooled"]["precision"] == 100.0
+    assert m["f1"] == m["headline"] == m["pooled"]["f1"] == pytest.approx(50.0)
+    assert r["protocol"] == "lmms-eval"
+    tv = tmp_path / "textvqa"
+    text = "what is written?\nReference OCR token: STOP, sign\nAnswer the question using a single word or phrase."
+    write_jsonl(tv / "llava_textvqa_val_v051_ocr.jsonl", [{"question_id": 1, "image": "1.jpg", "text": text}])
+    q = E.questions_for_generate(E.BENCHMARKS["textvqa"], str(tv), protocol="lmms-eval")[0]
+    assert q["text"] == "what is written?\nAnswer the question using a single word or phrase."
+    assert E.textvqa_question(q["text"]) == "what is written?"
+
+
+def test_run_mmbench_decodes_its_images_and_lmms_eval_does_not_pad(tiny_pope, tmp_path, monkeypatch):
+    import generate
+    ckpt, _ = tiny_pope
+    data = write_mmbench(tmp_path / "mmbench", MMB_ROWS)
+    pads = []
+    real = generate.preprocess_image
+    monkeypatch.setattr(generate, "preprocess_image", lambda *a, **k: pads.append(k["pad"]) or real(*a, **k))
+    for protocol, out in (("llava", tmp_path / "o1"), ("lmms-eval", tmp_path / "o2")):
+        assert E.main(["run", "mmbench", "--model", ckpt, "--data", data, "--out", str(out), "--threads", "1",
+                       "--batch-size", "3", "--protocol", protocol]) == 0
+        lines = [json.loads(line) for line in open(out / "answers.jsonl")]
+        assert [a["question_id"] for a in lines] == [7, 1000007, 8]
+        assert sorted(os.listdir(out)) == ["answers.jsonl", "metrics.json", "submission.xlsx"]  # images removed
+        assert json.load(open(out / "metrics.json"))["protocol"] == protocol
+    assert pads == [True] * 3 + [False] * 3  # the checkpoint says pad; lmms-eval resizes MMBench unpadded

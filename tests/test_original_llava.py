@@ -3,7 +3,7 @@ LlamaTokenizer it loads (`AutoTokenizer(..., use_fast=False)`, transformers 4.37
 installed; it does not import with transformers 5, so it runs in a virtualenv of its own:
 
     python3 -m venv /tmp/llava-venv && /tmp/llava-venv/bin/pip install torch==2.13.0 transformers==4.37.2 \\
-        sentencepiece protobuf numpy pillow safetensors triton pytest && \\
+        sentencepiece protobuf numpy pillow safetensors triton pytest pandas openpyxl shortuuid tqdm && \\
         /tmp/llava-venv/bin/pip install --no-deps llava-torch==1.2.2.post1
     /tmp/llava-venv/bin/python -m pytest -q tests/test_original_llava.py
 
@@ -252,3 +252,53 @@ def test_pope_sqa_textvqa_scores_equal_the_original_scripts(tmp_path, capsys):
     eval_textvqa.eval_single(str(tv / "TextVQA_0.5.1_val.json"), path)
     want = float(re.search(r"Accuracy: ([\d.]+)%", capsys.readouterr().out).group(1))
     assert round(E.score("textvqa", str(tv), path)["metrics"]["accuracy"], 2) == want
+
+
+def test_mmbench_prompts_and_submission_equal_the_originals(tmp_path, monkeypatch):
+    """model_vqa_mmbench.eval_model itself (with --all-rounds and --single-pred-prompt), its model stubbed: the
+    prompts it builds from the TSV as pandas reads it must be minillava's, and its answers file must score
+    here. convert_mmbench_for_submission.py's DataFrame must equal minillava's .xlsx as pandas reads it."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("openpyxl")
+    from llava.eval import model_vqa_mmbench as original
+
+    import eval as E
+    from tests import test_eval as T
+
+    data = T.write_mmbench(tmp_path, T.MMB_ROWS)
+    tsv = tmp_path / "mmbench_dev_20230712.tsv"
+    prompts, replies = [], iter(["B", "C", "A", "D", "A", "D", "C", "B", "A"])
+
+    class Anything:  # stands in for tensors and the model: every attribute, call and index gives itself
+        def __getattr__(self, name):
+            return lambda *a, **k: self
+
+        def __getitem__(self, i):
+            return self
+
+    model = Anything()
+    model.config = types.SimpleNamespace(mm_use_im_start_end=False)
+    tokenizer = types.SimpleNamespace(batch_decode=lambda ids, **k: [next(replies)])
+    monkeypatch.setattr(original, "load_pretrained_model", lambda *a: (tokenizer, model, None, 2048))
+    monkeypatch.setattr(original, "tokenizer_image_token", lambda prompt, *a, **k: prompts.append(prompt) or model)
+    monkeypatch.setattr(original, "process_images", lambda *a: model)
+    args = types.SimpleNamespace(model_path="llava-v1.5-7b", model_base=None, question_file=str(tsv),
+                                 answers_file=str(tmp_path / "original.jsonl"), num_chunks=1, chunk_idx=0,
+                                 conv_mode="vicuna_v1", all_rounds=True, single_pred_prompt=True, lang="en",
+                                 temperature=0, top_p=None, num_beams=1)
+    original.eval_model(args)
+    ours = E.questions_for_generate(E.BENCHMARKS["mmbench"], data, all_rounds=True)
+    assert prompts == [build_prompt([("human", "<image>\n" + q["text"])], "vicuna_v1") for q in ours]
+    theirs = [json.loads(line) for line in open(tmp_path / "original.jsonl")]
+    assert [(a["question_id"], a["prompt"], a["option_char"]) for a in theirs] == \
+        [(q["question_id"], q["prompt"], q["option_char"]) for q in ours]
+    m = E.score("mmbench", data, str(tmp_path / "original.jsonl"), str(tmp_path / "ours.xlsx"))["metrics"]
+    assert m["lines"] == 9 and m["unmatched"] == 0  # the original's answers file, its rounds found by scoring
+
+    df = pd.read_table(tsv)  # convert_mmbench_for_submission.py, step by step
+    cur = df.copy().drop(columns=["hint", "category", "source", "image", "comment", "l2-category"])
+    cur.insert(6, "prediction", None)
+    for pred in theirs:
+        cur.loc[df["index"] == pred["question_id"], "prediction"] = pred["text"]
+    cur.to_excel(tmp_path / "theirs.xlsx", index=False, engine="openpyxl")
+    pd.testing.assert_frame_equal(pd.read_excel(tmp_path / "ours.xlsx"), pd.read_excel(tmp_path / "theirs.xlsx"))
