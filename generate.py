@@ -27,6 +27,7 @@ Python use (demo.py does this):
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ from minillava.image import load_image, preprocess_image
 from minillava.sampling import GenerationStats, decode, generate, prompt_length, rewind, extend
 from minillava.templates import TEMPLATES, build_prompt, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tokenize_with_images
+from weights import load_llava
 
 
 @dataclass
@@ -67,6 +69,7 @@ class GenerateConfig:
     seed: int = 0             # sampling seed: the same seed and prompt give the same answer
     batch_size: int = 8       # batch: questions answered together
     num_beams: int = 1        # the original's flag; only 1 (no beam search) is supported
+    image_aspect_ratio: str = None  # pad | square (resize + centre crop): overrides the checkpoint's config.json
     # where
     dtype: str = "auto"       # fp32 | fp16 | bf16; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"      # auto = cuda when available, else cpu
@@ -100,8 +103,6 @@ def resolve_device_dtype(device="auto", dtype="auto"):
 def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", tokenizer_legacy=None):
     """A checkpoint directory (any official layout) -> (Llava in eval mode, Tokenizer). The tokenizer follows
     its tokenizer_config.json (legacy, add_bos_token, add_eos_token); tokenizer_legacy (bool) overrides."""
-    import minillava
-
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -113,7 +114,7 @@ def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", to
         raise ValueError(f"{model_dir} has no tokenizer.model: pass --tokenizer PATH")
     tok = Tokenizer(tok_path, legacy=tokenizer_legacy)
     device, dtype = resolve_device_dtype(device, dtype)
-    model = minillava.load(model_dir, vision_path=vision, dtype=dtype, device=device).eval()
+    model = load_llava(model_dir, vision_path=vision, dtype=dtype, device=device).eval()
     cfg = model.config
     if tok.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
@@ -383,9 +384,9 @@ def read_questions(path):
                 missing = [k for k in ("question_id", "text") if k not in q]
                 if missing:
                     raise ValueError(f"missing key(s) {', '.join(missing)}")
-                if not isinstance(q["text"], str) or not isinstance(q.get("image", ""), str):
-                    raise ValueError("'text' and 'image' must be strings")
-                key = (q["question_id"], q["text"])  # TextVQA's question_id is the image's, shared by its questions
+                if not all(isinstance(q.get(k, ""), str) for k in ("text", "image", "prompt")):
+                    raise ValueError("'text', 'image' and 'prompt' must be strings")
+                key = question_key(q)
                 if key in seen:
                     raise ValueError(f"duplicate question {q['question_id']!r} (the same id and text as line "
                                      f"{seen[key]})")
@@ -395,6 +396,13 @@ def read_questions(path):
             seen[key] = n
             questions.append((n, q))
     return questions, errors
+
+
+def question_key(q) -> tuple:
+    """A question's identity, and its answer's: (question_id, prompt). TextVQA's question_id is its image's, shared
+    by the questions of one image. "prompt" is what the answer records, the question's "text" unless the question
+    says otherwise (MMBench records the question without the instruction the model is given after it)."""
+    return q["question_id"], q.get("prompt", q["text"])
 
 
 def read_answered(path) -> set:
@@ -429,7 +437,7 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
         size = -(-len(questions) // cfg.num_chunks)
         questions = questions[cfg.chunk_idx * size:(cfg.chunk_idx + 1) * size]
     done = read_answered(cfg.answers)
-    todo = [(n, q) for n, q in questions if (q["question_id"], q["text"]) not in done]
+    todo = [(n, q) for n, q in questions if question_key(q) not in done]
     model_id = os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "minillava"
     total = GenerationStats()
     t0, n_answered = time.perf_counter(), 0
@@ -454,7 +462,7 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
             texts, stats = answer_batch(model, tokenizer, [(im, q["text"]) for q, im in batch], cfg.template,
                                         cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed)
             for (q, _), text in zip(batch, texts):  # one whole line per write, flushed: a kill loses no answer
-                out.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": text,
+                out.write(json.dumps({"question_id": q["question_id"], "prompt": question_key(q)[1], "text": text,
                                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}},
                                      ensure_ascii=False) + "\n")
                 out.flush()
@@ -463,8 +471,9 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
                 setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
             n_answered += len(batch)
             n_seen, elapsed = min(i + cfg.batch_size, len(todo)), time.perf_counter() - t0
-            print(f"answered {n_answered}/{len(todo)} | {elapsed:.0f} s | decode {total.decode_tokens_per_s:.1f} "
-                  f"tokens/s | ~{elapsed / n_seen * (len(todo) - n_seen):.0f} s left", file=sys.stderr)
+            print(f"answered {n_answered}/{len(todo)} | {elapsed:.0f} s | {n_answered / elapsed:.2f} questions/s | "
+                  f"decode {total.decode_tokens_per_s:.1f} tokens/s | "
+                  f"~{elapsed / n_seen * (len(todo) - n_seen):.0f} s left", file=sys.stderr)
     return total, errors
 
 
@@ -505,6 +514,8 @@ def parse_args(argv=None) -> GenerateConfig:
         p.error(f"--chunk-idx {cfg.chunk_idx} must be in [0, --num-chunks {cfg.num_chunks})")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be >= 1")
+    if cfg.image_aspect_ratio not in (None, "pad", "square"):
+        p.error(f"--image-aspect-ratio {cfg.image_aspect_ratio!r}: expected pad or square")
     return cfg
 
 
@@ -520,6 +531,8 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"questions file not found: {cfg.questions}")
         model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device,
                                 optional_bool(cfg.tokenizer_legacy))
+        if cfg.image_aspect_ratio:
+            model.config = dataclasses.replace(model.config, image_aspect_ratio=cfg.image_aspect_ratio)
         print(threads, file=sys.stderr)
         if cfg.prompt is not None:  # check the prompt fits before anything is printed
             n_img = 0 if image is None else 1

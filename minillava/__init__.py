@@ -1,7 +1,8 @@
-"""minillava: LLaVA (v1 and 1.5) from scratch in plain PyTorch.
+"""minillava: LLaVA (v1 and 1.5) from scratch in plain PyTorch: the model, its tokenizer, templates, images, data
+and sampling. It imports `kernels` and nothing above it: checkpoint files are the `weights` package's.
 
-    import minillava
-    model = minillava.load(path, vision_path=None, dtype=torch.float32, device="cpu")  # any official layout
+    import minillava, weights
+    model = weights.load_llava(path, vision_path=None, dtype=torch.float32, device="cpu")  # any official layout
     tok = minillava.Tokenizer(path)                                 # its tokenizer.model + tokenizer_config.json
     prompt = minillava.build_prompt([("human", "<image>\nWhat is this?")], "vicuna_v1")
     input_ids = torch.tensor([minillava.tokenize_with_images(prompt, tok, model.config.image_token_id)])
@@ -12,15 +13,6 @@ from minillava.config import LlavaConfig, TextConfig, VisionConfig, from_hf_conf
 from minillava.llava import Llava
 from minillava.templates import build_prompt
 from minillava.tokenizer import Tokenizer, tokenize_with_images
-
-
-def load(path, vision_path=None, projector_path=None, dtype=None, device="cpu", **kwargs) -> Llava:
-    """Load an official checkpoint in any layout (see weights/load.py); imported here lazily because the
-    weights package itself builds minillava modules."""
-    import torch
-    from weights import load_llava
-    return load_llava(path, vision_path=vision_path, projector_path=projector_path,
-                      dtype=dtype or torch.float32, device=device, **kwargs)
 
 
 def preprocess_image(image, size: int = 336, pad: bool = True):

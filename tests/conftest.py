@@ -1,3 +1,5 @@
+"""pytest's set-up for the whole suite: the Triton interpreter on CPU, the repository on sys.path, the kernels on
+when a GPU is there, and the kernel tests left out where triton is not installed."""
 import importlib.util
 import os
 import sys

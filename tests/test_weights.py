@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import minillava
 from minillava.config import IMAGE_TOKEN_INDEX, get_preset
 from minillava.tokenizer import Tokenizer
 from weights import (CheckpointError, load_llava, random_llava, save_llava, save_projector, write_layout,
@@ -108,10 +107,10 @@ def test_every_layout_loads_the_same_model(ckpts, ref, layout):
     torch.testing.assert_close(logits(model), logits(ref, TINY.image_token_id), atol=1e-6, rtol=1e-6)
 
 
-def test_minillava_load_is_load_llava(ckpts, ref):
+def test_load_llava_casts_to_the_dtype_asked(ckpts, ref):
     paths = ckpts["C"]
-    model = minillava.load(paths["model"], vision_path=paths["vision"], projector_path=paths["projector"],
-                           dtype=torch.bfloat16)
+    model = load_llava(paths["model"], vision_path=paths["vision"], projector_path=paths["projector"],
+                       dtype=torch.bfloat16)
     assert model.config.image_token_id == IMAGE_TOKEN_INDEX
     assert torch.equal(model.language_model.lm_head.weight, ref.language_model.lm_head.weight.bfloat16())
 

@@ -1,4 +1,4 @@
-"""Save a model in layout A (llava-hf: what transformers' LlavaForConditionalGeneration and minillava.load
+"""Save a model in layout A (llava-hf: what transformers' LlavaForConditionalGeneration and weights.load_llava
 read), or its projector alone in layout C (a stage-1 `mm_projector` file).
 
 Every write is atomic: files go to a temporary sibling, are fsynced, and are renamed into place at the end, so
