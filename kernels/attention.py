@@ -27,10 +27,12 @@ Backward, with p_ij = 2^(s_ij - lse_i) recomputed from the saved lse:
 For GQA, dk/dv of a kv head also sum over its nh // n_kv query heads (inside one program: no atomics).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import enabled, tl, triton
+from kernels.dispatch import COMPILE, enabled, tl, triton
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): e^x = 2^(x * LOG2E)
 HEAD_SIZES = (16, 32, 64, 128)  # hs must be a power of two >= 16 (tl.dot and tl.arange need it)
@@ -62,14 +64,18 @@ def attention_reference(q, k, v, causal: bool, key_padding_mask=None, scale=None
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool tile: query row offs_m may attend key offs_n (bounds, causal, padding)."""
-    vis = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+def _visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+             TRANSPOSED: tl.constexpr):
+    """Bool tile, (BLOCK_M, BLOCK_N) or TRANSPOSED (BLOCK_N, BLOCK_M): query row offs_m may attend key offs_n
+    (bounds, causal, padding)."""
+    m = offs_m[None, :] if TRANSPOSED else offs_m[:, None]
+    n = offs_n[:, None] if TRANSPOSED else offs_n[None, :]
+    vis = (m < Tq) & (n < Tk)
     if CAUSAL:
-        vis = vis & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))  # bottom-right aligned diagonal
+        vis = vis & (n <= m + (Tk - Tq))  # bottom-right aligned diagonal
     if HAS_MASK:
-        keep = tl.load(KPM + offs_n, mask=offs_n < Tk, other=0)  # (BLOCK_N,) key_padding_mask row of this batch
-        vis = vis & (keep[None, :] != 0)
+        keep = tl.load(KPM + n, mask=n < Tk, other=0)  # key_padding_mask row of this batch, as a row or column
+        vis = vis & (keep != 0)
     return vis
 
 
@@ -116,7 +122,7 @@ def _attn_fwd_inner(
             v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, log2
         if MASKED:
-            s = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK), s, float("-inf"))
+            s = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK, False), s, float("-inf"))
         elif HAS_MASK:
             keep = tl.load(KPM + offs_n)  # (BLOCK_N,)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
@@ -140,6 +146,7 @@ def _attn_fwd_kernel(
     nh, Tq, Tk,
     G,  # query heads per kv head, nh // n_kv
     qk_scale,  # scale * LOG2E
+    T_BUCKET,  # _t_bucket(Tq, Tk): only keys the autotuner
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -222,7 +229,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt,  # dk strides of batch, kv head, token
     stride_dvb, stride_dvh, stride_dvt,  # dv strides of batch, kv head, token
     stride_mb,  # key_padding_mask batch stride
-    nh, n_kv, Tq, Tk, G, qk_scale, scale,
+    nh, n_kv, Tq, Tk, G, qk_scale, scale, T_BUCKET,  # T_BUCKET only keys the autotuner
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -255,17 +262,19 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(lo, Tq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < Tq
-            q = tl.load(Qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            # q comes in transposed, (HS, BLOCK_M): the scores are computed as k @ q^T, so p^T and ds^T leave
+            # their matmuls in the layout that dv += p^T @ do and dk += ds^T @ q take (FlashAttention-2's loop)
+            qT = tl.load(Qh + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
             do = tl.load(DOh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
             delta = tl.load(Delta + row0 + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2
-            p = tl.exp2(s - lse[:, None])  # softmax probabilities recomputed from the saved lse
-            p = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK), p, 0.0)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)  # (BLOCK_N, HS)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N) fp32, grad of the unscaled scores
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)  # (BLOCK_N, HS)
+            sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 domain
+            pT = tl.exp2(sT - lse[None, :])  # softmax probabilities recomputed from the saved lse
+            pT = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK, True), pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # (BLOCK_N, HS)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            dsT = pT * (dpT - delta[None, :])  # fp32, grad of the unscaled scores
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)  # (BLOCK_N, HS)
     dk = dk * scale  # s = scale * q.k, so dk = scale * ds^T q
     tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok)
@@ -298,7 +307,7 @@ def _attn_bwd_dq_inner(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK), p, 0.0)
+            p = tl.where(_visible(offs_m, offs_n, Tq, Tk, KPM, CAUSAL, HAS_MASK, False), p, 0.0)
         elif HAS_MASK:
             keep = tl.load(KPM + offs_n)  # (BLOCK_N,)
             p = tl.where(keep[None, :] != 0, p, 0.0)
@@ -322,7 +331,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot,  # grad-out strides of batch, head, token
     stride_dqb, stride_dqh, stride_dqt,  # dq strides of batch, head, token
     stride_mb,  # key_padding_mask batch stride
-    nh, Tq, Tk, G, qk_scale, scale,
+    nh, Tq, Tk, G, qk_scale, scale, T_BUCKET,  # T_BUCKET only keys the autotuner
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -451,27 +460,56 @@ def _attn_decode_reduce_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # 2. Launchers: validate, pick block sizes, launch
 # ----------------------------------------------------------------------------------------------------------
-# On CUDA the three big kernels are autotuned over a few configs, keyed on (hs, causal, mask, dtype) only:
-# one benchmark per model setting, so a new prompt length never re-triggers tuning in the middle of generation.
-# Without CUDA (TRITON_INTERPRET=1) one fixed small config runs, small enough that tiny test shapes still
-# span several blocks (ragged last blocks, multi-block online softmax).
+# On CUDA the three big kernels are autotuned over a few configs, keyed on what changes the best one: head size,
+# causal, mask, and the sequence length in coarse buckets (short prompts favour small query blocks and more
+# programs, long ones big tiles), so a new prompt length re-tunes only when it crosses a power of two (>= 256).
+# Configs that spill registers at a head size (ptxas for sm_90a, measured on CPU: benchmarks/ptxas_spills.py)
+# are pruned before tuning. Without CUDA (TRITON_INTERPRET=1) one fixed small config runs, small enough that
+# tiny test shapes still span several blocks (ragged last blocks, multi-block online softmax).
 _CPU_BLOCK = 16
-_TUNE_KEY = ["HS", "CAUSAL", "HAS_MASK"]
+_TUNE_KEY = ["HS", "CAUSAL", "HAS_MASK", "T_BUCKET"]
+
+
+def _t_bucket(Tq: int, Tk: int) -> int:
+    return min(max(triton.next_power_of_2(max(Tq, Tk)), 256), 16384)
 
 
 def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
-_attn_fwd_tuned = triton.autotune(
-    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
-    key=_TUNE_KEY)(_attn_fwd_kernel)
-_attn_bwd_dkdv_tuned = triton.autotune(
-    _configs([(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 4)]),
-    key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_tuned = triton.autotune(
-    _configs([(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]),
-    key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; SPILLS[kernel][head size]: the ones ptxas spills there
+# (bf16, sm_90a, triton 3.9, measured 2026-12-01 for LLaVA's head sizes: CLIP 64, Vicuna 128; RESULTS.md)
+CONFIGS = {"fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+                   (128, 32, 8, 3), (64, 64, 8, 3)],
+           "dkdv": [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 4),
+                    (32, 64, 8, 3), (32, 32, 4, 3), (64, 32, 4, 3)],
+           "dq": [(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 3), (32, 64, 4, 3),
+                  (32, 32, 4, 3)]}
+SPILLS = {"fwd": {64: [(128, 64, 4, 3)], 128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]},
+          "dkdv": {64: [(32, 128, 4, 3)],
+                   128: [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 4)]},
+          "dq": {64: [(128, 32, 4, 3)], 128: [(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]}}
+
+
+def _no_spills(kernel: str):
+    """An autotuner early_config_prune: drop the configs that spill at this head size (all of them never)."""
+    def prune(configs, named_args, **kwargs):
+        bad = SPILLS[kernel].get(kwargs.get("HS", named_args.get("HS")), [])
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                not in bad]
+        return kept or configs
+    return prune
+
+
+def _tuned(name, kernel):
+    return triton.autotune(_configs(CONFIGS[name]), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _no_spills(name)})(kernel)
+
+
+_attn_fwd_tuned = _tuned("fwd", _attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = _tuned("dkdv", _attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = _tuned("dq", _attn_bwd_dq_kernel)
 
 
 # fp32 on CUDA: one small config, not the autotuner. Exact fp32 dots ("ieee") cannot use tensor cores; their
@@ -484,11 +522,12 @@ def _launch(kernel, tuned, grid_fn, x, args, **constexprs):
     """Autotuned kernel on CUDA for 16-bit inputs, one fixed config for fp32 on CUDA and in the interpreter.
     grid_fn(BLOCK_M, BLOCK_N) -> grid."""
     if x.is_cuda and x.dtype != torch.float32:
-        tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+        tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs, **COMPILE)
     elif x.is_cuda:
-        kernel[grid_fn(_FP32_CUDA["BLOCK_M"], _FP32_CUDA["BLOCK_N"])](*args, **constexprs, **_FP32_CUDA)
+        kernel[grid_fn(_FP32_CUDA["BLOCK_M"], _FP32_CUDA["BLOCK_N"])](*args, **constexprs, **_FP32_CUDA, **COMPILE)
     else:
-        kernel[grid_fn(_CPU_BLOCK, _CPU_BLOCK)](*args, **constexprs, BLOCK_M=_CPU_BLOCK, BLOCK_N=_CPU_BLOCK)
+        kernel[grid_fn(_CPU_BLOCK, _CPU_BLOCK)](*args, **constexprs, BLOCK_M=_CPU_BLOCK, BLOCK_N=_CPU_BLOCK,
+                                                **COMPILE)
 
 
 def _dot_precision(dtype):
@@ -522,16 +561,37 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None, scale=None):
     B, nh, Tq, hs = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
     scale = hs ** -0.5 if scale is None else scale
-    kpm = q if key_padding_mask is None else key_padding_mask.contiguous()  # q: a dummy pointer, never read
+    kpm = q if key_padding_mask is None else _last_dim_contiguous(key_padding_mask)  # q: a dummy, never read
     o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, nh, Tq, hs)
     lse = torch.empty(B, nh, Tq, device=q.device, dtype=torch.float32)
     args = (q, k, v, kpm, o, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            kpm.stride(0), nh, Tq, Tk, nh // n_kv, scale * LOG2E)
+            kpm.stride(0), nh, Tq, Tk, nh // n_kv, scale * LOG2E, _t_bucket(Tq, Tk))
     _launch(_attn_fwd_kernel, _attn_fwd_tuned, lambda bm, bn: (triton.cdiv(Tq, bm), B * nh), q, args,
             CAUSAL=causal, HAS_MASK=key_padding_mask is not None, HS=hs, DOT_PRECISION=_dot_precision(q.dtype))
     return o, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _n_sm(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_DECODE_SCRATCH = {}  # (device, B, nh, num_splits, hs) -> the split kernel's partial (max, sum, acc) buffers
+
+
+def _decode_scratch(device, B, nh, num_splits, hs):
+    """The partial results' buffers, allocated once per shape and reused by every later call: a decode step
+    allocates only its outputs and copies nothing, so it replays in a CUDA graph. Calls are ordered on one
+    stream (the generation loop), so reusing the buffers is safe; the reduce kernel reads them before any
+    later split kernel can write them."""
+    key = (device, B, nh, num_splits, hs)
+    if key not in _DECODE_SCRATCH:
+        m_part = torch.empty(B, nh, num_splits, device=device, dtype=torch.float32)
+        _DECODE_SCRATCH[key] = (m_part, torch.empty_like(m_part),
+                                torch.empty(B, nh, num_splits, hs, device=device, dtype=torch.float32))
+    return _DECODE_SCRATCH[key]
 
 
 def _decode_split_len(B, n_kv, Tk, block_n, device):
@@ -540,7 +600,7 @@ def _decode_split_len(B, n_kv, Tk, block_n, device):
     n_blocks = triton.cdiv(Tk, block_n)
     if device.type != "cuda":
         return 2 * block_n
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    n_sm = _n_sm(device)
     num_splits = max(1, min(n_blocks, 128, triton.cdiv(2 * n_sm, B * n_kv)))
     return triton.cdiv(n_blocks, num_splits) * block_n
 
@@ -565,21 +625,19 @@ def attention_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None
     else:
         split_len = triton.cdiv(triton.cdiv(Tk, block_n), num_splits) * block_n
     num_splits = triton.cdiv(Tk, split_len)  # every split holds >= 1 key
-    kpm = q if key_padding_mask is None else key_padding_mask.contiguous()  # q: a dummy pointer, never read
-    m_part = torch.empty(B, nh, num_splits, device=q.device, dtype=torch.float32)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B, nh, num_splits, hs, device=q.device, dtype=torch.float32)
+    kpm = q if key_padding_mask is None else _last_dim_contiguous(key_padding_mask)  # q: a dummy, never read
+    m_part, l_part, acc_part = _decode_scratch(q.device, B, nh, num_splits, hs)
     _attn_decode_split_kernel[(B * n_kv, num_splits)](
         q, k, v, kpm, m_part, l_part, acc_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         kpm.stride(0), n_kv, Tk, G, split_len, num_splits, scale * LOG2E,
         HAS_MASK=key_padding_mask is not None, HS=hs, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=4)
+        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, **COMPILE)
     o = torch.empty(B, nh, 1, hs, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, nh, 1, device=q.device, dtype=torch.float32)
     _attn_decode_reduce_kernel[(B * nh,)](
         m_part, l_part, acc_part, o, lse, o.stride(0), o.stride(1), nh, num_splits,
-        HS=hs, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+        HS=hs, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **COMPILE)
     return o, lse
 
 
@@ -591,12 +649,12 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, key_padding_mask=None,
     n_kv, Tk = k.shape[1], k.shape[2]
     G = nh // n_kv
     scale = hs ** -0.5 if scale is None else scale
-    kpm = q if key_padding_mask is None else key_padding_mask.contiguous()  # q: a dummy pointer, never read
+    kpm = q if key_padding_mask is None else _last_dim_contiguous(key_padding_mask)  # q: a dummy, never read
     block_m = 64 if q.is_cuda else _CPU_BLOCK
     delta = torch.empty_like(lse)  # (B, nh, Tq) fp32
     _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m), B * nh)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        nh, Tq, HS=hs, BLOCK_M=block_m)
+        nh, Tq, HS=hs, BLOCK_M=block_m, **COMPILE)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
@@ -607,10 +665,10 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, key_padding_mask=None,
     _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, lambda bm, bn: (triton.cdiv(Tk, bn), B * n_kv), q,
             (q, k, v, kpm, do, lse, delta, dk, dv, *strides_in,
              dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-             kpm.stride(0), nh, n_kv, Tq, Tk, G, scale * LOG2E, scale), **constexprs)
+             kpm.stride(0), nh, n_kv, Tq, Tk, G, scale * LOG2E, scale, _t_bucket(Tq, Tk)), **constexprs)
     _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, lambda bm, bn: (triton.cdiv(Tq, bm), B * nh), q,
             (q, k, v, kpm, do, lse, delta, dq, *strides_in, dq.stride(0), dq.stride(1), dq.stride(2),
-             kpm.stride(0), nh, Tq, Tk, G, scale * LOG2E, scale), **constexprs)
+             kpm.stride(0), nh, Tq, Tk, G, scale * LOG2E, scale, _t_bucket(Tq, Tk)), **constexprs)
     return dq, dk, dv
 
 

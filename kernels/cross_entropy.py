@@ -13,7 +13,7 @@ only (N, V) allocation is the gradient, in the logits' dtype (N*V*2 bytes for bf
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import enabled, tl, triton
+from kernels.dispatch import COMPILE, enabled, tl, triton
 
 
 def cross_entropy_reference(logits, labels, ignore_index: int = -100, reduction: str = "mean"):
@@ -108,7 +108,7 @@ def cross_entropy_forward(logits, labels, ignore_index: int, reduction: str, com
     _cross_entropy_kernel[(N,)](
         logits, grad if compute_grad else logits, labels, loss_rows, n_kept,  # dummy grad pointer: never written
         logits.stride(0), V, ignore_index,
-        BLOCK_V=BLOCK_V, MEAN=reduction == "mean", COMPUTE_GRAD=compute_grad, num_warps=num_warps,
+        BLOCK_V=BLOCK_V, MEAN=reduction == "mean", COMPUTE_GRAD=compute_grad, num_warps=num_warps, **COMPILE,
     )
     if reduction == "mean":
         loss = loss_rows.sum() / n_kept  # NaN when every row is ignored, as F.cross_entropy

@@ -15,7 +15,7 @@ gate, up and silu(gate): three (M, F) tensors per layer). The backward pass reco
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import enabled, tl, triton
+from kernels.dispatch import COMPILE, enabled, tl, triton
 from kernels.linear import linear
 
 QUICK_GELU_ALPHA = tl.constexpr(1.702)  # CLIP's quick_gelu: y * sigmoid(1.702 y), a cheap approximation of GELU
@@ -226,11 +226,11 @@ def _launch_gemm(kernel, tuned, x2, N, args, **constexprs):
         raise ValueError(f"GEMM (M={M}, N={N}, K={K}) overflows the kernels' int32 offsets")
     if x2.is_cuda and x2.dtype != torch.float32:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        tuned[grid](*args, **constexprs)
+        tuned[grid](*args, **constexprs, **COMPILE)
     else:  # fp32 on CUDA too: exact fp32 dots compile slowly, and autotuning compiles every candidate
         config = dict(_CPU_CONFIG, num_warps=4, num_stages=2) if x2.is_cuda else _CPU_CONFIG
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        kernel[grid](*args, **config, **constexprs)
+        kernel[grid](*args, **config, **constexprs, **COMPILE)
 
 
 def _input_precision(x):
@@ -300,7 +300,7 @@ def quick_gelu_backward(y, dh):
     dy = torch.empty_like(y)
     numel = y.numel()
     _quick_gelu_bwd_kernel[(triton.cdiv(numel, QUICK_GELU_BWD_BLOCK),)](y, dh, dy, numel,
-                                                                      BLOCK=QUICK_GELU_BWD_BLOCK)
+                                                                      BLOCK=QUICK_GELU_BWD_BLOCK, **COMPILE)
     return dy
 
 

@@ -10,7 +10,7 @@ where cast_x rounds to x's dtype. Autograd saves x, w and r (one fp32 per row), 
 """
 import torch
 
-from kernels.dispatch import enabled, tl, triton
+from kernels.dispatch import COMPILE, enabled, tl, triton
 
 
 def rms_norm_reference(x, weight, eps: float):
@@ -112,7 +112,7 @@ def rms_norm_forward(x2, weight, eps: float):
     rstd = torch.empty(M, device=x2.device, dtype=torch.float32)  # (M,)
     BLOCK_C = triton.next_power_of_2(C)
     _rms_norm_fwd_kernel[(M,)](x2, weight.contiguous(), y, rstd, x2.stride(0), C, eps,
-                               BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C))
+                               BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C), **COMPILE)
     return y, rstd
 
 
@@ -128,7 +128,7 @@ def rms_norm_backward(dy2, x2, weight, rstd):
     BLOCK_C = triton.next_power_of_2(C)
     _rms_norm_bwd_kernel[(n_programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
                                         dy2.stride(0), x2.stride(0), M, C, rows_per_program,
-                                        BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C))
+                                        BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C), **COMPILE)
     return dx, dw_partial.sum(0).to(weight.dtype)  # (C,)
 
 

@@ -11,7 +11,7 @@ One Triton program per (b, t) token loads cos/sin once and rotates every q and k
 """
 import torch
 
-from kernels.dispatch import enabled, tl, triton
+from kernels.dispatch import COMPILE, enabled, tl, triton
 
 
 def rotate_half(x):
@@ -113,7 +113,7 @@ def rope_launch(q, k, cos, sin, q_dtype, k_dtype, backward: bool):
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         cos.stride(0), cos.stride(1), T, nh, n_kv, hs // 2,
         BLOCK_HQ=triton.next_power_of_2(nh), BLOCK_HK=triton.next_power_of_2(n_kv), BLOCK_D=BLOCK_D,
-        BACKWARD=backward, num_warps=4 if nh * BLOCK_D <= 4096 else 8,
+        BACKWARD=backward, num_warps=4 if nh * BLOCK_D <= 4096 else 8, **COMPILE,
     )
     return q_out, k_out
 

@@ -295,3 +295,53 @@ def test_offsets_past_int32_go_to_the_torch_path():
     assert _kernel_supports(small, small, small)
     far = torch.empty_strided((1, 2, 2, 16), (0, 0, MAX_ELEMENTS, 1), device="meta")  # shape only, no memory
     assert not _kernel_supports(far, small, small) and not _kernel_supports(small, small, far)
+
+
+@interpreter_only
+def test_decode_reuses_its_scratch_and_not_its_outputs():
+    """A decode step allocates only its outputs (the partial results' buffers are kept per shape, so the step
+    replays in a CUDA graph); a second call must not change the first call's output."""
+    q, k, v, _, kpm = _inputs(2, 4, 2, 1, 40, 16, torch.float32, "left")
+    A._DECODE_SCRATCH.clear()
+    with torch.no_grad():
+        out1, _ = attention_decode(q, k, v, kpm, num_splits=3)
+        kept = out1.clone()
+        scratch = [t.data_ptr() for t in next(iter(A._DECODE_SCRATCH.values()))]
+        out2, _ = attention_decode(q, k.flip(2), v.flip(2), kpm.flip(1), num_splits=3)
+    assert len(A._DECODE_SCRATCH) == 1 and scratch == [t.data_ptr() for t in A._DECODE_SCRATCH[
+        next(iter(A._DECODE_SCRATCH))]]
+    assert torch.equal(out1, kept) and out1.data_ptr() != out2.data_ptr()
+    _assert_close(out2, attention_reference(q, k.flip(2), v.flip(2), True, kpm.flip(1)), TOL[torch.float32]["out"],
+                  "second decode")
+
+
+def test_autotune_key_and_spilling_configs():
+    """The tuner keys on the sequence length's bucket too (a prompt length re-tunes only across a power of two
+    >= 256), and never tries a config SPILLS lists for the head size."""
+    import triton
+    assert [A._t_bucket(t, t) for t in (1, 200, 256, 257, 5000, 10**6)] == [256, 256, 256, 512, 8192, 16384]
+    assert A._t_bucket(1, 3000) == 4096  # decode-like and prefill-like calls alike: the longer side counts
+    assert "T_BUCKET" in A._TUNE_KEY and all("T_BUCKET" in fn.arg_names for fn in
+                                             (A._attn_fwd_kernel, A._attn_bwd_dkdv_kernel, A._attn_bwd_dq_kernel))
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in
+               A.CONFIGS["fwd"]]
+    for hs, bad in A.SPILLS["fwd"].items():
+        kept = A._no_spills("fwd")(configs, {}, HS=hs)
+        assert len(kept) == len(configs) - len(bad) and not any(
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in bad for c in kept)
+    assert A._no_spills("fwd")(configs, {}, HS=16) == configs
+
+
+def test_every_kernel_launch_states_its_compile_options():
+    """Triton 3.9 warns that the FP-fusion default flips in 3.10: every launch (kernel[grid](...)) passes
+    kernels.dispatch.COMPILE, so the kernels compute the same under both."""
+    import ast
+    import pathlib
+    launches = 0
+    for path in pathlib.Path(A.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                launches += 1
+                assert any(kw.arg is None and getattr(kw.value, "id", "") == "COMPILE" for kw in node.keywords), \
+                    f"{path.name}:{node.lineno}: a kernel launch without **COMPILE"
+    assert launches >= 12
