@@ -7,13 +7,16 @@
 Each step runs the code a LLaVA-1.5-7B run uses:
  1. data       minillava/synthetic.py draws small scenes (a row of 1-3 identical shapes) and writes them in
                LLaVA's formats: pretrain.json (captions), instruct.json (conversations, detailed descriptions,
-               reasoning, short-answer VQA, text-only), test.json (short questions about held-out images).
+               reasoning, short-answer VQA, yes/no, multiple choice, text-only), test.json (short questions
+               about held-out images), and the held-out images as a POPE and a ScienceQA benchmark (bench/).
  2. tokenizer  a LLaMA-like SentencePiece model (unk 0, bos 1, eos 2) trained on that text.
  3. base model a random CLIP-like vision tower and a random LLaMA-like decoder, written as official
                checkpoints in layout C (a CLIP dir and a LLaMA dir), as if they had been downloaded.
  4. stage 1    `train.py --stage 1`: the projector alone learns to map image features into the LLM.
  5. stage 2    `train.py --stage 2`: projector + LLM learn to follow visual instructions (CLIP frozen).
  6. evaluation `generate.py`'s API answers the held-out questions greedily: exact match per kind, vs chance.
+ 7. benchmarks `eval.py run` on the held-out images written as a POPE and a ScienceQA benchmark (LLaVA's eval
+               layout): the official protocol and the official scoring, as for the paper's table.
 
 Two things differ from LLaVA because nothing here was pretrained: the base weights are random, initialised the
 way a from-scratch run starts (`pretraining_init`), and the learning rates are those a small model trained from
@@ -143,6 +146,26 @@ def evaluate(model_dir: str, data: dict) -> dict:
             "chance": synthetic.chance_level(test), "test": test, "answers": answers}
 
 
+def chance_sqa(sqa_dir: str) -> float:
+    """Percent right when guessing uniformly among each problem's choices."""
+    with open(os.path.join(sqa_dir, "problems.json")) as f:
+        problems = json.load(f)
+    return 100.0 * sum(1 / len(p["choices"]) for p in problems.values()) / len(problems)
+
+
+def run_benchmark(name: str, model_dir: str, data_dir: str, out: str) -> dict:
+    """`eval.py run` on one of the demo's benchmarks; -> its metrics (eval.py prints them as a table)."""
+    import eval as evaluation
+
+    argv = ["run", name, "--model", model_dir, "--data", data_dir, "--out", out, "--batch-size", "50",
+            "--threads", str(torch.get_num_threads())]
+    print(f"\n$ python eval.py {' '.join(argv)}", flush=True)
+    if evaluation.main(argv) != 0:
+        raise RuntimeError(f"eval.py run {name} failed (see above)")
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)["metrics"]
+
+
 def main(argv=None) -> dict:
     from minillava import synthetic
 
@@ -172,14 +195,19 @@ def main(argv=None) -> dict:
     for r, a in ((ev["test"][j], ev["answers"][j]) for j in shown):
         mark = "ok " if synthetic.exact_match(a, r["answer"]) else "BAD"
         print(f"  {mark} {r['image']}  Q: {r['question'].splitlines()[0]}  A: {a!r}  (reference: {r['answer']!r})")
+    print("\n7. benchmarks: the held-out images as POPE and ScienceQA", flush=True)
+    bench = {name: run_benchmark(name, os.path.join(cfg.out, "stage2"), data[name],
+                                 os.path.join(cfg.out, "eval", name)) for name in ("pope", "sqa")}
     print(f"\nstage 1 loss {loss1[0]:.3f} -> {loss1[1]:.3f} ({stage1['steps']} steps)")
     print(f"stage 2 loss {loss2[0]:.3f} -> {loss2[1]:.3f} ({stage2['steps']} steps)")
     kinds = "  ".join(f"{k} {v:.1%}" for k, v in ev["by_kind"].items())
     print(f"held-out accuracy {ev['accuracy']:.1%} ({len(ev['test'])} questions: {kinds}); chance {ev['chance']:.1%}")
+    print(f"POPE F1 {bench['pope']['f1']:.1f} (accuracy {bench['pope']['accuracy']:.1f}, chance 50.0); "
+          f"ScienceQA-format accuracy {bench['sqa']['accuracy']:.1f} (chance {chance_sqa(data['sqa']):.1f})")
     print(f"total {time.time() - t0:.0f} s.  Ask it yourself:\n  python generate.py --model {cfg.out}/stage2 "
           f"--image {cfg.out}/data/images/test_000000.png --prompt \"How many shapes are there?\"")
     return {"accuracy": ev["accuracy"], "by_kind": ev["by_kind"], "chance": ev["chance"],
-            "stage1_loss": loss1, "stage2_loss": loss2, "seconds": time.time() - t0}
+            "stage1_loss": loss1, "stage2_loss": loss2, "benchmarks": bench, "seconds": time.time() - t0}
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ frozen *random* vision tower can learn to answer from the image in minutes of CP
 
     images/train_000000.png ...   training scenes      images/test_000000.png ...  held-out scenes
     pretrain.json   stage 1, one caption pair per image: "<image>\\nDescribe the image concisely." -> caption
-    instruct.json   stage 2, one record per image, of four kinds (like LLaVA-Instruct + the 665K VQA mix):
+    instruct.json   stage 2, one record per image, of six kinds (like LLaVA-Instruct + the 665K VQA mix):
                     conversation (several Q/A turns), detail (a paragraph), reasoning (an answer with its
-                    reason), vqa (short-answer turns with the official suffix); plus a few text-only records
+                    reason), vqa (short-answer turns with the official suffix), exists (yes/no, as POPE asks)
+                    and choice (multiple choice answered with a letter); plus a few text-only records
     test.json       held-out short-answer questions: {"id", "image", "question", "answer", "kind"},
                     one per kind ("color", "shape", "count", "position") per test image
     scenes.json     {image path: scene} with every object's attributes and pixel position (ground truth)
     corpus.txt      every training text, the vicuna_v1 system prompt and role words, for the tokenizer
+    bench/pope/, bench/sqa/   the held-out images as POPE and ScienceQA benchmarks (`write_benchmarks`)
 
 Everything is a pure function of `seed` (one numpy Generator per image, one per record's text), uses only
 PIL + numpy, and never touches the network. `train_tokenizer` fits a LLaMA-like SentencePiece model on
@@ -55,7 +57,9 @@ SUPERSAMPLE = 4                           # draw at 4x and box-downsample: anti-
 SYSTEM = VICUNA_SYSTEM  # the vicuna_v1 system prompt the demo trains with
 ROLES = ("USER", "ASSISTANT")
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
+CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # LLaVA-1.5's multiple choice
 TEST_KINDS = ("color", "shape", "count", "position")
+POPE_CATEGORIES = ("adversarial", "popular", "random")  # POPE's three files; what each asks: `exists`
 
 # A few of the brief-description instructions of LLaVA's 558K pretraining set.
 PRETRAIN_INSTRUCTIONS = (
@@ -257,6 +261,44 @@ def reasoning(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
     return q, f"Each one has {_CORNERS[o['shape']]}, because {'it is a' if n == 1 else 'they are'} {plural}."
 
 
+def exists(scene: dict, rng: np.random.Generator, category: str) -> tuple[str, str]:
+    """A POPE-style question "Is there ... in the image?" and its label, "yes" or "no" with equal odds. POPE's
+    categories differ in how the absent object is chosen; here: random asks about a shape, popular about a
+    colour, adversarial about a colour and a shape of which a "no" gets one right (the hard negative)."""
+    o, _ = _group(scene)
+    yes = rng.random() < 0.5
+    other = lambda values, v: _pick(rng, [x for x in values if x != v])
+    color, shape = o["color"], o["shape"]
+    if category == "random":
+        thing = shape if yes else other(SHAPES, shape)
+    elif category == "popular":
+        thing = (color if yes else other(list(COLORS), color)) + " shape"
+    elif category == "adversarial":
+        if not yes and rng.random() < 0.5:
+            color = other(list(COLORS), color)
+        elif not yes:
+            shape = other(SHAPES, shape)
+        thing = f"{color} {shape}"
+    else:
+        raise ValueError(f"unknown POPE category {category!r}; expected one of {POPE_CATEGORIES}")
+    return f"Is there {_article(thing)} {thing} in the image?", "yes" if yes else "no"
+
+
+def choice(scene: dict, rng: np.random.Generator, kind: str = None) -> tuple[str, list[str], int]:
+    """A multiple-choice question in ScienceQA's shape as LLaVA feeds it ("Context: ...", the question, then
+    "A. ..." lines) about `kind` (default: a random test kind) -> (text, choices, index of the right one);
+    3 or 4 choices."""
+    kind = kind or _pick(rng, TEST_KINDS)
+    q, answer, _ = questions(scene, rng, kind)
+    pool = {"color": list(COLORS), "shape": list(SHAPES), "count": ["1", "2", "3"], "position": list(ROWS)}[kind]
+    n = min(len(pool), int(rng.integers(3, 5)))
+    wrong = [pool[int(i)] for i in rng.choice(len(pool), size=len(pool), replace=False) if pool[int(i)] != answer]
+    choices = [answer] + wrong[:n - 1]
+    choices = [choices[int(i)] for i in rng.permutation(n)]
+    text = f"Context: N/A\n{q}\n" + "\n".join(f"{letter}. {c}" for letter, c in zip("ABCD", choices))
+    return text, choices, choices.index(answer)
+
+
 _TEXT_FACTS = (
     ("How many sides does a triangle have?", "A triangle has three sides."),
     ("How many sides does a square have?", "A square has four sides of equal length."),
@@ -281,9 +323,11 @@ def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 def instruct_record(scene: dict, rng: np.random.Generator, rid: str, image: str) -> dict:
-    """One stage-2 record of a random kind: conversation 35%, vqa 35%, detail 15%, reasoning 15%.
+    """One stage-2 record of a random kind: conversation 25%, vqa 25%, detail 10%, reasoning 10%, exists 15%
+    (yes/no turns, POPE's format) and choice 15% (multiple choice answered with a letter, ScienceQA's).
 
-    A conversation asks each kind of question at most once, so no answer is given away by an earlier turn.
+    A conversation asks each kind of question at most once, so no answer is given away by an earlier turn; an
+    exists or choice record asks 2-3 questions of one format, each about another attribute (or category).
     """
     def ask(p_short: float) -> list[tuple[str, str]]:  # 3-5 turns of distinct kinds; short-answer form w.p. p_short
         kinds = rng.choice(len(_CONVERSATION_KINDS), size=int(rng.integers(3, 6)), replace=False)
@@ -293,15 +337,29 @@ def instruct_record(scene: dict, rng: np.random.Generator, rid: str, image: str)
             pairs.append((q + SHORT_SUFFIX, short) if rng.random() < p_short else (q, long))
         return pairs
 
+    def distinct(values, n):
+        return [values[int(i)] for i in rng.choice(len(values), size=n, replace=False)]
+
     u = rng.random()
-    if u < 0.35:  # conversation: about a third of the turns short-answer
+    if u < 0.25:  # conversation: about a third of the turns short-answer
         pairs = ask(0.33)
-    elif u < 0.70:  # vqa: short-answer turns only (the 665K mix's VQAv2 / GQA records look like this)
+    elif u < 0.5:  # vqa: short-answer turns only (the 665K mix's VQAv2 / GQA records look like this)
         pairs = ask(1.0)
-    elif u < 0.85:
+    elif u < 0.6:
         pairs = [(_pick(rng, DETAIL_INSTRUCTIONS), detail(scene))]
-    else:
+    elif u < 0.7:
         pairs = [reasoning(scene, rng)]
+    elif u < 0.85:
+        pairs = []
+        for category in distinct(POPE_CATEGORIES, int(rng.integers(2, 4))):
+            q, label = exists(scene, rng, category)
+            pairs.append((q + SHORT_SUFFIX, label) if rng.random() < 0.7 else
+                         (q, "Yes, there is." if label == "yes" else "No, there is not."))
+    else:  # the 665K mix's A-OKVQA multiple choice looks like this
+        pairs = []
+        for kind in distinct(TEST_KINDS, int(rng.integers(2, 4))):
+            text, choices, right = choice(scene, rng, kind)
+            pairs.append((text + CHOICE_SUFFIX, "ABCD"[right]))
     pairs[0] = (_with_image(rng, pairs[0][0]), pairs[0][1])
     return {"id": rid, "image": image, "conversations": _turns(pairs)}
 
@@ -380,7 +438,50 @@ def write_dataset(out_dir: str, n_train: int = 2000, n_test: int = 200, seed: in
     with open(paths["corpus"], "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     paths["image_folder"] = out_dir
+    paths.update(write_benchmarks(os.path.join(out_dir, "bench"), out_dir, scenes, seed))
     return paths
+
+
+def write_benchmarks(bench_dir: str, image_folder: str, scenes: dict, seed: int) -> dict:
+    """The held-out images as two benchmarks in LLaVA's eval layout, for `eval.py`: {"pope": dir, "sqa": dir}.
+
+    pope/  llava_pope_test.jsonl, coco/coco_pope_{adversarial,popular,random}.json, val2014/ (the images): one
+           `exists` question per image, the categories in turn.
+    sqa/   llava_test_CQM-A.json, problems.json, pid_splits.json, images/test/<pid>/image.png: one `choice`
+           question per image, every problem in the test split.
+    """
+    import shutil
+
+    test = [image for image in scenes if os.path.basename(image).startswith("test_")]
+    pope, sqa = os.path.join(bench_dir, "pope"), os.path.join(bench_dir, "sqa")
+    os.makedirs(os.path.join(pope, "coco"), exist_ok=True)
+    os.makedirs(os.path.join(pope, "val2014"), exist_ok=True)
+    questions, labels, records, problems = [], {c: [] for c in POPE_CATEGORIES}, [], {}
+    for i, image in enumerate(test):
+        rng = _rng(seed, "test", i, 2)
+        name, category = os.path.basename(image), POPE_CATEGORIES[i % len(POPE_CATEGORIES)]
+        q, label = exists(scenes[image], rng, category)
+        line = {"question_id": i + 1, "image": name, "text": q + SHORT_SUFFIX, "category": category}
+        questions.append(line)
+        labels[category].append({"question_id": i + 1, "image": name, "text": q, "label": label})
+        shutil.copyfile(os.path.join(image_folder, image), os.path.join(pope, "val2014", name))
+        text, choices, right = choice(scenes[image], rng)
+        pid = str(i + 1)
+        problems[pid] = {"question": text.split("\n")[1], "choices": choices, "answer": right, "hint": "",
+                         "image": "image.png", "split": "test"}
+        records.append({"id": pid, "image": f"{pid}/image.png", "conversations": [
+            {"from": "human", "value": text + "\n<image>"},
+            {"from": "gpt", "value": f"The answer is {'ABCD'[right]}."}]})
+        os.makedirs(os.path.join(sqa, "images", "test", pid), exist_ok=True)
+        shutil.copyfile(os.path.join(image_folder, image), os.path.join(sqa, "images", "test", pid, "image.png"))
+    for path, lines in [(os.path.join(pope, "llava_pope_test.jsonl"), questions)] + [
+            (os.path.join(pope, "coco", f"coco_pope_{c}.json"), labels[c]) for c in POPE_CATEGORIES]:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    _dump(records, os.path.join(sqa, "llava_test_CQM-A.json"))
+    _dump(problems, os.path.join(sqa, "problems.json"))
+    _dump({"test": list(problems)}, os.path.join(sqa, "pid_splits.json"))
+    return {"pope": pope, "sqa": sqa}
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -401,7 +502,8 @@ def train_tokenizer(corpus_path: str, out_dir: str, vocab_size: int = 768) -> st
     if any("<image>" in line for line in lines):
         raise ValueError(f"train_tokenizer: {corpus_path} contains '<image>'; it is split out before tokenizing")
     if vocab_size < 259 + 16:
-        raise ValueError(f"train_tokenizer: vocab_size {vocab_size} leaves too few merges beyond 256 bytes + 3 specials")
+        raise ValueError(f"train_tokenizer: vocab_size {vocab_size} leaves too few merges beyond 256 bytes + "
+                         "3 specials")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tokenizer.model")
     with open(path, "wb") as f:

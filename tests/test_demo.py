@@ -28,6 +28,14 @@ def test_demo_pipeline_runs_and_reports(tmp_path, capsys):
     assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 < res["chance"] < 1.0
     assert f"chance {res['chance']:.1%}" in printed and f"held-out accuracy {res['accuracy']:.1%}" in printed
     assert printed.count("(reference: ") == 3
+    # and it ends with eval.py run on its held-out images as a POPE and a ScienceQA benchmark
+    for name, headline in (("pope", "f1"), ("sqa", "img_accuracy")):
+        metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
+        assert metrics["benchmark"] == name and metrics["metrics"]["headline"] == res["benchmarks"][name][headline]
+        assert f"$ python eval.py run {name} --model {out / 'stage2'}" in printed
+        assert f"{name}: {headline} {metrics['metrics']['headline']:.2f}" in printed
+        assert len((out / "eval" / name / "answers.jsonl").read_text().splitlines()) == 6
+    assert f"POPE F1 {res['benchmarks']['pope']['f1']:.1f}" in printed
     # generate.py answers about a demo image from the saved model (what the demo's last line tells users to run)
     run = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(out / "stage2"),
                           "--image", str(out / "data" / test[0]["image"]), "--prompt", test[0]["question"],

@@ -227,3 +227,36 @@ def test_write_dataset_rejects_bad_sizes(tmp_path):
         syn.write_dataset(str(tmp_path), n_train=0)
     with pytest.raises(ValueError, match="image_size"):
         syn.write_dataset(str(tmp_path), n_train=1, n_test=0, image_size=16)
+
+
+def _truth(scene, text):
+    """Whether the scene has what an "Is there ... in the image?" question names (a shape, a colour, or both)."""
+    o = scene["objects"][0]
+    words = text[len("Is there "):-len(" in the image?")].split()[1:]  # without the article
+    return all(w in (o["color"], o["shape"], "shape") for w in words)
+
+
+def test_benchmarks_in_pope_and_sqa_layouts_match_the_scenes(data):
+    root, paths, d = data
+    pope = [json.loads(line) for line in open(os.path.join(paths["pope"], "llava_pope_test.jsonl"))]
+    assert len(pope) == N_TEST and [q["category"] for q in pope[:3]] == list(syn.POPE_CATEGORIES)
+    for category in syn.POPE_CATEGORIES:  # labels in the questions' order, as eval_pope pairs them
+        labels = [json.loads(line) for line in open(os.path.join(paths["pope"], "coco", f"coco_pope_{category}.json"))]
+        mine = [q for q in pope if q["category"] == category]
+        assert [lab["question_id"] for lab in labels] == [q["question_id"] for q in mine]
+        for q, lab in zip(mine, labels):
+            assert q["text"] == lab["text"] + SUFFIX and lab["label"] in ("yes", "no")
+            assert (lab["label"] == "yes") == _truth(d["scenes"]["images/" + q["image"]], lab["text"]), lab
+            assert os.path.isfile(os.path.join(paths["pope"], "val2014", q["image"]))
+    assert len({_truth(d["scenes"]["images/" + q["image"]], q["text"][:-len(SUFFIX)]) for q in pope}) == 2  # both
+    problems = json.load(open(os.path.join(paths["sqa"], "problems.json")))
+    records = json.load(open(os.path.join(paths["sqa"], "llava_test_CQM-A.json")))
+    assert json.load(open(os.path.join(paths["sqa"], "pid_splits.json"))) == {"test": list(problems)}
+    for rec, (pid, p) in zip(records, problems.items()):
+        scene = d["scenes"][f"images/test_{int(pid) - 1:06d}.png"]
+        o, n = scene["objects"][0], len(scene["objects"])
+        assert p["choices"][p["answer"]] in (o["color"], o["shape"], o["row"], str(n))
+        assert rec["id"] == pid and rec["conversations"][0]["value"].endswith("\n<image>")
+        letters = [line[0] for line in rec["conversations"][0]["value"].split("\n") if line[1:3] == ". "]
+        assert letters == list("ABCD"[:len(p["choices"])]) and 3 <= len(p["choices"]) <= 4
+        assert os.path.isfile(os.path.join(paths["sqa"], "images", "test", pid, "image.png"))
