@@ -12,8 +12,9 @@ The Triton path has four layers, as in Liger-Kernel and Triton tutorial 06:
                _attn_decode_reduce_kernel (flash-decoding for Tq == 1);
   2. launchers attention_forward, attention_decode, attention_backward: validate limits, pick block sizes;
   3. AttentionFunction, the torch.autograd.Function;
-  4. attention(), the functional alias, which falls back to attention_reference on purpose for what the
-     kernels do not cover (head sizes other than 16/32/64/128, other dtypes, empty sequences).
+  4. attention(), the functional alias, which takes attention_torch (PyTorch's SDPA; two matmuls for one query
+     row) on the CPU and, on purpose, for what the kernels do not cover (head sizes other than 16/32/64/128,
+     other dtypes, empty sequences, offsets past int32). attention_reference is the tests' oracle.
 
 The math of the kernels, for one (batch, head) and scores in the log2 domain (exp2 is the native instruction):
     s_ij  = (q_i . k_j) * scale * LOG2E,   masked entries -inf
@@ -39,8 +40,19 @@ HEAD_SIZES = (16, 32, 64, 128)  # hs must be a power of two >= 16 (tl.dot and tl
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def visible_mask(B, Tq, Tk, causal: bool, key_padding_mask, device) -> torch.Tensor:
+    """(1 or B, 1, Tq, Tk) bool: query i may attend key j (causal aligned bottom-right, key padding)."""
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        visible = visible.tril(diagonal=Tk - Tq)  # j <= i + (Tk - Tq)
+    visible = visible.view(1, 1, Tq, Tk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.view(B, 1, 1, Tk)  # (B, 1, Tq, Tk)
+    return visible
+
+
 def attention_reference(q, k, v, causal: bool, key_padding_mask=None, scale=None):
-    """Plain-torch attention; the CPU path and the test oracle. Softmax in fp32."""
+    """Plain-torch attention, the tests' oracle: every score kept in fp32, softmax in fp32."""
     B, nh, Tq, hs = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
     scale = hs ** -0.5 if scale is None else scale
@@ -48,12 +60,7 @@ def attention_reference(q, k, v, causal: bool, key_padding_mask=None, scale=None
         k = k.repeat_interleave(nh // n_kv, dim=1)  # (B, nh, Tk, hs)
         v = v.repeat_interleave(nh // n_kv, dim=1)  # (B, nh, Tk, hs)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, nh, Tq, Tk)
-    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = torch.ones_like(visible).tril(diagonal=Tk - Tq)  # j <= i + (Tk - Tq)
-    visible = visible.view(1, 1, Tq, Tk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask.view(B, 1, 1, Tk)  # (B, 1, Tq, Tk)
+    visible = visible_mask(B, Tq, Tk, causal, key_padding_mask, q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
     return torch.matmul(probs, v.float()).to(q.dtype)  # (B, nh, Tq, hs)
@@ -541,17 +548,13 @@ def _last_dim_contiguous(x):
 
 
 def _check(q, k, v, key_padding_mask):
-    """Limits of the kernels; attention() routes everything else to the reference before getting here."""
-    B, nh, Tq, hs = q.shape
-    assert hs in HEAD_SIZES, f"attention kernel: head size {hs} not in {HEAD_SIZES}"
-    assert q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype, \
-        f"attention kernel: dtypes q {q.dtype} k {k.dtype} v {v.dtype}; need one of {DTYPES}"
-    assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == hs and nh % k.shape[1] == 0, \
-        f"attention kernel: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
-    assert Tq >= 1 and k.shape[2] >= 1, f"attention kernel: empty sequence Tq={Tq} Tk={k.shape[2]}"
-    if key_padding_mask is not None:
-        assert key_padding_mask.dtype == torch.bool and key_padding_mask.shape == (B, k.shape[2]), \
-            f"attention kernel: key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+    """The launchers' guard, for direct callers (attention() routes what the kernels do not cover elsewhere):
+    the shapes every path needs (_validate), then the kernels' own limits (_kernel_supports)."""
+    _validate(q, k, v, key_padding_mask)
+    assert _kernel_supports(q, k, v), (
+        f"attention kernel: head size {q.shape[-1]}, dtypes {q.dtype} {k.dtype} {v.dtype}, q {tuple(q.shape)} k "
+        f"{tuple(k.shape)}: needs a head size in {HEAD_SIZES}, one dtype of {DTYPES}, non-empty sequences and "
+        "int32 offsets (attention() takes the torch path for the rest)")
 
 
 def attention_forward(q, k, v, causal: bool, key_padding_mask=None, scale=None):
@@ -734,12 +737,7 @@ def attention_torch(q, k, v, causal: bool, key_padding_mask=None, scale=None):
         return _decode_torch(q, k, v, key_padding_mask, hs ** -0.5 if scale is None else scale)
     if key_padding_mask is None and (not causal or Tq == Tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = visible.tril(diagonal=Tk - Tq)  # j <= i + (Tk - Tq)
-    visible = visible.view(1, 1, Tq, Tk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask.view(B, 1, 1, Tk)  # (B, 1, Tq, Tk)
+    visible = visible_mask(B, Tq, Tk, causal, key_padding_mask, q.device)
     empty = ~visible.any(-1, keepdim=True)  # (B, 1, Tq, 1) rows that see no key: SDPA would give NaN there
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | empty, scale=scale, enable_gqa=gqa)
     return y.masked_fill(empty, 0.0)  # (B, nh, Tq, hs)

@@ -92,8 +92,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(F, C, bias=False)
 
     def forward(self, x):
-        # SwiGLU: down(silu(gate(x)) * up(x)); the fused kernel never writes gate(x) and up(x) to memory.
-        return self.down_proj(kernels.swiglu(x, self.gate_proj.weight, self.up_proj.weight))
+        # SwiGLU: down(silu(gate(x)) * up(x)). With plain weights the fused kernel computes it (it never writes
+        # gate(x) and up(x) to memory); any other module there (LoRA, a quantized linear) is called as a module.
+        if isinstance(self.gate_proj, nn.Linear) and isinstance(self.up_proj, nn.Linear):
+            return self.down_proj(kernels.swiglu(x, self.gate_proj.weight, self.up_proj.weight))
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -7,18 +7,15 @@ A starts random (kaiming-uniform, as PEFT) and B at zero, so training starts fro
 `merge_lora` folds the update into W (W += alpha/r * B A) and puts plain nn.Linear modules back, so the
 merged model has exactly the base model's parameter names and saves like any other.
 
-The fused SwiGLU kernel (`LlamaMLP.forward`) reads `gate_proj.weight` / `up_proj.weight` directly instead of
-calling the modules, which would skip their adapters; while adapters are attached, each MLP runs the
-unfused `down(silu(gate(x)) * up(x))` instead (`_mlp_forward_through_modules`), and merging restores it.
+A LoRALinear is an ordinary module: `LlamaMLP.forward` runs its fused SwiGLU kernel only on plain nn.Linear
+weights and calls any other module, so adapted MLPs go through their adapters with nothing swapped.
 """
 import math
-import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillava.llama import LlamaMLP
 
 
 class LoRALinear(nn.Module):
@@ -51,11 +48,6 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}"
 
 
-def _mlp_forward_through_modules(self, x):
-    """SwiGLU through the (adapted) modules: down(silu(gate(x)) * up(x))."""
-    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 def apply_lora(llm: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> list[str]:
     """Wrap every nn.Linear inside `llm` (pass `model.language_model.model`, which excludes lm_head) in a
     LoRALinear and freeze everything else in it. Returns the names of the wrapped layers."""
@@ -66,15 +58,13 @@ def apply_lora(llm: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> li
             if isinstance(child, nn.Linear):  # minillava.llama.Linear included
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
-        if isinstance(module, LlamaMLP):
-            module.forward = types.MethodType(_mlp_forward_through_modules, module)
     if not wrapped:
         raise ValueError("apply_lora: found no nn.Linear to adapt")
     return wrapped
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Fold every LoRALinear in `model` into its base linear (in place) and restore the fused MLPs.
+    """Fold every LoRALinear in `model` into its base linear (in place; the MLPs are then fused again).
     Returns how many layers were merged. The result has the base model's parameter names."""
     n = 0
     for module in list(model.modules()):
@@ -82,7 +72,5 @@ def merge_lora(model: nn.Module) -> int:
             if isinstance(child, LoRALinear):
                 setattr(module, child_name, child.merged())
                 n += 1
-        if isinstance(module, LlamaMLP) and "forward" in module.__dict__:
-            del module.forward  # back to LlamaMLP.forward (the fused kernel)
     return n
 

@@ -143,10 +143,12 @@ def benchmarks(files, tmp_path_factory):
     qs = [{"question_id": i, "image": f"{i}.png", "text": "What is it?"} for i in range(3)]
     vqav2 = folder("vqav2", "llava_vqav2_mscoco_test-dev2015.jsonl", "test2015", qs[:2])
     write_jsonl(vqav2 / "llava_vqav2_mscoco_test2015.jsonl", qs)
+    from tests.test_eval import MMB_ROWS, write_mmbench
+    mmbench = Path(write_mmbench(root / "mmbench", MMB_ROWS))
     return {"llava-1.5-7b-hf": files["llava-1.5-7b-hf"], **{f"playground/data/eval/{d.name}": str(d)
-                                                           for d in (pope, gqa, textvqa, vqav2)},
-            **{n: str(root / n) for n in ("runs/pope", "runs/vqav2", "gqa.jsonl", "gqa_metrics.json",
-                                           "textvqa.jsonl")}}
+                                                           for d in (pope, gqa, textvqa, vqav2, mmbench)},
+            **{n: str(root / n) for n in ("runs/pope", "runs/vqav2", "runs/mmbench", "runs/tv", "gqa.jsonl",
+                                           "gqa_metrics.json", "textvqa.jsonl")}}
 
 
 def test_reproduce_the_paper_commands_run_as_written(benchmarks):
@@ -154,7 +156,7 @@ def test_reproduce_the_paper_commands_run_as_written(benchmarks):
     (block,) = _blocks("bash", "Reproduce the paper")
     commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip()]
     commands = [shlex.split(_substitute(c.split("  #")[0], benchmarks)) for c in commands]
-    assert [c[0] for c in commands] == ["python"] * 3 + ["torchrun", "python"]
+    assert [c[0] for c in commands] == ["python"] * 3 + ["torchrun"] + ["python"] * 3
     for c in commands:
         launcher = [sys.executable] if c[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
         _run(launcher + c[1:])
@@ -162,3 +164,5 @@ def test_reproduce_the_paper_commands_run_as_written(benchmarks):
     assert json.load(open(benchmarks["gqa_metrics.json"]))["metrics"]["n"] == 2
     assert len(open(benchmarks["textvqa.jsonl"]).read().splitlines()) == 2
     assert len(json.load(open(os.path.join(benchmarks["runs/vqav2"], "submission.json")))) == 3
+    assert os.path.isfile(os.path.join(benchmarks["runs/mmbench"], "submission.xlsx"))
+    assert json.load(open(os.path.join(benchmarks["runs/tv"], "metrics.json")))["protocol"] == "lmms-eval"
