@@ -7,8 +7,8 @@
 Each step runs the code a LLaVA-1.5-7B run uses:
  1. data       minillava/synthetic.py draws small scenes (a row of 1-3 identical shapes) and writes them in
                LLaVA's formats: pretrain.json (captions), instruct.json (conversations, detailed descriptions,
-               reasoning, short-answer VQA, yes/no, multiple choice, text-only), test.json (short questions
-               about held-out images), and the held-out images as a POPE and a ScienceQA benchmark (bench/).
+               reasoning, short-answer VQA, text-only), test.json (short questions about held-out images),
+               and the held-out images as a POPE and a ScienceQA benchmark (bench/).
  2. tokenizer  a LLaMA-like SentencePiece model (unk 0, bos 1, eos 2) trained on that text.
  3. base model a random CLIP-like vision tower and a random LLaMA-like decoder, written as official
                checkpoints in layout C (a CLIP dir and a LLaMA dir), as if they had been downloaded.
@@ -16,7 +16,11 @@ Each step runs the code a LLaVA-1.5-7B run uses:
  5. stage 2    `train.py --stage 2`: projector + LLM learn to follow visual instructions (CLIP frozen).
  6. evaluation `generate.py`'s API answers the held-out questions greedily: exact match per kind, vs chance.
  7. benchmarks `eval.py run` on the held-out images written as a POPE and a ScienceQA benchmark (LLaVA's eval
-               layout): the official protocol and the official scoring, as for the paper's table.
+               layout): the official protocol and the official scoring, as for the paper's table. The demo
+               never trains on yes/no or letter answers (a model this small, trained this briefly, was seen
+               to learn their formats but not to compare a named colour or option with the image, at the cost
+               of 3 minutes and 2 points held-out), so these scores show how the official scorers read
+               answers in a format the model was not taught: at or below chance.
 
 Two things differ from LLaVA because nothing here was pretrained: the base weights are random, initialised the
 way a from-scratch run starts (`pretraining_init`), and the learning rates are those a small model trained from

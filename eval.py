@@ -682,7 +682,8 @@ def write_json_atomic(path, obj):
     write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
-def print_metrics(result: dict, file=sys.stdout):
+def print_metrics(result: dict, file=None):
+    file = file or sys.stdout  # looked up now: a default bound at import would miss a redirected stdout
     bench = BENCHMARKS[result["benchmark"]]
     m = result["metrics"]
     got = "for its server" if m["headline"] is None else f"{m['headline']:.2f}"

@@ -49,6 +49,18 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from minillava import data
+from minillava.cli import add_config_args, optional_bool, set_threads
+from minillava.llava import Llava
+from minillava.lora import apply_lora, merge_lora
+from minillava.tokenizer import Tokenizer
+from weights import load_llava, save_llava, save_projector
+from weights.save import atomic_file
 
 
 @dataclass
@@ -102,7 +114,6 @@ RESUME_FREE = {"out", "resume", "log_every", "save_every", "keep_checkpoints", "
 
 
 def parse_args(argv=None) -> TrainConfig:
-    from minillava.cli import add_config_args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, TrainConfig, choices={"stage": (1, 2), "tokenizer_legacy": ("", "true", "false")})
@@ -180,7 +191,6 @@ class LossModel(torch.nn.Module):
 
 
 def load_model(cfg: TrainConfig):
-    from weights import load_llava
     if cfg.stage == 1:
         return load_llava(cfg.model, vision_path=cfg.vision or None, new_projector=not cfg.projector,
                           projector_path=cfg.projector or None)
@@ -190,7 +200,6 @@ def load_model(cfg: TrainConfig):
 def set_trainable(model, cfg: TrainConfig):
     """Stage 1: the projector. Stage 2: projector + LLM, or projector + LoRA adapters. CLIP never: with no
     parameter (and no input) requiring a gradient, autograd records nothing for it, exactly as under no_grad."""
-    from minillava.lora import apply_lora
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
     if cfg.stage == 2 and cfg.lora:
@@ -241,9 +250,7 @@ def wrap_model(model, cfg, world: int, device):
     if world == 1:
         return loss_model
     if cfg.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # On GPU the all-gathered weights are bf16 (half the traffic), gradients are reduced in fp32.
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for block in [*model.vision_tower.vision_model.encoder.layers, *model.language_model.model.layers]:
@@ -265,21 +272,8 @@ def accumulation_context(model, cfg, world: int, sync: bool):
 # Checkpoints: atomic (temporary file, fsync, rename), so a crash or a full disk never breaks the last one
 
 def atomic_torch_save(obj, path: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # weights/save.py: temporary sibling, fsync, rename
+        torch.save(obj, f)
 
 
 def list_checkpoints(out: str) -> list:
@@ -297,11 +291,9 @@ def open_log(path: str, start: int):
     if os.path.exists(path):
         with open(path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
         f.write(json.dumps({"event": "resume", "step": start}) + "\n")
-    os.replace(tmp, path)
     return open(path, "a")
 
 
@@ -320,8 +312,6 @@ def set_rng_state(state: dict, device):
 
 
 def save_checkpoint(model, opt, step, meta, cfg, rank, world, device):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = {"step": step, "model": get_model_state_dict(model, options=opts),
              "optimizer": get_optimizer_state_dict(model, opt, options=opts),
@@ -340,8 +330,6 @@ def save_checkpoint(model, opt, step, meta, cfg, rank, world, device):
 
 
 def load_checkpoint(model, opt, path, meta, cfg, rank, world, device) -> int:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     changed = [k for k in meta if state.get(k) != meta[k]]
     if changed:
@@ -368,12 +356,9 @@ def _diff(old, new) -> str:
 
 def full_model(model, llava, cfg, rank, world):
     """The trained Llava with every tensor in full on rank 0 (FSDP shards gathered), LoRA merged; else None."""
-    from minillava.llava import Llava
-    from minillava.lora import apply_lora, merge_lora
     if world == 1:  # the model itself
         merge_lora(llava)
         return llava
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
@@ -390,7 +375,6 @@ def full_model(model, llava, cfg, rank, world):
 def export(model, cfg, tokenizer):
     """Stage 1: OUT/mm_projector.safetensors. Stage 2: the layout-A model files in OUT (save_llava writes them
     atomically into a fresh directory; each file is then renamed into OUT, config.json last)."""
-    from weights import save_llava, save_projector
     if cfg.stage == 1:
         return save_projector(model, os.path.join(cfg.out, "mm_projector.safetensors"))
     tmp = os.path.join(cfg.out, f".model.tmp{os.getpid()}")
@@ -411,7 +395,6 @@ def export(model, cfg, tokenizer):
 def prepare_data(cfg, model, tokenizer, rank, world, workers):
     """Read and check every record (shared out over ranks and worker processes) and report what is left out.
     -> (records, DataConfig, usable samples sorted by index)."""
-    from minillava import data
     records = data.read_records(cfg.data)
     mc = model.config
     dcfg = data.DataConfig(image_folder=cfg.image_folder, template=cfg.template, tokenizer=tokenizer,
@@ -460,7 +443,6 @@ class RankSchedule:
     training order is a pure function of (seed, epoch), so resuming at a step needs only the step."""
 
     def __init__(self, samples, cfg, start, total, rank, world):
-        from minillava import data
         self.data, self.samples, self.cfg = data, samples, cfg
         self.start, self.total, self.rank, self.world = start, total, rank, world
         self.steps_per_epoch = data.steps_per_epoch(samples, cfg.global_batch, cfg.group_by_modality_length)
@@ -491,10 +473,37 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def start_profiler(cfg, rank, device):
+    """--profile: torch.profiler over steps 3-5 (wait 1, warm up 1, record 3), a Chrome trace per rank."""
+    def on_trace(prof):
+        os.makedirs(os.path.join(cfg.out, "profile"), exist_ok=True)
+        prof.export_chrome_trace(os.path.join(cfg.out, "profile", f"trace_rank{rank}.json"))
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                    if device.type == "cuda" else [])
+    profiler = torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(
+        wait=1, warmup=1, active=3, repeat=1), on_trace_ready=on_trace, record_shapes=True)
+    profiler.start()
+    return profiler
+
+
+def clip_and_check(trainable, loss_sum, cfg, world, step, n_sup) -> tuple[float, float]:
+    """Clip the gradients; -> (the global batch's summed loss, the gradient norm), the step's one host sync.
+    A non-finite loss or norm stops the run before the update, naming the last good checkpoint."""
+    gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if hasattr(gnorm, "full_tensor"):  # FSDP: a replicated DTensor
+        gnorm = gnorm.full_tensor()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    loss_val, gnorm_val = torch.stack([loss_sum, gnorm.to(loss_sum)]).tolist()
+    if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
+        kept = list_checkpoints(cfg.out)
+        raise TrainingError(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'}"
+                            f" (loss {loss_val / n_sup}, grad norm {gnorm_val}); stopped before the update. "
+                            f"Last good checkpoint: {kept[-1] if kept else 'none'}")
+    return loss_val, gnorm_val
+
+
 def train(cfg: TrainConfig, rank: int, world: int, device):
-    from minillava import data
-    from minillava.cli import optional_bool, set_threads
-    from minillava.tokenizer import Tokenizer
     t_start = time.time()
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -567,16 +576,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
     trainable = [p for g in opt.param_groups for p in g["params"]]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     log_file = open_log(os.path.join(cfg.out, "log.jsonl"), start) if master else None
-    profiler = None
-    if cfg.profile:
-        def on_trace(prof):
-            os.makedirs(os.path.join(cfg.out, "profile"), exist_ok=True)
-            prof.export_chrome_trace(os.path.join(cfg.out, "profile", f"trace_rank{rank}.json"))
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                        if device.type == "cuda" else [])
-        profiler = torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(
-            wait=1, warmup=1, active=3, repeat=1), on_trace_ready=on_trace, record_shapes=True)
-        profiler.start()
+    profiler = start_profiler(cfg, rank, device) if cfg.profile else None
 
     t_run, t_log = time.time(), time.time()
     window = {"loss": 0.0, "tokens": 0, "sup": 0, "images": 0, "steps": 0}
@@ -594,17 +594,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
             # DDP and FSDP average gradients over ranks: * world turns that into the global-batch sum
             (loss * (world / n_sup)).backward()
             loss_sum += loss.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if hasattr(gnorm, "full_tensor"):  # FSDP: a replicated DTensor
-            gnorm = gnorm.full_tensor()
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        loss_val, gnorm_val = torch.stack([loss_sum, gnorm.to(loss_sum)]).tolist()  # the step's one host sync
-        if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
-            kept = list_checkpoints(cfg.out)
-            raise TrainingError(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'}"
-                                f" (loss {loss_val / n_sup}, grad norm {gnorm_val}); stopped before the update. "
-                                f"Last good checkpoint: {kept[-1] if kept else 'none'}")
+        loss_val, gnorm_val = clip_and_check(trainable, loss_sum, cfg, world, step, n_sup)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if profiler:
@@ -623,19 +613,13 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         done = step + 1
         if done % cfg.log_every == 0 or done in (start + 1, total):  # the first step too: the loss to start from
             now = time.time()
-            dt = now - t_log
             left = (now - t_run) / (done - start) * (total - done)
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device)
-            else:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             rec = {"step": done, "total": total, "epoch": round(done / spe, 3),
                    "loss": window["loss"] / window["sup"], "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm_val,
-                   "tokens_per_s": window["tokens"] / dt, "images_per_s": window["images"] / dt,
-                   "elapsed_s": round(now - t_start, 1), "left_s": round(left, 1), "peak_mem_gib": peak / 2**30}
-            log(f"step {done}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s"
-                f" | {rec['images_per_s']:.1f} img/s | {_hms(rec['elapsed_s'])} elapsed, {_hms(left)} left"
-                f" | peak {rec['peak_mem_gib']:.2f} GiB", flush=True)
+                   "tokens_per_s": window["tokens"] / (now - t_log), "images_per_s": window["images"] / (now - t_log),
+                   "elapsed_s": round(now - t_start, 1), "left_s": round(left, 1),
+                   "peak_mem_gib": peak_memory(device) / 2**30}
+            log(progress_line(rec), flush=True)
             if log_file:
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
@@ -652,6 +636,19 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         log_file.close()
     barrier(world)
     return {"output": path, "model": result, "steps": total}
+
+
+def peak_memory(device) -> int:
+    """Bytes: the CUDA allocator's peak on a GPU, the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def progress_line(rec: dict) -> str:
+    return (f"step {rec['step']}/{rec['total']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+            f"{rec['tokens_per_s']:.0f} tok/s | {rec['images_per_s']:.1f} img/s | {_hms(rec['elapsed_s'])} elapsed, "
+            f"{_hms(rec['left_s'])} left | peak {rec['peak_mem_gib']:.2f} GiB")
 
 
 def _hms(seconds: float) -> str:

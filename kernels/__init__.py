@@ -12,7 +12,7 @@ Which path runs is decided in one place, :func:`kernels.dispatch.enabled` (its d
 from kernels.dispatch import enabled
 from kernels.attention import attention, attention_reference, attention_torch
 from kernels.mlp import swiglu, swiglu_reference, linear_quick_gelu, linear_quick_gelu_reference
-from kernels.linear import linear
+from kernels.linear import Linear, linear
 from kernels.rmsnorm import rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_reference
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference

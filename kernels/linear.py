@@ -13,8 +13,10 @@ Anything else goes to `F.linear`: CUDA tensors (cuBLAS picks its own GEMV), more
 and training are GEMMs, where MKL is already fast), output widths N that do not split into CHUNKS blocks, and operands
 that are not plain contiguous tensors of one dtype (F.linear then casts or raises as usual).
 There is no Triton kernel and no reference here: the math is `F.linear`'s, and the tests compare the two.
+`Linear` is the nn.Linear that computes with it (the LLaMA decoder's layers: the model files stay plain).
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_ROWS = 4  # up to a batch of 4 sequences decoding together; measured slower than F.linear from 8 rows on
@@ -33,3 +35,10 @@ def linear(x, weight, bias=None):
     y = torch.bmm(weight.view(CHUNKS, N // CHUNKS, K), xt)  # (CHUNKS, N/CHUNKS, rows)
     y = y.permute(2, 0, 1).reshape(*x.shape[:-1], N)  # (..., N): block c holds outputs [c N/CHUNKS, (c+1) N/CHUNKS)
     return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names, same math) computed by `linear` above: the LLaMA decoder's layers."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)

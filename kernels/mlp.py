@@ -25,8 +25,9 @@ QUICK_GELU_ALPHA = tl.constexpr(1.702)  # CLIP's quick_gelu: y * sigmoid(1.702 y
 # Plain-torch references: the CPU path, the test oracle and the documentation of the math
 # ----------------------------------------------------------------------------------------------------------
 def swiglu_reference(x, w_gate, w_up):
-    """silu(x W_gate^T) * (x W_up^T): (..., C) -> (..., F)."""
-    return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+    """silu(x W_gate^T) * (x W_up^T): (..., C) -> (..., F); the CPU path too. kernels.linear.linear is F.linear,
+    except for the few rows of a CPU decoding step (the same products, summed in another order, faster)."""
+    return F.silu(linear(x, w_gate)) * linear(x, w_up)
 
 
 def linear_quick_gelu_reference(x, weight, bias):
@@ -389,8 +390,7 @@ def swiglu(x, w_gate, w_up):
     """silu(x W_gate^T) * (x W_up^T): (..., C) -> (..., F), fused Triton GEMM when :func:`kernels.dispatch.enabled`."""
     if enabled(x) and _gemm_supported(x, w_gate, w_up):
         return SwiGLUFunction.apply(x, w_gate, w_up)
-    # the reference's math; kernels.linear.linear is F.linear except for the few rows of a CPU decoding step
-    return F.silu(linear(x, w_gate)) * linear(x, w_up)
+    return swiglu_reference(x, w_gate, w_up)
 
 
 def linear_quick_gelu(x, weight, bias):

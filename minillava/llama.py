@@ -8,15 +8,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 import kernels
+from kernels import Linear  # nn.Linear; a CPU decoding step's few rows read its weight faster (kernels/linear.py)
 from minillava.config import TextConfig
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) computed by kernels.linear: F.linear, except that the few rows of a
-    decoding step on the CPU take a path that reads the weight about twice as fast (see kernels/linear.py)."""
-
-    def forward(self, x):
-        return kernels.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -55,7 +55,7 @@ def apply_lora(llm: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> li
     wrapped = []
     for name, module in list(llm.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):  # minillava.llama.Linear included
+            if isinstance(child, nn.Linear):  # kernels.Linear included
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:

@@ -18,10 +18,9 @@ frozen *random* vision tower can learn to answer from the image in minutes of CP
 
     images/train_000000.png ...   training scenes      images/test_000000.png ...  held-out scenes
     pretrain.json   stage 1, one caption pair per image: "<image>\\nDescribe the image concisely." -> caption
-    instruct.json   stage 2, one record per image, of six kinds (like LLaVA-Instruct + the 665K VQA mix):
+    instruct.json   stage 2, one record per image, of four kinds (like LLaVA-Instruct + the 665K VQA mix):
                     conversation (several Q/A turns), detail (a paragraph), reasoning (an answer with its
-                    reason), vqa (short-answer turns with the official suffix), exists (yes/no, as POPE asks)
-                    and choice (multiple choice answered with a letter); plus a few text-only records
+                    reason), vqa (short-answer turns with the official suffix); plus a few text-only records
     test.json       held-out short-answer questions: {"id", "image", "question", "answer", "kind"},
                     one per kind ("color", "shape", "count", "position") per test image
     scenes.json     {image path: scene} with every object's attributes and pixel position (ground truth)
@@ -57,7 +56,6 @@ SUPERSAMPLE = 4                           # draw at 4x and box-downsample: anti-
 SYSTEM = VICUNA_SYSTEM  # the vicuna_v1 system prompt the demo trains with
 ROLES = ("USER", "ASSISTANT")
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
-CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # LLaVA-1.5's multiple choice
 TEST_KINDS = ("color", "shape", "count", "position")
 POPE_CATEGORIES = ("adversarial", "popular", "random")  # POPE's three files; what each asks: `exists`
 
@@ -323,11 +321,9 @@ def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 def instruct_record(scene: dict, rng: np.random.Generator, rid: str, image: str) -> dict:
-    """One stage-2 record of a random kind: conversation 25%, vqa 25%, detail 10%, reasoning 10%, exists 15%
-    (yes/no turns, POPE's format) and choice 15% (multiple choice answered with a letter, ScienceQA's).
+    """One stage-2 record of a random kind: conversation 35%, vqa 35%, detail 15%, reasoning 15%.
 
-    A conversation asks each kind of question at most once, so no answer is given away by an earlier turn; an
-    exists or choice record asks 2-3 questions of one format, each about another attribute (or category).
+    A conversation asks each kind of question at most once, so no answer is given away by an earlier turn.
     """
     def ask(p_short: float) -> list[tuple[str, str]]:  # 3-5 turns of distinct kinds; short-answer form w.p. p_short
         kinds = rng.choice(len(_CONVERSATION_KINDS), size=int(rng.integers(3, 6)), replace=False)
@@ -337,29 +333,15 @@ def instruct_record(scene: dict, rng: np.random.Generator, rid: str, image: str)
             pairs.append((q + SHORT_SUFFIX, short) if rng.random() < p_short else (q, long))
         return pairs
 
-    def distinct(values, n):
-        return [values[int(i)] for i in rng.choice(len(values), size=n, replace=False)]
-
     u = rng.random()
-    if u < 0.25:  # conversation: about a third of the turns short-answer
+    if u < 0.35:  # conversation: about a third of the turns short-answer
         pairs = ask(0.33)
-    elif u < 0.5:  # vqa: short-answer turns only (the 665K mix's VQAv2 / GQA records look like this)
+    elif u < 0.70:  # vqa: short-answer turns only (the 665K mix's VQAv2 / GQA records look like this)
         pairs = ask(1.0)
-    elif u < 0.6:
-        pairs = [(_pick(rng, DETAIL_INSTRUCTIONS), detail(scene))]
-    elif u < 0.7:
-        pairs = [reasoning(scene, rng)]
     elif u < 0.85:
-        pairs = []
-        for category in distinct(POPE_CATEGORIES, int(rng.integers(2, 4))):
-            q, label = exists(scene, rng, category)
-            pairs.append((q + SHORT_SUFFIX, label) if rng.random() < 0.7 else
-                         (q, "Yes, there is." if label == "yes" else "No, there is not."))
-    else:  # the 665K mix's A-OKVQA multiple choice looks like this
-        pairs = []
-        for kind in distinct(TEST_KINDS, int(rng.integers(2, 4))):
-            text, choices, right = choice(scene, rng, kind)
-            pairs.append((text + CHOICE_SUFFIX, "ABCD"[right]))
+        pairs = [(_pick(rng, DETAIL_INSTRUCTIONS), detail(scene))]
+    else:
+        pairs = [reasoning(scene, rng)]
     pairs[0] = (_with_image(rng, pairs[0][0]), pairs[0][1])
     return {"id": rid, "image": image, "conversations": _turns(pairs)}
 
@@ -444,6 +426,8 @@ def write_dataset(out_dir: str, n_train: int = 2000, n_test: int = 200, seed: in
 
 def write_benchmarks(bench_dir: str, image_folder: str, scenes: dict, seed: int) -> dict:
     """The held-out images as two benchmarks in LLaVA's eval layout, for `eval.py`: {"pope": dir, "sqa": dir}.
+    Their formats (yes/no, an option's letter) are not in the training data: the demo shows what a model scores
+    on a benchmark whose answer format it was never taught, as the scorers read it.
 
     pope/  llava_pope_test.jsonl, coco/coco_pope_{adversarial,popular,random}.json, val2014/ (the images): one
            `exists` question per image, the categories in turn.
@@ -454,8 +438,8 @@ def write_benchmarks(bench_dir: str, image_folder: str, scenes: dict, seed: int)
 
     test = [image for image in scenes if os.path.basename(image).startswith("test_")]
     pope, sqa = os.path.join(bench_dir, "pope"), os.path.join(bench_dir, "sqa")
-    os.makedirs(os.path.join(pope, "coco"), exist_ok=True)
-    os.makedirs(os.path.join(pope, "val2014"), exist_ok=True)
+    for folder in (os.path.join(pope, "coco"), os.path.join(pope, "val2014"), os.path.join(sqa, "images", "test")):
+        os.makedirs(folder, exist_ok=True)  # also with no held-out image: empty benchmarks, not missing ones
     questions, labels, records, problems = [], {c: [] for c in POPE_CATEGORIES}, [], {}
     for i, image in enumerate(test):
         rng = _rng(seed, "test", i, 2)

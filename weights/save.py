@@ -35,6 +35,23 @@ def _temp_sibling(path: Path, tag: str) -> Path:
 
 
 @contextmanager
+def atomic_file(path):
+    """Yield a temporary sibling of `path` to write; on success it is fsynced and renamed over `path`, and the
+    directory fsynced: a reader sees the old file or the whole new one, never part of one. On failure the
+    temporary goes and `path` is as it was. Every single-file write of checkpoints goes through here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
 def atomic_dir(out_dir):
     """Yield a fresh temporary directory beside out_dir; on success it replaces out_dir (renames only)."""
     out_dir = Path(out_dir)
@@ -160,13 +177,6 @@ def save_projector(model, path):
     rules = keymaps.projector_rules(ptype)
     state = {keymaps.to_official(keymaps.PROJECTOR + k, rules): v.detach().contiguous()
              for k, v in model.multi_modal_projector.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, "tmp")
-    try:
+    with atomic_file(path) as tmp:
         _save_file(state, tmp, {"format": "pt", "mm_projector_type": ptype})
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
