@@ -14,12 +14,16 @@ Scoring is the original's scripts, quirks included (each one moves a published n
 docstrings), and imports neither torch nor the model. A question without an answer counts as wrong, as in the
 original; how many there were is printed. --protocol lmms-eval switches to lmms-eval's documented differences.
 """
+import argparse
+import base64
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
 import re
+import shutil
 import sys
 import zipfile
 from xml.sax.saxutils import escape
@@ -145,7 +149,15 @@ def _missing(value) -> bool:
 
 
 def read_tsv(path) -> tuple[list, list]:
-    """(columns, [(line number, row dict)]) of a tab-separated file with a header line, quoted as pandas does."""
+    """(columns, [(line number, row dict)]) of a tab-separated file with a header line, quoted as pandas does.
+    Read once per version of the file (an MMBench TSV is hundreds of MB of base64 images, and a command needs
+    its rows for the questions and again for the images or the submission); the rows are not to be changed."""
+    st = os.stat(path)
+    return _read_tsv(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_tsv(path, mtime_ns, size) -> tuple[list, list]:
     csv.field_size_limit(sys.maxsize)  # a row holds a whole base64 image
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
@@ -190,7 +202,6 @@ def mmbench_questions(bench: Benchmark, path: str, all_rounds: bool) -> list:
 
 def write_mmbench_images(path: str, folder: str):
     """Each row's base64 image, decoded, as folder/<index> (its bytes as they are: PIL reads them by content)."""
-    import base64
     os.makedirs(folder, exist_ok=True)
     for n, row in read_tsv(path)[1]:
         try:
@@ -642,12 +653,11 @@ def score(name: str, data: str, answers_path: str, submission_path: str = None, 
     and the headline is null."""
     bench = benchmark(name, question_file)
     check_files(bench, data, for_answering=False)
-    questions = questions_for_generate(bench, data, protocol=protocol)
-    if bench.name in MMBENCH_SUFFIX:  # were the options rotated (answer --all-rounds)?
-        rounds = questions_for_generate(bench, data, all_rounds=True)
-        answered = {(a["question_id"], a["prompt"]) for _, a in read_jsonl(answers_path) if isinstance(a, dict)}
-        questions = rounds if any(q["round_id"] > 0 and key(q) in answered for q in rounds) else questions
+    mmbench = bench.name in MMBENCH_SUFFIX
+    questions = questions_for_generate(bench, data, all_rounds=mmbench, protocol=protocol)
     answers = read_answers(bench, answers_path, questions)
+    if mmbench and not any(q["round_id"] and key(q) in answers for q in questions):  # not answered --all-rounds
+        questions = [q for q in questions if q["round_id"] == 0]
     n_missing = sum(key(q) not in answers for q in questions)
     if submission_path:
         if name not in SUBMITTERS:
@@ -706,7 +716,7 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
            question_file=None, all_rounds=False, protocol="llava"):
     """Answer every question not yet in answers_path; under torchrun each rank answers a contiguous chunk into
     its own file and rank 0 merges them in question order. Returns generate.main's exit status."""
-    import generate
+    import generate  # here, not at the top: `score` imports neither torch nor the model
     bench = benchmark(name, question_file)
     check_files(bench, data, for_answering=True)
     questions = questions_for_generate(bench, data, all_rounds, protocol)
@@ -730,7 +740,6 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
     rc = generate.main(argv)
     os.remove(prepared)
     if name in MMBENCH_SUFFIX:
-        import shutil
         shutil.rmtree(images)
     if world > 1:
         import torch.distributed as dist
@@ -752,7 +761,6 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from minillava.cli import add_config_args, optional_bool, set_threads
 from minillava.image import load_image, preprocess_image
 from minillava.sampling import GenerationStats, decode, generate, prompt_length, rewind, extend
 from minillava.templates import TEMPLATES, build_prompt, stop_strings
@@ -495,11 +496,11 @@ def profiler(path):
 
 
 def parse_args(argv=None) -> GenerateConfig:
-    from minillava.cli import add_config_args
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, GenerateConfig, aliases=ORIGINAL_FLAGS,
-                    choices={"template": list(TEMPLATES), "tokenizer_legacy": ["true", "false"]})
+                    choices={"template": list(TEMPLATES), "tokenizer_legacy": ["true", "false"],
+                             "image_aspect_ratio": ["pad", "square"]})
     cfg = GenerateConfig(**vars(p.parse_args(argv)))
     if cfg.model is None:
         p.error("--model is required")
@@ -514,13 +515,10 @@ def parse_args(argv=None) -> GenerateConfig:
         p.error(f"--chunk-idx {cfg.chunk_idx} must be in [0, --num-chunks {cfg.num_chunks})")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be >= 1")
-    if cfg.image_aspect_ratio not in (None, "pad", "square"):
-        p.error(f"--image-aspect-ratio {cfg.image_aspect_ratio!r}: expected pad or square")
     return cfg
 
 
 def main(argv=None) -> int:
-    from minillava.cli import optional_bool, set_threads
     cfg = parse_args(argv)
     errors = []
     threads = set_threads(cfg.threads)

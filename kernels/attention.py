@@ -28,12 +28,10 @@ Backward, with p_ij = 2^(s_ij - lse_i) recomputed from the saved lse:
 For GQA, dk/dv of a kv head also sum over its nh // n_kv query heads (inside one program: no atomics).
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import COMPILE, enabled, tl, triton
+from kernels.dispatch import COMPILE, enabled, sm_count, tl, triton
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): e^x = 2^(x * LOG2E)
 HEAD_SIZES = (16, 32, 64, 128)  # hs must be a power of two >= 16 (tl.dot and tl.arange need it)
@@ -576,11 +574,6 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None, scale=None):
     return o, lse
 
 
-@functools.lru_cache(maxsize=None)
-def _n_sm(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 _DECODE_SCRATCH = {}  # (device, B, nh, num_splits, hs) -> the split kernel's partial (max, sum, acc) buffers
 
 
@@ -603,7 +596,7 @@ def _decode_split_len(B, n_kv, Tk, block_n, device):
     n_blocks = triton.cdiv(Tk, block_n)
     if device.type != "cuda":
         return 2 * block_n
-    n_sm = _n_sm(device)
+    n_sm = sm_count(device)
     num_splits = max(1, min(n_blocks, 128, triton.cdiv(2 * n_sm, B * n_kv)))
     return triton.cdiv(n_blocks, num_splits) * block_n
 

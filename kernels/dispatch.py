@@ -11,6 +11,7 @@ in the interpreter tests). Without it the kernel modules still import, because t
 the CPU path: `triton` and `tl` are then stand-ins that let the decorators and annotations evaluate (a decorator
 returns its function unchanged), and `enabled` is False.
 """
+import functools
 import os
 
 import torch
@@ -37,6 +38,12 @@ except ImportError:
 # Every kernel launch passes these compile options. FP fusion (a * b + c as one FMA, one rounding) is Triton's
 # default up to 3.9, which warns that the default flips in 3.10; said here, the kernels compute the same in both.
 COMPILE = {"enable_fp_fusion": True}
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (how many programs fill it), asked of the driver once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
 
 # Flipped to True in the change that records a passing benchmarks/gpu_check.sh run in benchmarks/RESULTS.md.
 GPU_VALIDATED = False

@@ -10,7 +10,7 @@ where cast_x rounds to x's dtype. Autograd saves x, w and r (one fp32 per row), 
 """
 import torch
 
-from kernels.dispatch import COMPILE, enabled, tl, triton
+from kernels.dispatch import COMPILE, enabled, sm_count, tl, triton
 
 
 def rms_norm_reference(x, weight, eps: float):
@@ -119,9 +119,7 @@ def rms_norm_forward(x2, weight, eps: float):
 def rms_norm_backward(dy2, x2, weight, rstd):
     """dy2, x2 (M, C), weight (C,), rstd (M,) -> dx (M, C) in x's dtype, dw (C,) in weight's dtype."""
     M, C = x2.shape
-    n_programs = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda \
-        else _CPU_BWD_PROGRAMS
-    n_programs = min(n_programs, M)
+    n_programs = min(sm_count(x2.device) if x2.is_cuda else _CPU_BWD_PROGRAMS, M)
     rows_per_program = triton.cdiv(M, n_programs)
     dx = torch.empty(M, C, device=x2.device, dtype=x2.dtype)  # (M, C)
     dw_partial = torch.empty(n_programs, C, device=x2.device, dtype=torch.float32)  # (n_programs, C)
