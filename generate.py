@@ -10,11 +10,12 @@
     python generate.py --model llava-1.5-7b-hf --questions q.jsonl --image-folder images --answers a.jsonl \\
         --temperature 0 --batch-size 8
 
-How it works (gpt-fast's generate.py): the prompt is tokenized the way the original LLaVA does (one image id per
-image, spliced into Np = 576 embeddings inside the model), run once through `prefill`, which fills a static
-(B, n_kv, S_max, hs) KV cache, then `decode_one_token` runs one token per sequence per step. A batch of prompts
-of different lengths is left-padded so that all their last tokens share a column. At the end, prefill and
-decode tokens/s go to stderr, with the memory bandwidth decoding reaches (every step reads every LLM weight).
+How it works: the prompt is tokenized the way the original LLaVA does (one image id per image, spliced into
+Np = 576 embeddings inside the model) and handed to the decode engine (minillava/engine.py): each question is
+prefilled alone into a slot of a fixed (slots, n_kv, S_max, hs) KV cache, then every decode step runs one token
+for every slot; a finished answer's slot takes the next question at once (continuous batching, --batch-size
+slots). At the end, prefill and decode tokens/s go to stderr, with the memory bandwidth decoding reaches (every
+step reads every LLM weight). --compile compiles the decode step (CUDA graphs on a GPU).
 
 Template: vicuna_v1 by default, for every checkpoint. It is what LLaVA-1.5 was trained (stage 2) and evaluated
 with; llava-hf's checkpoints are a conversion of the same weights, and nothing in a layout-A directory says
@@ -33,13 +34,13 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from minillava.cli import add_config_args, optional_bool, set_threads
 from minillava.image import load_image, preprocess_image
-from minillava.sampling import GenerationStats, decode, generate, prompt_length, rewind, extend
+from minillava.engine import Engine, GenerationStats, Request
 from minillava.templates import TEMPLATES, build_prompt, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tokenize_with_images
 from weights import load_llava
@@ -68,12 +69,13 @@ class GenerateConfig:
     top_k: int = None         # sample among the k most likely tokens only
     max_new_tokens: int = 512  # the answer is cut after this many tokens
     seed: int = 0             # sampling seed: the same seed and prompt give the same answer
-    batch_size: int = 8       # batch: questions answered together
+    batch_size: int = 8       # batch: questions answered together (the engine's slots: continuous batching)
     num_beams: int = 1        # the original's flag; only 1 (no beam search) is supported
     image_aspect_ratio: str = None  # pad | square (resize + centre crop): overrides the checkpoint's config.json
     # where
     dtype: str = "auto"       # fp32 | fp16 | bf16; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"      # auto = cuda when available, else cpu
+    compile: bool = False     # torch.compile the decode step (CUDA graphs on a GPU); its compile time is printed
     threads: int = 0          # CPU threads (0: the cores this process may use; OMP_NUM_THREADS if set)
     profile: str = None       # write a torch.profiler trace (chrome://tracing) of the generation here
 
@@ -154,7 +156,7 @@ def check_fits(ids, config):
     """The prompt, each image id counted as its Np positions, must fit the context. (The answer is then cut
     where the context ends, as in the original code.)"""
     n_img = ids.count(config.image_token_id)
-    L = prompt_length(config, torch.tensor([ids]))
+    L = config.llm_length(ids)
     context = config.text.max_position_embeddings
     if L > context:
         raise ValueError(f"the prompt is {L} tokens ({len(ids) - n_img} text + {n_img} image x "
@@ -201,115 +203,94 @@ class Reply:
         return self.text
 
 
-# --- answering: batches of (image, question) ------------------------------------------------------------------
-def answer_batch(model, tokenizer, pairs, template="vicuna_v1", temperature=0.0, top_p=None, top_k=None,
-                 max_new_tokens=512, seed=None, on_text=None):
-    """pairs [(image or None, question)] -> (reply texts, GenerationStats), in one left-padded batch.
+# --- answering: (image, question) pairs on the decode engine ----------------------------------------------------
+def request_for(model, tokenizer, image, question, template="vicuna_v1", temperature=0.0, top_p=None, top_k=None,
+                max_new_tokens=512, seed=None, on_text=None, history=()):
+    """A question about an image (a path, a PIL image, pixels (3, S, S), or None) -> (engine Request, Reply).
 
-    An image is a path or PIL image; a question without "<image>" gets it prepended. on_text(b, text) receives
-    each sequence's text as it streams."""
-    if not pairs:
-        raise ValueError("answer_batch: no questions")
+    A question without "<image>" gets it prepended; `history` [(role, text)] are the turns before it (the image
+    goes with the first). The Reply collects the answer's text as the engine runs; on_text(text) receives each
+    new piece of it."""
     cfg = model.config
-    param = next(model.parameters())
-    ids, pixels = [], []
-    for image, question in pairs:
-        n_img = 0 if image is None else 1
-        ids.append(prompt_ids([("human", with_image_placeholder(question, n_img))], tokenizer, cfg, template))
-        if image is not None:
-            pixels.append(load_pixels(image, cfg))
-    T = max(map(len, ids))
-    input_ids = torch.tensor([[tokenizer.pad_id] * (T - len(r)) + r for r in ids], device=param.device)  # (B, T)
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in ids], device=param.device)  # (B, T) left pad
-    pixel_values = torch.stack(pixels).to(param.device, param.dtype) if pixels else None  # (N, 3, S, S)
-    replies = [Reply(tokenizer, stop_strings(template)) for _ in pairs]
+    n_img = 0 if image is None or history else 1
+    ids = prompt_ids([*history, ("human", with_image_placeholder(question, n_img))], tokenizer, cfg, template)
+    pixels = None
+    if image is not None:
+        pixels = (image if isinstance(image, torch.Tensor) else load_pixels(image, cfg))[None]  # (1, 3, S, S)
+    reply = Reply(tokenizer, stop_strings(template))
 
-    def on_token(b, ids_b):
-        stopped = replies[b].update(ids_b)
+    def on_token(out):
+        stopped = reply.update(out)
         if on_text:
-            on_text(b, replies[b].new_text())
+            on_text(reply.new_text())
         return stopped
 
-    _, stats = generate(model, input_ids, pixel_values, mask, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k, eos_id=tokenizer.eos_id, seed=seed,
-                        on_token=on_token)
+    return Request(ids, pixels, max_new_tokens, temperature, top_p, top_k, seed, (tokenizer.eos_id,),
+                   on_token), reply
+
+
+def cache_size(config, requests) -> int:
+    """Positions per slot that the longest prompt plus its answer needs (at most the context)."""
+    need = max(config.llm_length(r.ids) + r.max_new_tokens for r in requests)
+    return min(need, config.text.max_position_embeddings)
+
+
+def answer_batch(model, tokenizer, pairs, template="vicuna_v1", temperature=0.0, top_p=None, top_k=None,
+                 max_new_tokens=512, seed=None, on_text=None, slots=None, compile=False):
+    """pairs [(image or None, question)] -> (reply texts, GenerationStats), answered by one engine of `slots`
+    slots (default: one per pair); on_text(b, text) receives each answer's text as it streams."""
+    if not pairs:
+        raise ValueError("answer_batch: no questions")
+    requests, replies = [], []
+    for b, (image, question) in enumerate(pairs):
+        stream = None if on_text is None else (lambda text, b=b: on_text(b, text))
+        r, reply = request_for(model, tokenizer, image, question, template, temperature, top_p, top_k,
+                               max_new_tokens, seed, stream)
+        requests.append(r)
+        replies.append(reply)
+    engine = Engine(model, slots=slots or len(pairs), max_seq_len=cache_size(model.config, requests),
+                    compile=compile)
+    engine.run(requests)
     texts = [r.finish() for r in replies]
     if on_text:
         for b, r in enumerate(replies):
             on_text(b, r.new_text(final=True))
-    return [t.strip() for t in texts], stats
+    return [t.strip() for t in texts], engine.stats
 
 
 def answer(model, tokenizer, pairs, batch_size=8, **kwargs) -> list[str]:
-    """Answers to [(image or None, question)], batch_size at a time; kwargs as for answer_batch."""
-    texts = []
-    for i in range(0, len(pairs), batch_size):
-        texts += answer_batch(model, tokenizer, pairs[i:i + batch_size], **kwargs)[0]
-    return texts
+    """Answers to [(image or None, question)], batch_size at a time (continuous batching: a finished answer's
+    slot takes the next question at once); kwargs as for answer_batch."""
+    return answer_batch(model, tokenizer, pairs, slots=min(batch_size, len(pairs)), **kwargs)[0]
 
 
-# --- chat: one image, many turns, one KV cache -------------------------------------------------------------
+# --- chat: one image, many turns, one KV cache slot ---------------------------------------------------------
 class Chat:
-    """A conversation about one image. The image is encoded once, at the first turn; every later turn keeps the
-    cache slots its prompt shares with what is already cached (the system prompt, the image, earlier turns),
-    rewinds the rest, and appends only the new ids. The prompt of each turn is exactly what a fresh run on the
-    whole history would tokenize, so a chat equals that fresh run."""
+    """A conversation about one image, on an engine of one slot. The image is encoded once, at the first turn;
+    every later turn's prompt is the whole conversation, tokenized exactly as a fresh run would, and the engine
+    keeps what its slot shares with it (the system prompt, the image, earlier turns) and runs only the rest."""
 
     def __init__(self, model, tokenizer, image=None, template="vicuna_v1", temperature=0.2, top_p=None,
-                 top_k=None, max_new_tokens=512, seed=None):
+                 top_k=None, max_new_tokens=512, seed=None, compile=False):
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.cfg = model.config
-        param = next(model.parameters())
-        self.pixels = None if image is None else load_pixels(image, self.cfg)[None].to(param.device, param.dtype)
-        self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
-        self.max_new_tokens = max_new_tokens
-        self.generator = None if seed is None else torch.Generator(param.device).manual_seed(seed)
+        self.pixels = None if image is None else load_pixels(image, model.config)  # (3, S, S)
+        self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
+        self.seed = seed
         self.history = []  # [(role, text)]
-        self.cached = []  # the ids whose keys/values fill the cache, in order (an image id fills Np slots)
-        self.state = None
-        self.stats = GenerationStats()
+        self.engine = Engine(model, slots=1, compile=compile)
+        self.stats = self.engine.stats
 
-    def _slots(self, ids) -> int:
-        n_img = ids.count(self.cfg.image_token_id)
-        return len(ids) + n_img * (self.cfg.num_image_tokens - 1)
-
-    @torch.inference_mode()
     def ask(self, question: str, on_text=None) -> str:
-        n_img = 0 if self.pixels is None or self.history else 1
-        history = self.history + [("human", with_image_placeholder(question, n_img))]
-        ids = prompt_ids(history, self.tokenizer, self.cfg, self.template)
-        t0 = time.perf_counter()
-        keep = 0
-        while keep < min(len(ids), len(self.cached)) and ids[keep] == self.cached[keep]:
-            keep += 1
-        keep = min(keep, len(ids) - 1)  # at least one new id, for the logits of the next token
-        device = self.model.language_model.lm_head.weight.device
-        if self.state is None or self.cfg.image_token_id in ids[keep:]:  # first turn: prefill with the image
-            keep = 0
-            logits, self.state = self.model.prefill(torch.tensor([ids], device=device), self.pixels,
-                                                    max_seq_len=self.cfg.text.max_position_embeddings)
-        else:  # later turns: keep the shared prefix (image included), append the rest
-            rewind(self.state, self._slots(ids[:keep]))
-            logits = extend(self.model, torch.tensor([ids[keep:]], device=device), self.state)
-        self.stats.prefill_tokens += self._slots(ids[keep:])
-        self.stats.prefill_s += time.perf_counter() - t0
-        reply = Reply(self.tokenizer, stop_strings(self.template))
-
-        def on_token(b, ids_b):
-            stopped = reply.update(ids_b)
-            if on_text:
-                on_text(reply.new_text())
-            return stopped
-
-        out = decode(self.model, logits, self.state, self.stats, self.max_new_tokens,
-                     stop_ids=(self.tokenizer.eos_id,), generator=self.generator, on_token=on_token,
-                     **self.sampling)[0]
+        turn = len(self.history) // 2
+        seed = None if self.seed is None else self.seed + turn  # each turn its own reproducible draws
+        question = with_image_placeholder(question, 0 if self.pixels is None or self.history else 1)
+        request, reply = request_for(self.model, self.tokenizer, self.pixels, question, self.template,
+                                     seed=seed, on_text=on_text, history=self.history, **self.sampling)
+        self.engine.run([request])
         text = reply.finish()
         if on_text:
             on_text(reply.new_text(final=True))
-        n_fed = self.state.cache_len - self._slots(ids)  # the last sampled id (EOS or not) was never fed
-        self.cached = ids + out[:n_fed]
-        self.history = history + [("gpt", text.strip())]
+        self.history += [("human", question), ("gpt", text.strip())]
         return text.strip()
 
 
@@ -326,6 +307,9 @@ def print_stats(stats: GenerationStats, model, file=None):
           f"tokens/s | decode: {stats.decode_tokens} tokens in {stats.decode_s:.2f} s = "
           f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {gbps:.3g} GB/s of "
           f"{weight_bytes / 1e9:.3g} GB weights)", file=file or sys.stderr)
+    if stats.compile_s:
+        print(f"compile: the first decode step took {stats.compile_s:.1f} s, torch.compile included (in the decode "
+              "time above; later steps reuse the compiled code)", file=file or sys.stderr)
 
 
 def _write(text):
@@ -335,7 +319,8 @@ def _write(text):
 
 def run_one_shot(model, tokenizer, cfg: GenerateConfig, image=None) -> GenerationStats:
     _, stats = answer_batch(model, tokenizer, [(image, cfg.prompt)], cfg.template, cfg.temperature, cfg.top_p,
-                            cfg.top_k, cfg.max_new_tokens, cfg.seed, on_text=lambda b, text: _write(text))
+                            cfg.top_k, cfg.max_new_tokens, cfg.seed, on_text=lambda b, text: _write(text),
+                            compile=cfg.compile)
     _write("\n")
     return stats
 
@@ -348,7 +333,7 @@ def run_chat(model, tokenizer, cfg: GenerateConfig, image=None, stdin=None) -> G
     if interactive:
         import readline  # noqa: F401  (importing it gives input() line editing and history)
     chat = Chat(model, tokenizer, image, cfg.template, cfg.temperature, cfg.top_p, cfg.top_k,
-                cfg.max_new_tokens, cfg.seed)
+                cfg.max_new_tokens, cfg.seed, cfg.compile)
     print(f"chat about {cfg.image or 'no image'}; an empty line, end of input or Ctrl-C ends it", file=sys.stderr)
     try:
         while True:
@@ -431,51 +416,71 @@ def read_answered(path) -> set:
 
 
 def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, list[str]]:
-    """Answer every question not yet in cfg.answers; each answer line is written and flushed as its batch ends.
-    -> (stats, errors): malformed lines and questions that could not be answered, each named."""
+    """Answer every question not yet in cfg.answers, on an engine of cfg.batch_size slots: each answer line is
+    written and flushed as soon as it ends (so the file is in the order answers finish; resuming finds them by
+    their key). -> (stats, errors): malformed lines and questions that could not be answered, each named."""
     questions, errors = read_questions(cfg.questions)
     if cfg.num_chunks > 1:  # the original's get_chunk: contiguous chunks of ceil(n / num_chunks)
         size = -(-len(questions) // cfg.num_chunks)
         questions = questions[cfg.chunk_idx * size:(cfg.chunk_idx + 1) * size]
     done = read_answered(cfg.answers)
-    todo = [(n, q) for n, q in questions if question_key(q) not in done]
-    model_id = os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "minillava"
-    total = GenerationStats()
-    t0, n_answered = time.perf_counter(), 0
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.answers)), exist_ok=True)
-    print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered in {cfg.answers}, "
-          f"{len(todo)} to go" + (f"; {len(errors)} malformed line(s), listed at the end" if errors else ""),
+    todo, longest, n_done = [], 0, 0
+    for n, q in questions:  # check each prompt now (text only), so one bad question spares the rest
+        if question_key(q) in done:
+            n_done += 1
+            continue
+        try:
+            ids = prompt_ids([("human", with_image_placeholder(q["text"], 1 if q.get("image") else 0))], tokenizer,
+                             model.config, cfg.template)
+        except ValueError as e:
+            errors.append(f"{cfg.questions}:{n}: question {q['question_id']!r}: {e}")
+            continue
+        todo.append((n, q))
+        longest = max(longest, model.config.llm_length(ids))
+    print(f"{len(questions)} questions, {n_done} already answered in {cfg.answers}, {len(todo)} to go"
+          + (f"; {len(errors)} malformed line(s), listed at the end" if errors else ""),
           file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.answers)), exist_ok=True)
+    open(cfg.answers, "a").close()  # the file exists afterwards, answers or not (torchrun's merge reads each rank's)
+    if not todo:
+        return GenerationStats(), errors
+    model_id = os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "minillava"
+    engine = Engine(model, slots=min(cfg.batch_size, len(todo)), compile=cfg.compile,
+                    max_seq_len=min(longest + cfg.max_new_tokens, model.config.text.max_position_embeddings))
+    print(engine.describe(), file=sys.stderr)
+    t0, n_answered = time.perf_counter(), 0
     with open(cfg.answers, "a", encoding="utf-8") as out:
-        for i in range(0, len(todo), cfg.batch_size):
-            batch = []
-            for n, q in todo[i:i + cfg.batch_size]:  # check each question alone, so one bad one spares the rest
+
+        def write(q, reply):
+            nonlocal n_answered
+            text = reply.finish().strip()  # one whole line per write, flushed: a kill loses no answer
+            out.write(json.dumps({"question_id": q["question_id"], "prompt": question_key(q)[1], "text": text,
+                                  "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}},
+                                 ensure_ascii=False) + "\n")
+            out.flush()
+            n_answered += 1
+            if n_answered % cfg.batch_size == 0 or n_answered == len(todo):
+                os.fsync(out.fileno())
+                elapsed = time.perf_counter() - t0
+                print(f"answered {n_answered}/{len(todo)} | {elapsed:.0f} s | {n_answered / elapsed:.2f} questions/s"
+                      f" | decode {engine.stats.decode_tokens_per_s:.1f} tokens/s | "
+                      f"~{elapsed / n_answered * (len(todo) - n_answered):.0f} s left", file=sys.stderr)
+
+        def requests():  # read lazily: one image in memory per slot, not one per question
+            for n, q in todo:
                 try:
                     image = load_image(os.path.join(cfg.image_folder, q["image"])) if q.get("image") else None
-                    n_img = 0 if image is None else 1
-                    prompt_ids([("human", with_image_placeholder(q["text"], n_img))], tokenizer, model.config,
-                               cfg.template)
-                    batch.append((q, image))
+                    request, reply = request_for(model, tokenizer, image, q["text"], cfg.template, cfg.temperature,
+                                                 cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed)
                 except (ValueError, OSError) as e:
                     errors.append(f"{cfg.questions}:{n}: question {q['question_id']!r}: {e}")
-            if not batch:
-                continue
-            texts, stats = answer_batch(model, tokenizer, [(im, q["text"]) for q, im in batch], cfg.template,
-                                        cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed)
-            for (q, _), text in zip(batch, texts):  # one whole line per write, flushed: a kill loses no answer
-                out.write(json.dumps({"question_id": q["question_id"], "prompt": question_key(q)[1], "text": text,
-                                      "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}},
-                                     ensure_ascii=False) + "\n")
-                out.flush()
-            os.fsync(out.fileno())
-            for f in fields(GenerationStats):
-                setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
-            n_answered += len(batch)
-            n_seen, elapsed = min(i + cfg.batch_size, len(todo)), time.perf_counter() - t0
-            print(f"answered {n_answered}/{len(todo)} | {elapsed:.0f} s | {n_answered / elapsed:.2f} questions/s | "
-                  f"decode {total.decode_tokens_per_s:.1f} tokens/s | "
-                  f"~{elapsed / n_seen * (len(todo) - n_seen):.0f} s left", file=sys.stderr)
-    return total, errors
+                    continue
+                request.on_finish = lambda r, q=q, reply=reply: write(q, reply)
+                yield request
+
+        engine.run(requests())
+        os.fsync(out.fileno())
+    return engine.stats, errors
 
 
 # --- command line ------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ reaches ~25 GB/s. transformers adds a torch.cat of its growing KV cache per laye
 loop; minillava writes into a preallocated cache and runs ~2.5 ms of other operators per step.
 """
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import generate as G  # noqa: E402
+from minillava.engine import Engine, Request  # noqa: E402
 from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
 CONFIG = LlavaConfig(
@@ -95,7 +95,7 @@ def main():
     image = os.path.join(root, "image.png")
     Image.radial_gradient("L").convert("RGB").resize((500, 375)).save(image)
 
-    # ours: generate.py's loader, prompt and loop (minillava.sampling.generate), EOS ignored
+    # ours: generate.py's loader and prompt, the decode engine with one slot (as generate.py's one-shot), EOS ignored
     model, tok = G.load(ckpt, dtype="fp32", device="cpu")
     ids = G.prompt_ids([("human", G.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
     pix = G.load_pixels(image, model.config)[None]  # (1, 3, 336, 336)
@@ -103,7 +103,8 @@ def main():
     weight_bytes = 4 * (n_llm - model.language_model.model.embed_tokens.weight.numel())
 
     def ours(n):
-        return G.generate(model, torch.tensor([ids]), pix, max_new_tokens=n, temperature=0, eos_id=-1)[0][0]
+        engine = Engine(model, slots=1, max_seq_len=model.config.llm_length(ids) + n)
+        return engine.run([Request(ids, pix, max_new_tokens=n)])[0].out
 
     # transformers: the same directory; input_ids carry the image id Np times
     hf = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()

@@ -7,8 +7,8 @@ preset, --layers decoder and tower layers) with random weights, in bf16.
 For one left-padded batch of two prompts of different lengths, each with an image, it computes
   - the logits of a forward pass,
   - the stage-2 loss and the gradient of every trained parameter (projector + LLM; the tower frozen),
-  - prefill + --steps greedy cached decoding steps (the tokens fed are the fp32 reference's, so every run sees
-    the same inputs) and the logits of every step,
+  - the decode engine: each prompt (without its padding) prefilled into a slot, then --steps decode steps for
+    both slots (the tokens fed are the fp32 reference's, so every run sees the same inputs), the logits of each,
 three ways: the kernels in bf16 (MINILLAVA_KERNELS=1), plain PyTorch in bf16 (MINILLAVA_KERNELS=0), and plain
 PyTorch in fp32 (the reference). Each quantity's error is ||x - ref|| / ||ref||. A row passes when the kernels'
 error is at most 1.5x plain bf16's + 1e-3: the kernels may round differently, not worse. Exit status 1 when a
@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_common import fail, parse_args  # noqa: E402
 from minillava.config import get_preset  # noqa: E402
+from minillava.engine import Engine, Request  # noqa: E402
 from minillava.llava import IGNORE_INDEX  # noqa: E402
 from weights import random_llava  # noqa: E402
 
@@ -76,13 +77,16 @@ def run(model, inputs, kernels, dtype, feed=None, steps=8):
     for name, p in model.named_parameters():
         if p.grad is not None:
             out[f"grad {name}"] = p.grad.float().cpu()
-    logits, state = model.prefill(ids, pixels, mask, max_seq_len=ids.shape[1] + 576 + steps + 1)
+    context = model.config.text.max_position_embeddings
+    engine = Engine(model, slots=ids.shape[0], max_seq_len=min(ids.shape[1] + 576 + steps + 1, context))
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]  # the engine takes each prompt without padding
+    logits = torch.cat([engine.prefill(Request(r, pixels[b:b + 1]), b) for b, r in enumerate(rows)])  # (B, V)
     chosen = []
     for step in range(steps):
         out[f"decode step {step}"] = logits.float().cpu()
         token = logits.argmax(-1) if feed is None else feed[step]
         chosen.append(token)
-        logits = model.decode_one_token(token, state)
+        logits = engine.decode(dict(enumerate(token.tolist())))
     return out, chosen
 
 

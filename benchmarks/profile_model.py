@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.bench_common import DTYPES, fail, parse_args, require_cuda  # noqa: E402
 from minillava.config import get_preset  # noqa: E402
+from minillava.engine import Engine, Request  # noqa: E402
 from minillava.llava import IGNORE_INDEX, Llava  # noqa: E402
 
 
@@ -131,27 +132,31 @@ def profile_train(a, model, device):
 
 @torch.no_grad()
 def profile_decode(a, model, device):
+    """a.batch prompts prefilled into the slots of a decode engine, then a.new_tokens greedy decode steps."""
     model.eval()
     ids, _, pix = batch(model, a, device, a.prompt_len + 2)
     warmup = 2  # decode steps before profiling: the decode kernels' first launch compiles them
-    max_len = ids.shape[1] - 1 + model.config.num_image_tokens + warmup + a.new_tokens
+    prompt = model.config.llm_length(ids[0].tolist())
+    engine = Engine(model, slots=a.batch, max_seq_len=prompt + warmup + a.new_tokens + 1)
     sync(device)
     t0 = time.perf_counter()
-    logits, state = model.prefill(ids, pix, max_seq_len=max_len)
+    tokens = {b: int(engine.prefill(Request(ids[b].tolist(), pix[b:b + 1]), b).argmax()) for b in range(a.batch)}
     sync(device)
     t_prefill = time.perf_counter() - t0
-    token = logits.argmax(-1)
+
+    def greedy_step(tokens):
+        return dict(zip(tokens, engine.decode(tokens).argmax(-1).tolist()))
     for _ in range(warmup):
-        token = model.decode_one_token(token, state).argmax(-1)
+        tokens = greedy_step(tokens)
     sync(device)
     prof, trace = profiled(device, a.trace, "decode")
     t0 = time.perf_counter()
     with prof:
         for _ in range(a.new_tokens):
-            token = model.decode_one_token(token, state).argmax(-1)  # greedy
+            tokens = greedy_step(tokens)
         sync(device)
     dt = (time.perf_counter() - t0) / a.new_tokens
-    print(f"\n# decode: batch {a.batch}, prompt {state.cache_len - a.new_tokens - warmup} positions (prefill "
+    print(f"\n# decode: batch {a.batch}, prompt {prompt} positions (prefill "
           f"{t_prefill * 1e3:.0f} ms), {a.new_tokens} tokens: {dt * 1e3:.2f} ms/token (under the profiler), "
           f"{a.batch / dt:.0f} tokens/s")
     print_top(prof, device, a.top, "decoding")

@@ -50,6 +50,11 @@ class TextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+def llm_length(ids, image_token_id: int, num_image_tokens: int) -> int:
+    """LLM positions of an id list (ONE image id per image, each spliced into Np = num_image_tokens embeddings)."""
+    return len(ids) + list(ids).count(image_token_id) * (num_image_tokens - 1)
+
+
 @dataclass(frozen=True)
 class LlavaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -65,6 +70,10 @@ class LlavaConfig:
     def num_image_tokens(self) -> int:
         """Np: how many embeddings one image becomes in the LLM's sequence (576 at 336 px)."""
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    def llm_length(self, ids) -> int:
+        """How many LLM positions the id list `ids` takes: each image id becomes Np."""
+        return llm_length(ids, self.image_token_id, self.num_image_tokens)
 
     def replace(self, **changes) -> "LlavaConfig":
         return dataclasses.replace(self, **changes)

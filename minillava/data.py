@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from minillava.config import llm_length
 from minillava.image import load_image, preprocess_image, to_rgb
 from minillava.templates import IGNORE_INDEX, original_masks_all, tokenize_conversation
 from minillava.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
@@ -136,12 +137,11 @@ def check_record(rec, index: int, cfg: DataConfig) -> Checked:
             to_rgb(load_image(image))
         except (OSError, ValueError) as e:
             return Checked(index, rid, problem=str(e))
-    n_img = 1 if image is not None else 0
     masked = excluded is None and original_masks_all(rec["conversations"], cfg.template, cfg.tokenizer,
                                                      cfg.image_token_id, cfg.max_length)
-    return Checked(index, rid, excluded=excluded, length=len(ids) + n_img * (cfg.num_image_tokens - 1),
-                   n_supervised=sum(y != IGNORE_INDEX for y in labels), has_image=image is not None,
-                   original_masks_all=masked)
+    length = llm_length(ids, cfg.image_token_id, cfg.num_image_tokens)
+    return Checked(index, rid, excluded=excluded, length=length, n_supervised=sum(y != IGNORE_INDEX for y in labels),
+                   has_image=image is not None, original_masks_all=masked)
 
 
 _WORK = None  # (records, cfg) inherited by forked check workers

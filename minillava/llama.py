@@ -1,8 +1,10 @@
-"""LLaMA / Vicuna decoder: RMSNorm, rotary positions, causal GQA attention with a static KV cache, SwiGLU MLP.
+"""LLaMA / Vicuna decoder: RMSNorm, rotary positions, causal GQA attention with a slotted KV cache, SwiGLU MLP.
 
 Parameter names follow Hugging Face-format LLaMA checkpoints (`model.layers.N.self_attn.q_proj.weight`...).
 Shapes: B batch, T tokens, C width, nh query heads, n_kv key/value heads, hs head size, V vocabulary.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
@@ -30,21 +32,40 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-class KVCache(nn.Module):
-    """A preallocated (B, n_kv, S_max, hs) key/value buffer; slots [start, start + T) are written per call."""
+@dataclass
+class CacheWrite:
+    """Where a forward's new keys and values go in the KV cache, and which cached keys it reads.
 
-    def __init__(self, batch_size, n_kv, max_seq_len, head_dim, dtype, device):
+    slot an int: the T tokens of that one sequence go to positions [start, start + T) and attend to [0, start + T)
+    (prefill, or a later chat turn); start is an int. slot None: one token for every slot at once (a decode step);
+    start (slots,) holds each slot's length, where its token goes; every slot reads keys [0, kv_len) under the mask
+    key j <= start. kv_len is the same for every step of a compiled engine (S_max), so the step has one shape."""
+    slot: int | None
+    start: int | torch.Tensor
+    kv_len: int = 0
+
+
+class KVCache(nn.Module):
+    """A preallocated (slots, n_kv, S_max, hs) key/value buffer: one row per sequence the engine serves."""
+
+    def __init__(self, slots, n_kv, max_seq_len, head_dim, dtype, device):
         super().__init__()
-        shape = (batch_size, n_kv, max_seq_len, head_dim)
+        shape = (slots, n_kv, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k, v):
-        """Write k, v (B, n_kv, T, hs) at slots [start, start + T); return all keys/values so far."""
-        end = start + k.shape[2]
-        self.k_cache[:, :, start:end] = k
-        self.v_cache[:, :, start:end] = v
-        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # (B, n_kv, end, hs)
+    def update(self, where: CacheWrite, k, v):
+        """Write k, v (B, n_kv, T, hs) where `where` says; -> keys, values to attend to and their mask (or None)."""
+        if where.slot is not None:  # one sequence: B == 1, T tokens
+            s, end = where.slot, where.start + k.shape[2]
+            self.k_cache[s, :, where.start:end] = k[0]
+            self.v_cache[s, :, where.start:end] = v[0]
+            return self.k_cache[s:s + 1, :, :end], self.v_cache[s:s + 1, :, :end], None  # (1, n_kv, end, hs)
+        rows = torch.arange(k.shape[0], device=k.device)  # decode: B == slots, T == 1
+        self.k_cache[rows, :, where.start] = k[:, :, 0]  # (slots, n_kv, hs) at each slot's own length
+        self.v_cache[rows, :, where.start] = v[:, :, 0]
+        keys = torch.arange(where.kv_len, device=k.device)[None] <= where.start[:, None]  # (slots, kv_len)
+        return self.k_cache[:, :, :where.kv_len], self.v_cache[:, :, :where.kv_len], keys
 
 
 class LlamaAttention(nn.Module):
@@ -60,18 +81,20 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.n_head * self.hs, C, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, key_padding_mask=None, cache_start=None):
-        """x (B, T, C). key_padding_mask (B, Tk) bool, True = real token (Tk = T, or the cache length so far).
-        With a cache, the T new tokens go to slots [cache_start, cache_start + T) and attend to all earlier ones."""
+    def forward(self, x, cos, sin, key_padding_mask=None, cache: CacheWrite = None):
+        """x (B, T, C). key_padding_mask (B, T) bool, True = real token (no cache: training, a full forward).
+        With a cache (set up by setup_cache), the new keys/values are written where `cache` says and attention
+        reads the cached ones."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = kernels.apply_rope(q, k, cos, sin)
-        if cache_start is not None:  # decoding: append to the cache (set up by setup_cache) and read it all
-            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv, Tk, hs), Tk = cache_start + T
-        # Causal with the cache offset: new token i (slot cache_start + i) sees slots j <= cache_start + i,
-        # i.e. the mask is aligned to the bottom-right corner of the (T, Tk) score matrix.
+        if cache is not None:
+            k, v, key_padding_mask = self.kv_cache.update(cache, k, v)  # (B, n_kv, Tk, hs)
+        # Causal with the cache offset: new token i (position start + i) sees positions j <= start + i, i.e. the
+        # mask is aligned to the bottom-right corner of the (T, Tk) score matrix (one slot: Tk = start + T; a
+        # decode step's single query sees every key its padding mask lets through).
         y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
 
@@ -100,8 +123,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, key_padding_mask=None, cache_start=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache_start)
+    def forward(self, x, cos, sin, key_padding_mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,17 +137,17 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds, position_ids, key_padding_mask=None, cache_start=None):
+    def forward(self, inputs_embeds, position_ids, key_padding_mask=None, cache=None):
         """inputs_embeds (B, T, C), position_ids (B, T) -> final hidden states (B, T, C)."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 # Keep only each block's input; recompute its activations during backward.
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, key_padding_mask, cache_start,
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, key_padding_mask, cache,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, key_padding_mask, cache_start)
+                x = layer(x, cos, sin, key_padding_mask, cache)
         return self.norm(x)
 
 
@@ -141,11 +164,18 @@ class LlamaForCausalLM(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
+    def setup_cache(self, slots: int, max_seq_len: int, dtype=None, device=None) -> list:
+        """A fresh (slots, n_kv, max_seq_len, hs) KV cache in every layer; -> the layers' caches (use_cache puts
+        them back after another cache was set up)."""
         w = self.lm_head.weight
-        for layer in self.model.layers:
-            a = layer.self_attn
-            a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.hs, dtype or w.dtype, device or w.device)
+        caches = [KVCache(slots, m.self_attn.n_kv, max_seq_len, m.self_attn.hs, dtype or w.dtype, device or w.device)
+                  for m in self.model.layers]
+        self.use_cache(caches)
+        return caches
+
+    def use_cache(self, caches: list):
+        for layer, cache in zip(self.model.layers, caches):
+            layer.self_attn.kv_cache = cache
 
     def forward(self, input_ids, position_ids=None, key_padding_mask=None):
         """Text-only forward: input_ids (B, T) -> logits (B, T, V)."""

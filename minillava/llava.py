@@ -3,10 +3,8 @@
 input_ids carry ONE `config.image_token_id` per image; each becomes Np = `config.num_image_tokens` embeddings
 (576 for ViT-L/14-336), so a sequence of T ids with n images is T - n + n*Np long inside the LLM.
 Positions count the image tokens. pixel_values (N, 3, S, S) holds the images in reading order: first
-sequence's images first, each sequence's from left to right.
+sequence's images first, each sequence's from left to right. Generation with a KV cache: minillava/engine.py.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
@@ -17,15 +15,6 @@ from minillava.llama import LlamaForCausalLM
 from minillava.projector import Projector
 from minillava.templates import IGNORE_INDEX  # the label of positions without a loss, defined once
 
-
-
-@dataclass
-class DecodeState:
-    """What decoding needs between steps: the next cache slot, which slots hold real tokens, next positions."""
-    cache_len: int  # slots [0, cache_len) are filled
-    key_mask: torch.Tensor  # (B, S_max) bool, True = a real token (left padding is False)
-    next_position: torch.Tensor  # (B,) RoPE position of each sequence's next token
-    padded: bool  # whether any slot is padding (else the mask is skipped)
 
 
 class Llava(nn.Module):
@@ -119,35 +108,3 @@ class Llava(nn.Module):
         logits = self.language_model.lm_head(hidden[:, :-1][keep])  # (N, V), N supervised positions
         loss = kernels.cross_entropy(logits, targets[keep], IGNORE_INDEX, reduction="sum")
         return loss, logits.shape[0]
-
-    # --- generation with the static KV cache -------------------------------------------------------------
-    @torch.no_grad()
-    def prefill(self, input_ids, pixel_values=None, attention_mask=None, max_seq_len=None):
-        """Run the prompt (left-padded when lengths differ) into a fresh cache.
-        -> logits of each sequence's last position (B, V), and the DecodeState for `decode_one_token`."""
-        embeds, mask, position_ids, _ = self.embed_inputs(input_ids, pixel_values, attention_mask)
-        B, L, _ = embeds.shape
-        max_seq_len = max_seq_len or self.config.text.max_position_embeddings
-        if L > max_seq_len:
-            raise ValueError(f"prompt of {L} tokens (images included) exceeds the cache of {max_seq_len}")
-        self.language_model.setup_cache(B, max_seq_len, dtype=embeds.dtype, device=embeds.device)
-        key_mask = torch.zeros(B, max_seq_len, dtype=torch.bool, device=embeds.device)
-        key_mask[:, :L] = mask
-        padded = not bool(mask.all())
-        hidden = self.language_model.model(embeds, position_ids, mask if padded else None, cache_start=0)
-        logits = self.language_model.lm_head(hidden[:, -1])  # (B, V)
-        return logits, DecodeState(L, key_mask, position_ids[:, -1] + 1, padded)
-
-    @torch.no_grad()
-    def decode_one_token(self, token, state: DecodeState):
-        """token (B,) -> logits (B, V) for the next one; appends the token to the cache."""
-        pos = state.cache_len
-        if pos >= state.key_mask.shape[1]:
-            raise ValueError(f"KV cache full ({pos} tokens)")
-        embeds = self.language_model.model.embed_tokens(token[:, None])  # (B, 1, C)
-        state.key_mask[:, pos] = True
-        key_padding_mask = state.key_mask[:, :pos + 1] if state.padded else None
-        hidden = self.language_model.model(embeds, state.next_position[:, None], key_padding_mask, cache_start=pos)
-        state.cache_len += 1
-        state.next_position = state.next_position + 1
-        return self.language_model.lm_head(hidden[:, -1])  # (B, V)

@@ -13,6 +13,7 @@ from PIL import Image
 
 import generate as G
 from minillava.config import get_preset
+from minillava.engine import Engine, Request
 from tests.spm_util import train_tiny_spm
 
 TINY = get_preset("tiny")
@@ -129,7 +130,7 @@ def test_greedy_equals_transformers_generate(ckpt, loaded, images):
     model, tok = loaded
     ids = ask_ids(model, tok, "What is the man holding?", 1)
     pix = G.load_pixels(images[0], model.config)[None]  # (1, 3, S, S)
-    ours = G.generate(model, torch.tensor([ids]), pix, max_new_tokens=32, temperature=0, eos_id=-1)[0][0]
+    ours = Engine(model, slots=1).run([Request(ids, pix, max_new_tokens=32)])[0].out
     expanded = [j for i in ids for j in ([i] * CFG.num_image_tokens if i == CFG.image_token_id else [i])]
     gc = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
@@ -144,22 +145,24 @@ def test_greedy_equals_transformers_generate(ckpt, loaded, images):
 # --- chat ---------------------------------------------------------------------------------------------------
 def test_chat_over_two_turns_equals_a_fresh_prompt_of_the_history(loaded, images, monkeypatch):
     model, tok = loaded
-    calls = {"encode_images": 0, "prefill": 0}
-    for name in calls:
-        original = getattr(model, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(model, name, counted)
+    calls = []
+    original = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda *a, **kw: (calls.append(1), original(*a, **kw))[1])
     chat = G.Chat(model, tok, images[0], **GREEDY)
     q1, q2 = "What is the man holding?", "Why is he there?"
     r1 = chat.ask(q1)
+    first = G.prompt_ids([("human", "<image>\n" + q1)], tok, model.config, "vicuna_v1")
+    assert chat.stats.prefill_tokens == model.config.llm_length(first)
+    cached, prefilled = list(chat.engine.cached[0]), chat.stats.prefill_tokens
     r2 = chat.ask(q2)
-    assert calls == {"encode_images": 1, "prefill": 1}  # the image was encoded once, turn 2 extended the cache
+    assert calls == [1]  # the image was encoded once
     history = [("human", "<image>\n" + q1), ("gpt", r1), ("human", q2)]
     ids = G.prompt_ids(history, tok, model.config, "vicuna_v1")
-    assert chat.cached[:len(ids)] == ids  # the cache holds exactly the fresh prompt's ids (then the reply's)
+    assert chat.engine.cached[0][:len(ids)] == ids  # the cache holds exactly the fresh prompt's ids (then the reply's)
+    # Turn 2 ran only what the slot did not hold: the history (image included) stayed in the cache.
+    shared = next(i for i, (a, b) in enumerate(zip(ids, cached + [None] * len(ids))) if a != b)
+    assert shared >= len(first) - 1 and model.config.image_token_id in ids[:shared]
+    assert chat.stats.prefill_tokens - prefilled == model.config.llm_length(ids) - model.config.llm_length(ids[:shared])
     want = greedy_without_cache(model, tok, ids, images[0], GREEDY["max_new_tokens"])
     assert len(set(want)) >= 5 and r2 == tok.decode(want).strip()
     assert chat.history == history + [("gpt", r2)]
@@ -316,21 +319,21 @@ def test_batch_interrupted_loses_nothing_already_answered(ckpt, images, tmp_path
     write_lines(questions, qs)
     argv = ["--model", ckpt, "--questions", str(questions), "--answers", str(answers), "--image-folder", folder,
             "--temperature", "0", "--max-new-tokens", "6", "--batch-size", "2"]
-    real, calls = G.answer_batch, []
+    real, calls = G.request_for, []
 
-    def interrupted_on_the_second_batch(*args, **kwargs):
+    def interrupted_at_the_third_question(*args, **kwargs):  # 2 slots: read when the first two have ended
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-    monkeypatch.setattr(G, "answer_batch", interrupted_on_the_second_batch)
+    monkeypatch.setattr(G, "request_for", interrupted_at_the_third_question)
     rc, out, err = run_main(argv, capsys)  # Ctrl-C: no traceback, says where the answers are
     assert rc == 130 and f"interrupted; the answers so far are in {answers}: run the same command" in err
     assert [a["question_id"] for a in read_answers(answers)] == [0, 1]
     # A process killed in the middle of a write leaves a partial line: the next run drops it and goes on.
     with open(answers, "a") as f:
         f.write('{"question_id": 2, "pro')
-    monkeypatch.setattr(G, "answer_batch", real)
+    monkeypatch.setattr(G, "request_for", real)
     rc, out, err = run_main(argv, capsys)
     assert rc == 0 and "dropping an incomplete last line" in err
     assert [a["question_id"] for a in read_answers(answers)] == [0, 1, 2, 3, 4]
@@ -373,13 +376,12 @@ def test_batch_missing_questions_file_writes_nothing(ckpt, tmp_path, capsys):
 def test_the_image_and_pad_tokens_are_never_sampled(loaded, images, monkeypatch, temperature):
     """Even when the model puts nearly all its mass on them (here: their logits raised by 1e4), generation
     emits neither the image token nor the pad token: fed back, an image id without an image is an error."""
-    from minillava.sampling import generate
     model, tok = loaded
     head = model.language_model.lm_head
     banned = torch.tensor([CFG.image_token_id, CFG.pad_token_id])
     real = head.forward
     monkeypatch.setattr(head, "forward", lambda h: real(h).index_fill(-1, banned, 1e4))
-    ids = torch.tensor([ask_ids(model, tok, "What is the man holding?", 1)])
+    ids = ask_ids(model, tok, "What is the man holding?", 1)
     pixels = G.load_pixels(images[0], model.config)[None]
-    out, _ = generate(model, ids, pixels, max_new_tokens=6, temperature=temperature, seed=0)
-    assert len(out[0]) == 6 and not set(out[0]) & set(banned.tolist())
+    out = Engine(model, slots=2).run([Request(ids, pixels, max_new_tokens=6, temperature=temperature, seed=0)])
+    assert len(out[0].out) == 6 and not set(out[0].out) & set(banned.tolist())

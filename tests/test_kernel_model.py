@@ -84,10 +84,13 @@ def test_training_step_matches_reference(monkeypatch):
 
 
 def test_logits_and_cached_decoding_match_reference(monkeypatch):
-    """Full-sequence logits (no_grad: the kernels' inference paths) and prefill + decode steps with a left-padded
-    batch: Tq == 1 must go through the flash-decoding kernel with the key padding mask."""
+    """Full-sequence logits of a left-padded batch (no_grad: the kernels' inference paths), then the decode engine
+    on both sequences: prefill (causal attention from a cached prefix) and decode steps in which every slot reads
+    the whole cache under its own length mask, through the flash-decoding kernel."""
+    from minillava.engine import Engine, Request
     model = tiny_model()
     ids, _, pix, mask = _batch(model, "left")
+    rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(ids.tolist(), mask.tolist())]
     calls = []
     decode = A.attention_decode
     monkeypatch.setattr(A, "attention_decode", lambda *a, **kw: (calls.append(1), decode(*a, **kw))[1])
@@ -96,13 +99,14 @@ def test_logits_and_cached_decoding_match_reference(monkeypatch):
         monkeypatch.setenv("MINILLAVA_KERNELS", mode)
         with torch.no_grad():
             logits = [model(ids, pix, mask)]
-            last, state = model.prefill(ids, pix, mask, max_seq_len=64)
-            logits.append(last)
-            for token in ([3, 4], [5, 6]):  # fixed tokens: both paths decode the same sequence
-                logits.append(model.decode_one_token(torch.tensor(token), state))
+        engine = Engine(model, slots=2, max_seq_len=64)
+        real = engine._sample
+        monkeypatch.setattr(engine, "_sample", lambda lg, slots: (logits.append(lg.clone()), real(lg, slots))[1])
+        engine.run([Request(r, pix[i:i + 1], max_new_tokens=3) for i, r in enumerate(rows)])
         steps[mode] = logits
         if mode == "force":
-            assert len(calls) == 2 * model.config.text.num_hidden_layers  # 2 steps x layers
+            assert len(calls) == 2 * model.config.text.num_hidden_layers  # 2 decode steps x layers
+    assert len(steps["force"]) == len(steps["0"]) == 1 + 2 + 2  # forward, 2 prefills, 2 decode steps
     for i, (a, b) in enumerate(zip(steps["force"], steps["0"])):
         torch.testing.assert_close(a, b, **LOGITS_TOL, msg=lambda m: f"step {i}: {m}")
     assert len(calls) == 2 * model.config.text.num_hidden_layers  # and none with MINILLAVA_KERNELS=0

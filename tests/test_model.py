@@ -1,4 +1,4 @@
-"""Model core: config round trip, the image splice, padding, positions, and cached decoding."""
+"""Model core: config round trip, the image splice, padding and positions (cached decoding: test_engine.py)."""
 import dataclasses
 
 import pytest
@@ -107,22 +107,6 @@ def test_padded_batch_equals_each_sequence_alone(padding_side):
     n_b = alone_b.shape[1]
     part = logits[1, -n_b:] if padding_side == "left" else logits[1, :n_b]
     torch.testing.assert_close(part, alone_b[0], atol=1e-5, rtol=1e-5)
-
-
-def test_cached_decoding_equals_full_forward_left_padded_batch():
-    model = tiny_model()
-    img = model.config.image_token_id
-    ids = torch.tensor([[1, 9, img, 10, 11], [0, 0, 1, img, 12]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    pix = torch.randn(2, 3, 32, 32)
-    logits, state = model.prefill(ids, pix, mask, max_seq_len=64)
-    for _ in range(6):
-        full = model(ids, pix, mask)[:, -1]  # (B, V)
-        torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
-        token = logits.argmax(-1)
-        ids = torch.cat([ids, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-        logits = model.decode_one_token(token, state)
 
 
 def test_feature_layer_and_full_strategy():

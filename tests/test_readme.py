@@ -86,8 +86,11 @@ def test_python_block_runs_as_written(files):
     (block,) = _blocks("python")
     proc = _run([sys.executable, "-c", _substitute(block, files)])
     lines = proc.stdout.splitlines()
-    assert len(lines) == 2  # the greedy answer, then the first answer token by hand
+    assert len(lines) == 3  # the greedy answer, the first answer token by hand, the engine's two answers
     assert lines[0].startswith(lines[1].strip()) or lines[1].strip() == ""
+    greedy, sampled = lines[2].split(" | ")
+    assert greedy.endswith(" length")  # 16 ids, no stop id
+    assert lines[0].split()[:1] == greedy.split()[:1]  # the same greedy answer begins both
 
 
 def test_commands_run_as_written(files):

@@ -1,0 +1,292 @@
+"""The decode engine: one fixed-shape KV cache serving many sequences at once (continuous batching).
+
+    engine = Engine(model, slots=8)
+    done = engine.run([Request(ids, pixel_values, max_new_tokens=128), ...])  # each request's .out: its ids
+
+The cache holds `slots` sequences of up to S_max positions each: (slots, n_kv, S_max + 1, hs) per layer (the
+extra position is where idle slots write, never read). A request is prefilled alone into a free slot (its images
+encoded once), joins the decode batch at the next step and leaves it when it stops (a stop id such as EOS, its
+on_token callback saying a stop string appeared, max_new_tokens, or a full slot); its slot is refilled at once.
+A decode step runs every slot, one token each, so it has one shape for the engine's life: it can be compiled and,
+on CUDA, captured in a CUDA graph (`compile=True`). Inside the LLM a sequence has no padding: a slot's position
+t holds the sequence's t-th LLM position, so the positions of the next token are simply the slots' lengths.
+
+A slot remembers the ids (and images) it holds after its request ends. A new request goes to the free slot whose
+contents share the longest prefix with it, keeps that prefix and runs only the rest: a chat's later turn reuses
+its system prompt, image and history, and is computed exactly as a fresh run on the whole conversation would be.
+
+Each request samples with its own temperature / top-p / top-k and its own seeded generator, so its tokens do not
+depend on its neighbours; greedy rows take the argmax. The image and pad ids are never sampled: they are not text
+(a model that emitted the image id would, fed back, hold an image token without an image).
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from minillava.llama import CacheWrite
+from minillava.sampling import sample
+
+
+@dataclass
+class Request:
+    """One sequence to continue: its prompt ids (ONE image id per image) and how to sample its answer."""
+    ids: list
+    pixel_values: torch.Tensor = None  # (N, 3, S, S): the images of `ids`, in order
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = None
+    top_k: int = None
+    seed: int = None  # a seeded generator of its own; None: torch's global one
+    stop_ids: tuple = ()  # ids that end the answer (EOS), not included in `out`
+    on_token: Callable = None  # on_token(out) after each new id; True ends the answer (a stop string appeared)
+    on_finish: Callable = None  # on_finish(request) once, as it ends
+    # filled by the engine
+    out: list = field(default_factory=list)  # the answer's ids
+    finish_reason: str = None  # "stop" (stop id or on_token), "length" (max_new_tokens or a full slot), "abort"
+
+
+@dataclass
+class GenerationStats:
+    prefill_tokens: int = 0  # prompt positions run through the LLM (images expanded, reused prefixes excluded)
+    prefill_s: float = 0.0  # includes the vision tower
+    decode_tokens: int = 0  # ids produced by decode steps, over running sequences
+    decode_steps: int = 0  # decode steps: each reads every LLM weight once
+    decode_s: float = 0.0
+    compile_s: float = 0.0  # with compile=True: the first decode step's time, compilation included (in decode_s)
+
+    @property
+    def prefill_tokens_per_s(self):
+        return self.prefill_tokens / max(self.prefill_s, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self):
+        return self.decode_tokens / max(self.decode_s, 1e-9)
+
+    def add(self, other: "GenerationStats"):
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    def __init__(self, model, slots: int = 8, max_seq_len: int = None, compile: bool = False):
+        """max_seq_len: S_max, positions per slot (default and upper bound: the model's context length)."""
+        cfg = model.config
+        context = cfg.text.max_position_embeddings
+        if slots < 1 or (max_seq_len is not None and not 1 <= max_seq_len <= context):
+            raise ValueError(f"Engine needs slots >= 1 and 1 <= max_seq_len <= the context {context}; got {slots}, "
+                             f"{max_seq_len}")
+        self.model, self.cfg, self.slots = model, cfg, slots
+        self.S = max_seq_len or context
+        lm = model.language_model
+        self.device = lm.lm_head.weight.device
+        self.caches = lm.setup_cache(slots, self.S + 1, device=self.device)  # + the idle slots' position
+        self.cache_bytes = sum(b.numel() * b.element_size() for c in self.caches for b in c.buffers())
+        V = lm.cfg.vocab_size
+        self.banned = torch.tensor([i for i in {cfg.image_token_id, cfg.pad_token_id} if 0 <= i < V],
+                                   dtype=torch.long, device=self.device)
+        # what each slot holds: its request (None: free), positions filled, the ids and images cached there
+        self.running = [None] * slots
+        self.length = [0] * slots
+        self.cached = [[] for _ in range(slots)]
+        self.cached_pixels = [None] * slots
+        self.next_token = [0] * slots
+        self.generators = [None] * slots
+        # the decode step's inputs: the same tensors every step (a CUDA graph replays on fixed addresses)
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.stats = GenerationStats()
+        self.compiled = compile
+        step = self._decode_step
+        if compile:  # CUDA graphs on a GPU; on the CPU plain inductor code
+            step = torch.compile(step, mode="reduce-overhead" if self.device.type == "cuda" else None,
+                                 fullgraph=True)
+        self._step = step
+
+    def _own_cache(self):
+        """The model's layers hold one cache at a time: put this engine's back if another engine replaced it."""
+        if self.model.language_model.model.layers[0].self_attn.kv_cache is not self.caches[0]:
+            self.model.language_model.use_cache(self.caches)
+
+    def describe(self) -> str:
+        return (f"KV cache: {self.slots} slot(s) x {self.S} positions, {self.cache_bytes / 2**30:.2f} GiB"
+                + (", decode step compiled" if self.compiled else ""))
+
+    # --- admission: prefill one request into a slot -------------------------------------------------------
+    def check(self, req: Request):
+        """Errors a request would meet, raised before anything is computed: images vs image ids, the cache size."""
+        n_img = req.ids.count(self.cfg.image_token_id)
+        n_pix = 0 if req.pixel_values is None else req.pixel_values.shape[0]
+        if n_img != n_pix:
+            raise ValueError(f"the prompt holds {n_img} image id(s) but {n_pix} image(s) were given")
+        if not req.ids:
+            raise ValueError("empty prompt")
+        L = self.cfg.llm_length(req.ids)
+        if L > self.S:
+            raise ValueError(f"the prompt takes {L} positions ({len(req.ids) - n_img} text ids + {n_img} image(s) x "
+                             f"{self.cfg.num_image_tokens}), {L - self.S} more than the KV cache's {self.S} per "
+                             f"sequence")
+        if req.temperature < 0 or req.max_new_tokens < 1:
+            raise ValueError(f"need temperature >= 0 and max_new_tokens >= 1; got {req.temperature}, "
+                             f"{req.max_new_tokens}")
+
+    def _shared_prefix(self, slot: int, req: Request) -> int:
+        """How many leading ids of the request the slot already holds (images compared by their pixels)."""
+        ids, cached = req.ids, self.cached[slot]
+        keep, img, n_img = 0, self.cfg.image_token_id, 0
+        while keep < min(len(ids), len(cached)) and ids[keep] == cached[keep]:
+            if ids[keep] == img:
+                if not torch.equal(req.pixel_values[n_img], self.cached_pixels[slot][n_img]):
+                    break
+                n_img += 1
+            keep += 1
+        return min(keep, len(ids) - 1)  # at least one id runs, for the logits of the next token
+
+    def prefill(self, req: Request, slot: int):
+        """Run the request's ids that the slot does not hold yet into it (images encoded here); the slot is then
+        the request's. -> logits of its next id (1, V). (The engine's own step; public for benchmarks and tests
+        that feed chosen tokens.)"""
+        t0 = time.perf_counter()
+        self._own_cache()
+        keep = self._shared_prefix(slot, req)
+        start = self.cfg.llm_length(req.ids[:keep])
+        n_kept_img = req.ids[:keep].count(self.cfg.image_token_id)
+        new = torch.tensor([req.ids[keep:]], device=self.device)  # (1, T)
+        pixels = None
+        if req.pixel_values is not None and req.pixel_values.shape[0] > n_kept_img:
+            pixels = req.pixel_values[n_kept_img:].to(self.device, self.model.language_model.lm_head.weight.dtype)
+        with torch.inference_mode():
+            embeds, _, _, _ = self.model.embed_inputs(new, pixels)  # (1, L, C); images encoded here
+            L = embeds.shape[1]
+            positions = torch.arange(start, start + L, device=self.device)[None]  # (1, L)
+            lm = self.model.language_model
+            hidden = lm.model(embeds, positions, cache=CacheWrite(slot, start))  # causal from the cached prefix
+            logits = lm.lm_head(hidden[:, -1])  # (1, V)
+        self.running[slot], self.length[slot] = req, start + L
+        self.cached[slot], self.cached_pixels[slot] = list(req.ids), req.pixel_values
+        self.generators[slot] = (None if req.seed is None
+                                 else torch.Generator(self.device).manual_seed(req.seed))
+        req.out, req.finish_reason = [], None
+        _sync(self.device)
+        self.stats.prefill_tokens += L
+        self.stats.prefill_s += time.perf_counter() - t0
+        return logits
+
+    def _admit(self, req: Request, slot: int):
+        logits = self.prefill(req, slot)
+        self._accept(slot, self._sample(logits, [slot])[0])
+
+    # --- one token per slot -------------------------------------------------------------------------------
+    def _decode_step(self, tokens, positions, kv_len: int):
+        """tokens (slots,) at positions (slots,) -> logits (slots, V). Every slot's token is written at its own
+        position and attends to its own positions <= that one, reading keys [0, kv_len)."""
+        lm = self.model.language_model
+        x = lm.model.embed_tokens(tokens[:, None])  # (slots, 1, C)
+        hidden = lm.model(x, positions[:, None], cache=CacheWrite(None, positions, kv_len))
+        return lm.lm_head(hidden[:, 0])  # (slots, V)
+
+    def _kv_len(self) -> int:
+        """Keys a decode step reads. Compiled: all S_max (one shape). Eager: up to the longest running sequence,
+        rounded up to a multiple of 256, so short sequences do not pay for reading an empty cache. (The masked keys
+        add exact zeros; a BLAS may still split a longer sum differently, so only the compiled step guarantees the
+        last bit of a logit whatever the neighbours. The tests find the greedy ids equal either way.)"""
+        if self.compiled:
+            return self.S
+        longest = max(self.length[s] + 1 for s in range(self.slots) if self.running[s] is not None)
+        return min(self.S, -(-longest // 256) * 256)
+
+    def _sample(self, logits, slots) -> list:
+        """logits (n, V), row i for slots[i] -> the next id of each, with that slot's request's settings."""
+        logits = logits.index_fill(-1, self.banned, float("-inf"))
+        tokens = logits.argmax(-1)  # (n,) greedy rows
+        for i, s in enumerate(slots):
+            r = self.running[s]
+            if r.temperature > 0:
+                tokens[i] = sample(logits[i:i + 1], r.temperature, r.top_k, r.top_p, self.generators[s])[0]
+        return tokens.tolist()  # the step's one host sync
+
+    def _accept(self, slot: int, token: int):
+        """The slot's request sampled `token`: keep it, and end the request or feed the token next step."""
+        req = self.running[slot]
+        if token in req.stop_ids:
+            return self._finish(slot, "stop")
+        req.out.append(token)
+        if req.on_token is not None and req.on_token(req.out):
+            return self._finish(slot, "stop")
+        if len(req.out) >= req.max_new_tokens or self.length[slot] >= self.S:
+            return self._finish(slot, "length")
+        self.next_token[slot] = token
+
+    def _finish(self, slot: int, reason: str):
+        req = self.running[slot]
+        req.finish_reason = reason
+        n_fed = self.length[slot] - self.cfg.llm_length(req.ids)  # the last id sampled was never fed
+        self.cached[slot] = req.ids + req.out[:n_fed]
+        self.running[slot] = None
+        if req.on_finish is not None and reason != "abort":
+            req.on_finish(req)
+
+    def decode(self, tokens: dict):
+        """Feed {slot: token} for the running slots (one decode step for all slots; idle ones write a scratch
+        position) -> logits (len(tokens), V), rows in the order of `tokens`. Public like prefill."""
+        self._own_cache()
+        ids = [tokens.get(s, 0) for s in range(self.slots)]
+        positions = [self.length[s] if s in tokens else self.S for s in range(self.slots)]  # idle: scratch
+        self.tokens.copy_(torch.tensor(ids), non_blocking=True)
+        self.positions.copy_(torch.tensor(positions), non_blocking=True)
+        with torch.inference_mode():
+            logits = self._step(self.tokens, self.positions, self._kv_len())  # (slots, V)
+        for s in tokens:
+            self.length[s] += 1
+        return logits[list(tokens)]
+
+    def step(self):
+        """One decode step for every running request."""
+        t0 = time.perf_counter()
+        active = [s for s in range(self.slots) if self.running[s] is not None]
+        new = self._sample(self.decode({s: self.next_token[s] for s in active}), active)
+        if self.compiled and self.stats.decode_steps == 0:
+            self.stats.compile_s = time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(active)
+        self.stats.decode_s += time.perf_counter() - t0
+        for s, t in zip(active, new):
+            self._accept(s, t)
+
+    # --- serving ----------------------------------------------------------------------------------------------
+    def run(self, requests) -> list:
+        """Serve `requests` (any iterable, read one at a time as slots free up) until all have ended; -> them, in
+        order. A request joins the decode batch at the step after a slot frees, so slots stay busy."""
+        pending, served = iter(requests), []
+        try:
+            self._serve(pending, served)
+        except BaseException:  # a bad request, Ctrl-C: the others end here; the slots keep what they hold
+            for s in range(self.slots):
+                if self.running[s] is not None:
+                    self._finish(s, "abort")
+            raise
+        return served
+
+    def _serve(self, pending, served):
+        exhausted = False
+        while True:
+            while not exhausted and None in self.running:
+                req = next(pending, None)
+                if req is None:
+                    exhausted = True
+                    break
+                self.check(req)
+                served.append(req)
+                free = [s for s in range(self.slots) if self.running[s] is None]
+                self._admit(req, max(free, key=lambda s: (self._shared_prefix(s, req), -s)))
+            if all(r is None for r in self.running):
+                if exhausted:
+                    return
+                continue
+            self.step()
