@@ -23,7 +23,7 @@ Each step runs the code a LLaVA-1.5-7B run uses:
                answers in a format the model was not taught: at or below chance.
 
 Two things differ from LLaVA because nothing here was pretrained: the base weights are random, initialised the
-way a from-scratch run starts (`pretraining_init`), and the learning rates are those a small model trained from
+way a from-scratch run starts (`Llava.init_weights`), and the learning rates are those a small model trained from
 scratch needs (train.py flags, like every other choice below). The vision tower stays frozen and random, as
 LLaVA keeps CLIP frozen: its features still tell shapes, colours and places apart, and the projector and the
 LLM learn to read them. Learning is not smooth: count and position come first, colour and shape later.
@@ -35,10 +35,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from minillava.config import LlavaConfig, TextConfig, VisionConfig
-from minillava.llama import RMSNorm
 
 
 @dataclass
@@ -67,43 +65,13 @@ def model_config(vocab_size: int, image_size: int) -> LlavaConfig:
     return LlavaConfig(vision=vision, text=text, projector_type="mlp2x_gelu")
 
 
-@torch.no_grad()
-def pretraining_init(model, seed: int, std: float = 0.02):
-    """The initialisation HF's LLaMA and CLIP start pretraining from: N(0, 0.02) linears and embeddings, unit norms,
-    and CLIP's depth-scaled attention and MLP weights."""
-    g = torch.Generator().manual_seed(seed)
-    normal = lambda t, s: t.copy_(torch.randn(t.shape, generator=g) * s)
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            normal(m.weight, std)
-            if getattr(m, "bias", None) is not None:
-                m.bias.zero_()
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.fill_(1.0)
-            m.bias.zero_()
-    vcfg = model.config.vision
-    C, L = vcfg.hidden_size, vcfg.num_hidden_layers
-    emb = model.vision_tower.vision_model.embeddings
-    normal(emb.class_embedding, C ** -0.5)
-    normal(emb.patch_embedding.weight, std)
-    for layer in model.vision_tower.vision_model.encoder.layers:  # CLIP's depth-scaled init
-        a = layer.self_attn
-        for lin, s in ((a.q_proj, (2 * L * C) ** -0.5), (a.k_proj, (2 * L * C) ** -0.5),
-                       (a.v_proj, (2 * L * C) ** -0.5), (a.out_proj, C ** -0.5),
-                       (layer.mlp.fc1, (2 * C) ** -0.5), (layer.mlp.fc2, (2 * L * C) ** -0.5)):
-            normal(lin.weight, s)
-    for m in model.language_model.modules():
-        if isinstance(m, RMSNorm):
-            m.weight.fill_(1.0)
-
-
 def write_base_checkpoint(out_dir: str, config, seed: int, tokenizer: str) -> dict:
     """Random base weights as official checkpoints in layout C: {"model": LLaMA dir, "vision": CLIP dir}."""
     from minillava.llava import Llava
     from weights.random_checkpoint import write_layout
 
     model = Llava(config)
-    pretraining_init(model, seed)  # sets every parameter
+    model.init_weights(seed)  # the published pretraining init, every parameter
     paths = write_layout(model, out_dir, "C", tokenizer=tokenizer)
     os.remove(paths["projector"])  # stage 1 starts a new projector; no one should mistake this one for trained
     return paths

@@ -213,7 +213,8 @@ def write_mmbench_images(path: str, folder: str):
 
 
 def key(q) -> tuple:
-    """A question's identity, as generate.py's: (question_id, the prompt its answer records)."""
+    """A question's identity, as generate.py's question_key (which `score` cannot import: generate.py imports
+    torch): (question_id, the prompt its answer records)."""
     return q["question_id"], q.get("prompt", q["text"])
 
 
@@ -680,12 +681,25 @@ def score(name: str, data: str, answers_path: str, submission_path: str = None, 
 
 
 def write_atomic(path, data: bytes):
-    """The whole file or nothing: written beside it, then renamed over it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """The whole file or nothing: written beside it, fsynced, renamed over it, the directory fsynced. (The same
+    steps as weights.save.atomic_file, which `score` cannot import: it would pull in torch.)"""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path, obj):

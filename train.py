@@ -60,7 +60,7 @@ from minillava.llava import Llava
 from minillava.lora import apply_lora, merge_lora
 from minillava.tokenizer import Tokenizer
 from weights import load_llava, save_llava, save_projector
-from weights.save import atomic_file
+from weights.save import atomic_file, fsync
 
 
 @dataclass
@@ -373,12 +373,18 @@ def full_model(model, llava, cfg, rank, world):
 
 
 def export(model, cfg, tokenizer):
-    """Stage 1: OUT/mm_projector.safetensors. Stage 2: the layout-A model files in OUT (save_llava writes them
-    atomically into a fresh directory; each file is then renamed into OUT, config.json last)."""
+    """Stage 1: OUT/mm_projector.safetensors. Stage 2: the layout-A model files in OUT, beside the run's log and
+    checkpoints. save_llava writes them into a fresh directory (fsynced); config.json is the commit mark: the old
+    one is removed first and the new one renamed in last, so OUT never holds a config.json with a mix of old and
+    new shards (in between, loading OUT fails on the missing config.json; the checkpoints can redo the export)."""
     if cfg.stage == 1:
         return save_projector(model, os.path.join(cfg.out, "mm_projector.safetensors"))
     tmp = os.path.join(cfg.out, f".model.tmp{os.getpid()}")
     save_llava(model, tmp, tokenizer=tokenizer)
+    config = os.path.join(cfg.out, "config.json")
+    if os.path.exists(config):
+        os.remove(config)
+        fsync(cfg.out)
     names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
     for old in glob.glob(os.path.join(cfg.out, "model*.safetensors*")):
         if os.path.basename(old) not in names:
@@ -386,6 +392,7 @@ def export(model, cfg, tokenizer):
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
     os.rmdir(tmp)
+    fsync(cfg.out)
     return cfg.out
 
 
@@ -486,6 +493,18 @@ def start_profiler(cfg, rank, device):
     return profiler
 
 
+def step_profiler(profiler, last: bool, device, log):
+    """After each step: advance the profiler's schedule; at its last step print the top operators and stop.
+    -> the profiler, or None once stopped."""
+    profiler.step()
+    if not last:
+        return profiler
+    profiler.stop()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(profiler.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+    return None
+
+
 def clip_and_check(trainable, loss_sum, cfg, world, step, n_sup) -> tuple[float, float]:
     """Clip the gradients; -> (the global batch's summed loss, the gradient norm), the step's one host sync.
     A non-finite loss or norm stops the run before the update, naming the last good checkpoint."""
@@ -503,11 +522,27 @@ def clip_and_check(trainable, loss_sum, cfg, world, step, n_sup) -> tuple[float,
     return loss_val, gnorm_val
 
 
-def train(cfg: TrainConfig, rank: int, world: int, device):
-    t_start = time.time()
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    log(set_threads(cfg.threads), flush=True)
+@dataclass
+class Run:
+    """Everything the training loop needs, built by `setup` before its first step."""
+    llava: torch.nn.Module  # the model itself
+    model: torch.nn.Module  # what the loop calls: llava wrapped for FSDP2 / DDP, or llava
+    opt: torch.optim.Optimizer
+    tokenizer: Tokenizer
+    schedule: "RankSchedule"
+    batches: object  # iterator over this rank's micro-batches, from `start` on
+    samples: dict  # index -> data.Checked: length, supervised tokens, image of every usable record
+    meta: dict  # what a checkpoint must match to be resumed
+    start: int
+    total: int
+    warmup: int
+    steps_per_epoch: int
+    accum: int  # micro-batches per step on each rank
+
+
+def setup(cfg: TrainConfig, rank: int, world: int, device, log) -> Run:
+    """Check the run's settings, load the model, check the data, build the optimizer, resume: the run's state
+    at its first step."""
     workers = cfg.workers if cfg.workers >= 0 else (4 if device.type == "cuda" else 0)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise TrainingError(f"--out {cfg.out} is a file; give a directory (it is created if missing)")
@@ -560,7 +595,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         log(f"resumed from {path} at step {start}", flush=True)
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout masks: each rank its own stream, rank 0 as one process
-    if master:
+    if rank == 0:
         with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
@@ -569,26 +604,54 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         data.LlavaDataset(records, dcfg), batch_sampler=schedule, num_workers=workers,
         collate_fn=partial(data.collate, pad_id=tokenizer.pad_id), pin_memory=device.type == "cuda",
         generator=torch.Generator())  # its own: iter(loader) must not draw from the restored RNG stream
-    batches = iter(loader)
-    length = {s.index: s.length for s in samples}
-    supervised = {s.index: s.n_supervised for s in samples}
-    has_image = {s.index: s.has_image for s in samples}
+    return Run(llava, model, opt, tokenizer, schedule, iter(loader), {s.index: s for s in samples}, meta, start,
+               total, warmup, spe, accum)
+
+
+class Window:
+    """What the log line reports: sums over the steps since the last one."""
+
+    def __init__(self):
+        self.loss, self.sup, self.tokens, self.images, self.t0 = 0.0, 0, 0, 0, time.time()
+
+    def add(self, loss_sum: float, batch, samples):
+        self.loss += loss_sum
+        self.sup += sum(samples[i].n_supervised for i in batch)
+        self.tokens += sum(samples[i].length for i in batch)
+        self.images += sum(samples[i].has_image for i in batch)
+
+    def record(self, done, run, t_run, t_start, grad_norm, device) -> dict:
+        now = time.time()
+        return {"step": done, "total": run.total, "epoch": round(done / run.steps_per_epoch, 3),
+                "loss": self.loss / self.sup, "lr": run.opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+                "tokens_per_s": self.tokens / (now - self.t0), "images_per_s": self.images / (now - self.t0),
+                "elapsed_s": round(now - t_start, 1),
+                "left_s": round((now - t_run) / (done - run.start) * (run.total - done), 1),
+                "peak_mem_gib": peak_memory(device) / 2**30}
+
+
+def train(cfg: TrainConfig, rank: int, world: int, device):
+    t_start = time.time()
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    log(set_threads(cfg.threads), flush=True)
+    run = setup(cfg, rank, world, device, log)
+    model, opt, samples, accum, total = run.model, run.opt, run.samples, run.accum, run.total
     trainable = [p for g in opt.param_groups for p in g["params"]]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    log_file = open_log(os.path.join(cfg.out, "log.jsonl"), start) if master else None
+    log_file = open_log(os.path.join(cfg.out, "log.jsonl"), run.start) if master else None
     profiler = start_profiler(cfg, rank, device) if cfg.profile else None
 
-    t_run, t_log = time.time(), time.time()
-    window = {"loss": 0.0, "tokens": 0, "sup": 0, "images": 0, "steps": 0}
-    for step in range(start, total):
-        scale = lr_scale(step, total, warmup)
+    t_run, window = time.time(), Window()
+    for step in range(run.start, total):
+        scale = lr_scale(step, total, run.warmup)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        gb = schedule.global_batch(step)
-        n_sup = sum(supervised[i] for i in gb)  # supervised tokens of the whole global batch (all ranks)
+        gb = run.schedule.global_batch(step)
+        n_sup = sum(samples[i].n_supervised for i in gb)  # supervised tokens of the whole global batch (all ranks)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            batch = {k: v if v is None else v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            batch = {k: v if v is None else v.to(device, non_blocking=True) for k, v in next(run.batches).items()}
             with accumulation_context(model, cfg, world, sync=micro == accum - 1), autocast:
                 loss = model(**batch)
             # DDP and FSDP average gradients over ranks: * world turns that into the global-batch sum
@@ -598,40 +661,24 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if profiler:
-            profiler.step()
-            if step + 1 - start == 5 or step + 1 == total:  # wait 1, warm up 1, record 3 (or until the end)
-                profiler.stop()
-                sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-                log(profiler.key_averages().table(sort_by=sort, row_limit=15), flush=True)
-                profiler = None
+            profiler = step_profiler(profiler, step + 1 - run.start == 5 or step + 1 == total, device, log)
 
-        window["loss"] += loss_val
-        window["sup"] += n_sup
-        window["tokens"] += sum(length[i] for i in gb)
-        window["images"] += sum(has_image[i] for i in gb)
-        window["steps"] += 1
+        window.add(loss_val, gb, samples)
         done = step + 1
-        if done % cfg.log_every == 0 or done in (start + 1, total):  # the first step too: the loss to start from
-            now = time.time()
-            left = (now - t_run) / (done - start) * (total - done)
-            rec = {"step": done, "total": total, "epoch": round(done / spe, 3),
-                   "loss": window["loss"] / window["sup"], "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm_val,
-                   "tokens_per_s": window["tokens"] / (now - t_log), "images_per_s": window["images"] / (now - t_log),
-                   "elapsed_s": round(now - t_start, 1), "left_s": round(left, 1),
-                   "peak_mem_gib": peak_memory(device) / 2**30}
+        if done % cfg.log_every == 0 or done in (run.start + 1, total):  # the first step too: the starting loss
+            rec = window.record(done, run, t_run, t_start, gnorm_val, device)
             log(progress_line(rec), flush=True)
             if log_file:
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
-            window = dict.fromkeys(window, 0)
-            t_log = time.time()
+            window = Window()
         if done % cfg.save_every == 0 or done == total:
-            save_checkpoint(model, opt, done, meta, cfg, rank, world, device)
+            save_checkpoint(model, opt, done, run.meta, cfg, rank, world, device)
 
-    result = full_model(model, llava, cfg, rank, world)
+    result = full_model(model, run.llava, cfg, rank, world)
     path = None
     if master:
-        path = str(export(result, cfg, tokenizer))
+        path = str(export(result, cfg, run.tokenizer))
         log(f"saved {path} ({_hms(time.time() - t_start)})", flush=True)
         log_file.close()
     barrier(world)

@@ -178,9 +178,30 @@ class Engine:
         self.stats.prefill_s += time.perf_counter() - t0
         return logits
 
-    def _admit(self, req: Request, slot: int):
+    def admit(self, req: Request):
+        """Check the request, prefill it into the free slot that holds the longest prefix of it, and sample its
+        first id: it runs in the next step (or has ended already, e.g. at once on EOS)."""
+        self.check(req)
+        free = [s for s in range(self.slots) if self.running[s] is None]
+        if not free:
+            raise RuntimeError("no free slot: admit a request when `has_free_slot`")
+        slot = max(free, key=lambda s: (self._shared_prefix(s, req), -s))
         logits = self.prefill(req, slot)
         self._accept(slot, self._sample(logits, [slot])[0])
+
+    @property
+    def has_free_slot(self) -> bool:
+        return None in self.running
+
+    @property
+    def busy(self) -> bool:
+        return any(r is not None for r in self.running)
+
+    def cancel(self, req: Request):
+        """End a running request now (its client went away): finish_reason "abort", its slot free."""
+        for s in range(self.slots):
+            if self.running[s] is req:
+                self._finish(s, "abort")
 
     # --- one token per slot -------------------------------------------------------------------------------
     def _decode_step(self, tokens, positions, kv_len: int):
@@ -276,16 +297,14 @@ class Engine:
     def _serve(self, pending, served):
         exhausted = False
         while True:
-            while not exhausted and None in self.running:
+            while not exhausted and self.has_free_slot:
                 req = next(pending, None)
                 if req is None:
                     exhausted = True
                     break
-                self.check(req)
                 served.append(req)
-                free = [s for s in range(self.slots) if self.running[s] is None]
-                self._admit(req, max(free, key=lambda s: (self._shared_prefix(s, req), -s)))
-            if all(r is None for r in self.running):
+                self.admit(req)
+            if not self.busy:
                 if exhausted:
                     return
                 continue

@@ -11,7 +11,7 @@ import torch.nn as nn
 import kernels
 from minillava.clip import CLIPVisionTower
 from minillava.config import LlavaConfig
-from minillava.llama import LlamaForCausalLM
+from minillava.llama import LlamaForCausalLM, RMSNorm
 from minillava.projector import Projector
 from minillava.templates import IGNORE_INDEX  # the label of positions without a loss, defined once
 
@@ -25,6 +25,41 @@ class Llava(nn.Module):
         self.multi_modal_projector = Projector(config.projector_type, config.vision.hidden_size,
                                                config.text.hidden_size)
         self.language_model = LlamaForCausalLM(config.text)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        """The initialisation HF's LLaMA and CLIP start pretraining from, drawn from a generator seeded with `seed`
+        (the same seed, the same model): N(0, std) linears and embeddings, zero biases, unit norms, and CLIP's
+        depth-scaled attention and MLP weights. Built on the meta device (to load a checkpoint into), nothing is
+        drawn."""
+        if any(p.is_meta for p in self.parameters()):
+            return
+        g = torch.Generator().manual_seed(seed)
+        normal = lambda t, s: t.copy_(torch.randn(t.shape, generator=g) * s)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                normal(m.weight, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        vcfg = self.config.vision
+        C, L = vcfg.hidden_size, vcfg.num_hidden_layers
+        emb = self.vision_tower.vision_model.embeddings
+        normal(emb.class_embedding, C ** -0.5)
+        normal(emb.patch_embedding.weight, std)
+        for layer in self.vision_tower.vision_model.encoder.layers:  # CLIP's depth-scaled init
+            a = layer.self_attn
+            for lin, s in ((a.q_proj, (2 * L * C) ** -0.5), (a.k_proj, (2 * L * C) ** -0.5),
+                           (a.v_proj, (2 * L * C) ** -0.5), (a.out_proj, C ** -0.5),
+                           (layer.mlp.fc1, (2 * C) ** -0.5), (layer.mlp.fc2, (2 * L * C) ** -0.5)):
+                normal(lin.weight, s)
+        for m in self.language_model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.language_model.tie_weights()
 
     def encode_images(self, pixel_values):
         """(N, 3, S, S) -> projected image features (N, Np, C)."""

@@ -133,3 +133,19 @@ def test_gqa_and_tied_embeddings_train_step():
     assert n == 3  # 5, 6 and 7 are supervised; 5 is predicted from the last image slot
     loss.backward()
     assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_a_new_model_holds_the_published_init_not_uninitialised_memory():
+    cfg = get_preset("tiny")
+    a, b = Llava(cfg), Llava(cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # seed 0
+    C = cfg.vision.hidden_size
+    cls = a.vision_tower.vision_model.embeddings.class_embedding
+    assert abs(cls.std().item() - C ** -0.5) < 0.5 * C ** -0.5  # N(0, C^-1/2), not empty memory
+    q = a.language_model.model.layers[0].self_attn.q_proj.weight
+    assert abs(q.std().item() - 0.02) < 0.004 and torch.equal(a.language_model.model.norm.weight,
+                                                                 torch.ones_like(a.language_model.model.norm.weight))
+    b.init_weights(seed=1)
+    assert not torch.equal(q, b.language_model.model.layers[0].self_attn.q_proj.weight)
+    with torch.device("meta"):  # shapes only, for loading: nothing drawn
+        assert all(p.is_meta for p in Llava(cfg).parameters())

@@ -4,10 +4,12 @@ what each stage trains, the outputs loading in minillava and transformers, exact
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -184,6 +186,33 @@ def test_stage2_keeps_clip_and_writes_layout_a(env, stage2):
     image = env["data"] / json.load(open(env["instruct"]))[0]["image"]
     [reply] = generate.answer(model, tok, [(str(image), "What color is the circle?")], max_new_tokens=3)
     assert isinstance(reply, str)
+
+
+def test_an_export_that_fails_midway_never_leaves_a_loadable_mix(env, stage2, tmp_path, monkeypatch):
+    """The export into OUT (beside the log and checkpoints) commits with config.json: removed first, renamed in
+    last. A failure in between leaves OUT without a config.json (loading it is an error naming that), never the
+    old config.json over a mix of shards; the next export completes."""
+    out, result = stage2
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    cfg = types.SimpleNamespace(stage=2, out=str(copy))
+    tokenizer = str(out / "tokenizer.model")
+    real = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith(".safetensors"):
+            raise OSError("disk full")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        train.export(result["model"], cfg, tokenizer)
+    assert not (copy / "config.json").exists()
+    with pytest.raises(Exception, match="config.json"):
+        load_llava(copy)
+    monkeypatch.setattr(os, "replace", real)
+    train.export(result["model"], cfg, tokenizer)
+    loaded = load_llava(copy).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in load_llava(out).state_dict().items())
 
 
 def test_stage2_output_matches_transformers(stage2):

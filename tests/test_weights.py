@@ -329,7 +329,7 @@ def test_save_is_atomic(tmp_path, ref, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert_same_state(load_llava(out), other)
     with pytest.raises(OSError, match="disk full"):
-        monkeypatch.setattr(save_module, "_fsync", lambda p: (_ for _ in ()).throw(OSError("disk full")))
+        monkeypatch.setattr(save_module, "fsync", lambda p: (_ for _ in ()).throw(OSError("disk full")))
         save_projector(other, tmp_path / "proj.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

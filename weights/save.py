@@ -22,7 +22,8 @@ MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size ("5GB")
 VOCAB_MULTIPLE = 64  # llava-hf padded its vocabulary (32000 + <image> + <pad>) to 32064
 
 
-def _fsync(path: Path):
+def fsync(path):
+    """fsync a file or a directory (after a rename: the directory entry itself reaches the disk)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -44,9 +45,9 @@ def atomic_file(path):
     tmp = _temp_sibling(path, "tmp")
     try:
         yield tmp
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -64,8 +65,8 @@ def atomic_dir(out_dir):
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
+                fsync(f)
+        fsync(tmp)
         old = None
         if out_dir.exists():
             old = _temp_sibling(out_dir, "old")
@@ -76,7 +77,7 @@ def atomic_dir(out_dir):
             if old is not None:
                 os.rename(old, out_dir)  # put the previous checkpoint back
             raise
-        _fsync(out_dir.parent)
+        fsync(out_dir.parent)
         if old is not None:
             shutil.rmtree(old)
     finally:

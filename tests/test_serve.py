@@ -1,0 +1,314 @@
+"""serve.py on a tiny random checkpoint: the openai client gets generate.py's greedy answer (streamed and not),
+concurrent clients get their own answers, a full queue answers 429, every bad request gets its status and
+message and the server keeps serving, a client that disconnects frees its slot."""
+import base64
+import dataclasses
+import io
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+
+import generate as G
+import serve
+from minillava.engine import Engine, Request
+from minillava.templates import build_prompt, get_template
+from minillava.tokenizer import tokenize_with_images
+from tests.test_generate import CFG
+from tests.spm_util import train_tiny_spm
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from weights import write_random_checkpoint
+    root = tmp_path_factory.mktemp("serve")
+    tok = train_tiny_spm(root / "spm")
+    return str(write_random_checkpoint(root / "llava-tiny", CFG, "A", seed=1, tokenizer=tok)["model"])
+
+
+def data_url(seed, size=(40, 30), fmt="PNG"):
+    im = Image.effect_noise(size, 60 + seed * 7).convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode(), im
+
+
+@pytest.fixture(scope="module")
+def app(ckpt):
+    model, tok = G.load(ckpt, dtype="fp32", device="cpu")
+    cfg = serve.ServeConfig(model=ckpt, port=0, slots=4, queue=12, max_body_mb=1.0, max_image_pixels=100_000)
+    server = serve.start(cfg, model, tok)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield url, server, model, tok
+    server.shutdown()
+    server.server_close()
+    server.app.close()
+
+
+def call(url, path, body=None, headers=None, raw=None):
+    """-> (status, parsed JSON or text, headers)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json",
+                                                                 **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text, status, hdrs = r.read().decode(), r.status, r.headers
+    except urllib.error.HTTPError as e:
+        text, status, hdrs = e.read().decode(), e.code, e.headers
+    try:
+        return status, json.loads(text), hdrs
+    except ValueError:
+        return status, text, hdrs
+
+
+def ask(question, url=None, **kw):
+    content = [{"type": "text", "text": question}] + ([{"type": "image_url", "image_url": {"url": url}}] if url else [])
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 12, **kw}
+
+
+def streamed(url, body):
+    """POST with stream: true and read the events -> (joined content, finish_reason, usage or None)."""
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    text, reason, usage = [], None, None
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        events = r.read().decode().split("\n\n")
+    assert events[-2] == "data: [DONE]" and events[-1] == ""
+    for ev in events[:-2]:
+        chunk = json.loads(ev.removeprefix("data: "))
+        for choice in chunk["choices"]:
+            text.append(choice["delta"].get("content", ""))
+            reason = choice["finish_reason"] or reason
+        usage = chunk.get("usage") or usage
+    return "".join(text), reason, usage
+
+
+def slow_steps(server, monkeypatch, seconds=0.02):
+    real = server.app.engine.step
+    monkeypatch.setattr(server.app.engine, "step", lambda: (time.sleep(seconds), real())[1])
+
+
+def test_the_openai_client_gets_generate_pys_answer(app):
+    openai = pytest.importorskip("openai")
+    url, server, model, tok = app
+    image_url, image = data_url(0)
+    want = G.answer(model, tok, [(image, "What is in the picture?")], temperature=0, max_new_tokens=12)[0]
+    assert len(set(want.split())) >= 2  # the random model writes varied text: equality means something
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [server.app.name]
+    body = ask("What is in the picture?", image_url)
+    r = client.chat.completions.create(model=server.app.name, **body)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > CFG.num_image_tokens
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=server.app.name, stream=True, stream_options={"include_usage": True}, **body) if c.choices]
+    assert "".join(pieces) == want and len([p for p in pieces if p]) >= 2  # streamed: several pieces
+    # text only, a system message, and a later turn of a conversation: the template's turns
+    history = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi there"},
+               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model=server.app.name, messages=history, temperature=0, max_tokens=8)
+    template = dataclasses.replace(get_template("vicuna_v1"), system="Answer briefly.")
+    ids = tokenize_with_images(build_prompt([("human", "Hi there"), ("gpt", "Hello"), ("human", "Name a colour.")],
+                                            template), tok, model.config.image_token_id)
+    reply = G.Reply(tok, ["</s>"])
+    Engine(model, slots=1).run([Request(ids, max_new_tokens=8, stop_ids=(tok.eos_id,), on_token=reply.update)])
+    assert r.choices[0].message.content == reply.finish().strip()
+
+
+def test_concurrent_clients_get_their_own_answers_and_a_full_queue_gets_429(app, monkeypatch):
+    url, server, model, tok = app
+    questions = [(f"Question {i}: what do you see?" + " more" * (i % 5), data_url(i)) for i in range(16)]
+    want = G.answer(model, tok, [(im, q) for q, (_, im) in questions], batch_size=4, temperature=0,
+                    max_new_tokens=12)
+    slow_steps(server, monkeypatch)  # 16 requests on 4 slots + 12 waiting: all in flight at once
+    got, health = {}, []
+
+    def client(i):
+        q, (u, _) = questions[i]
+        got[i] = streamed(url, ask(q, u))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while time.time() < deadline:  # wait until the slots and the queue are full
+        status, h, _ = call(url, "/health")
+        health.append(status)
+        if h["running"] == 4 and h["waiting"] == 12:
+            break
+        time.sleep(0.01)
+    assert h["running"] == 4 and h["waiting"] == 12, h
+    status, err, hdrs = call(url, "/v1/chat/completions", ask("one more?"))
+    assert status == 429 and err["error"]["type"] == "rate_limit_error" and hdrs["Retry-After"] == "1"
+    for t in threads:
+        t.join(timeout=120)
+    assert set(health) == {200}
+    assert [got[i][0] for i in range(16)] == want  # nothing lost or crossed
+    assert all(got[i][1] in ("stop", "length") for i in range(16))
+
+
+BAD = [  # (description, raw body or dict, status, what the message says, param)
+    ("malformed JSON", b'{"messages": [', 400, "not valid JSON", None),
+    ("a field of the wrong type", ask("x", temperature="hot"), 400, "'temperature' must be", "temperature"),
+    ("n > 1", ask("x", n=2), 400, "only n = 1", "n"),
+    ("no messages", {"messages": []}, 400, "'messages' is required", "messages"),
+    ("a last message that is not the user's", {"messages": [{"role": "assistant", "content": "hi"}]}, 400,
+     "last message must be the user's", "messages"),
+    ("too many images", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(1)[0]}},
+        {"type": "image_url", "image_url": {"url": data_url(2)[0]}}]}]}, 400, "too many images", "messages[0]"),
+    ("prompt + max_tokens beyond the context", ask("x", data_url(1)[0], max_tokens=100_000), 400,
+     "> the context of", "messages"),
+    ("an undecodable image", ask("x", "data:image/png;base64," + base64.b64encode(b"not a png").decode()), 400,
+     "could not be decoded", "messages"),
+    ("an image over the pixel limit", ask("x", data_url(1, size=(400, 300))[0]), 400, "more than the limit",
+     "messages"),
+    ("a remote URL", ask("x", "https://example.com/cat.jpg"), 400, "never fetches remote URLs", "messages"),
+    ("a local path without --image-root", ask("x", "/etc/passwd"), 400, "--image-root", "messages"),
+    ("an unknown model", ask("x", model="gpt-4"), 404, "does not exist", "model"),
+    ("a body over the limit", ask("x" * 2_000_000), 413, "over the limit", None),
+]
+
+
+@pytest.mark.parametrize("what, body, status, message, param", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(app, what, body, status, message, param):
+    url = app[0]
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got, err, _ = call(url, "/v1/chat/completions", raw=raw)
+    assert got == status, err
+    assert message in err["error"]["message"] and err["error"]["param"] == param
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+    assert call(url, "/health")[0] == 200
+    assert call(url, "/v1/chat/completions", ask("still there?"))[0] == 200
+
+
+def test_the_api_key_and_local_images_under_the_root(app, tmp_path, monkeypatch):
+    url, server, model, tok = app
+    monkeypatch.setattr(server.app.cfg, "api_key", "sekret")
+    assert call(url, "/v1/models")[0] == 401
+    status, err, _ = call(url, "/v1/chat/completions", ask("x"), headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and err["error"]["type"] == "authentication_error"
+    assert call(url, "/v1/models", headers={"Authorization": "Bearer sekret"})[0] == 200
+    assert call(url, "/health")[0] == 200  # health needs no key
+    monkeypatch.setattr(server.app.cfg, "api_key", None)
+    root = tmp_path / "root"
+    root.mkdir()
+    _, image = data_url(3)
+    image.save(root / "a.png")
+    os.symlink("/etc/hostname", root / "out.png")
+    monkeypatch.setattr(server.app.cfg, "image_root", str(root))
+    status, r, _ = call(url, "/v1/chat/completions", ask("What is it?", "a.png"))
+    assert status == 200
+    assert r["choices"][0]["message"]["content"] == G.answer(model, tok, [(image, "What is it?")], temperature=0,
+                                                             max_new_tokens=12)[0]
+    for path in ("../a.png", "out.png", str(tmp_path / "root" / ".." / "x.png")):
+        status, err, _ = call(url, "/v1/chat/completions", ask("x", path))
+        assert status == 400 and "outside --image-root" in err["error"]["message"], (path, err)
+    shutil.rmtree(root)
+
+
+def test_a_client_that_disconnects_frees_its_slot(app, monkeypatch):
+    import socket
+    url, server, model, tok = app
+    slow_steps(server, monkeypatch)
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({**ask("Tell a long story."), "max_tokens": 150, "stream": True}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = b""
+    while b"data: " not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200")
+    deadline = time.time() + 10
+    while not call(url, "/health")[1]["running"] and time.time() < deadline:  # admitted
+        time.sleep(0.01)
+    assert call(url, "/health")[1]["running"] == 1
+    sock.close()  # the client goes away after its first event
+    deadline = time.time() + 10
+    while call(url, "/health")[1]["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert call(url, "/health")[1]["running"] == 0  # long before 150 tokens at 20 ms each
+
+
+def test_many_connections_at_once_are_not_reset(app):
+    url, server, _, _ = app
+    assert server.request_queue_size >= 20  # the stdlib's default backlog of 5 would reset some of these
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(call(url, "/health")[0])) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 40
+
+
+def test_the_page_is_self_contained(app):
+    url = app[0]
+    with urllib.request.urlopen(url + "/", timeout=10) as r:
+        page = r.read().decode()
+    assert "<script>" in page and "/v1/chat/completions" in page and "http" not in page.replace(
+        "/v1/chat/completions", "")  # no CDN, no remote script or style
+
+
+def test_the_page_in_a_headless_browser(app):
+    """Upload an image, ask, see the streamed answer, in Debian's chromium driven by playwright."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium on this machine")
+    url, server, model, tok = app
+    _, image = data_url(5)
+    path = os.path.join(os.path.dirname(__file__), "..", ".pytest_page_image.png")
+    image.save(path)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True)
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.set_input_files("#image", path)
+            page.wait_for_function("document.getElementById('preview').src.startsWith('data:')")
+            page.fill("#question", "What is this?")
+            page.fill("#temperature", "0")
+            page.click("#send")
+            page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+            status = page.inner_text("#status")
+            lines = page.evaluate("[...document.querySelectorAll('#log div')].map(d => d.textContent)")
+            browser.close()
+    finally:
+        os.remove(path)
+    [want] = G.answer(model, tok, [(image, "What is this?")], temperature=0,
+                      max_new_tokens=CFG.text.max_position_embeddings)  # as the page: no limit but the context
+    assert status == "" and lines == ["USER: What is this?", "ASSISTANT: " + want]
+
+
+def test_the_command_line_serves_and_stops_on_ctrl_c(ckpt):
+    import re
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "serve.py", "--model", ckpt, "--port", "0", "--threads", "1",
+                             "--slots", "2"], cwd=root, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            m = re.search(r"serving llava-tiny on (http://127\.0\.0\.1:\d+)/ \(KV cache: 2 slot", line)
+            if m:
+                break
+        assert m, "no 'serving ...' line"
+        status, health, _ = call(m.group(1), "/health")
+        assert status == 200 and health == {"status": "ok", "slots": 2, "running": 0, "waiting": 0}
+        status, r, _ = call(m.group(1), "/v1/chat/completions", ask("Hello?"))
+        assert status == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0 and "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()
