@@ -31,7 +31,7 @@ def test_fast_path_runs_for_decoding_rows_only(monkeypatch):
     w = torch.randn(64, 16)
     kernels.linear(torch.randn(2, 1, 16), w)  # two sequences, one token each: the blocked path
     assert calls == [(L.CHUNKS, 64 // L.CHUNKS, 16)]
-    kernels.linear(torch.randn(1, 9, 16), w)  # a prompt: F.linear
+    kernels.linear(torch.randn(1, L.MAX_ROWS + 1, 16), w)  # a prompt: F.linear
     kernels.linear(torch.randn(1, 16), w.t().contiguous().t())  # a strided weight: F.linear
     kernels.linear(torch.randn(1, 16, dtype=torch.float64), w.double()[:63])  # N not divisible: F.linear
     assert len(calls) == 1

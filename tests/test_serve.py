@@ -20,8 +20,12 @@ import serve
 from minillava.engine import Engine, Request
 from minillava.templates import build_prompt, get_template
 from minillava.tokenizer import tokenize_with_images
-from tests.test_generate import CFG
+from demo import model_config
 from tests.spm_util import train_tiny_spm
+
+# The demo's model shape (4-layer LLaMA of width 128, 9 image positions) with room for the tiny tokenizer's 768
+# pieces and llava-hf's <image> and <pad>.
+CFG = model_config(vocab_size=832, image_size=48).replace(image_token_id=768, pad_token_id=769)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +131,7 @@ def test_the_openai_client_gets_generate_pys_answer(app):
 def test_concurrent_clients_get_their_own_answers_and_a_full_queue_gets_429(app, monkeypatch):
     url, server, model, tok = app
     questions = [(f"Question {i}: what do you see?" + " more" * (i % 5), data_url(i)) for i in range(16)]
-    want = G.answer(model, tok, [(im, q) for q, (_, im) in questions], batch_size=4, temperature=0,
+    want = G.answer(model, tok, [(im, q) for q, (_, im) in questions], batch_size=1, temperature=0,
                     max_new_tokens=12)
     slow_steps(server, monkeypatch)  # 16 requests on 4 slots + 12 waiting: all in flight at once
     got, health = {}, []
