@@ -40,6 +40,7 @@ from PIL import Image
 import generate
 from minillava.cli import add_config_args, set_threads
 from minillava.engine import Engine, Request
+from minillava.image import preprocess_images
 from minillava.templates import TEMPLATES, build_prompt, get_template, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, tokenize_with_images
 
@@ -231,9 +232,8 @@ class Server:
         if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
             raise APIError(400, "'stop' is a string or a list of up to 4 strings", "stop")
         pixels = None
-        if images:
-            import torch
-            pixels = torch.stack([generate.load_pixels(im, cfg) for im in images])  # (N, 3, S, S)
+        if images:  # (N, 3, S, S) at the tower's size, padded to square when the checkpoint says so
+            pixels = preprocess_images(images, size=cfg.vision.image_size, pad=cfg.image_aspect_ratio == "pad")
         reply = generate.Reply(self.tokenizer, stop_strings(self.cfg.template) + stops)
         # no max_tokens: until the slot is full, as generate.py (the engine ends the answer there)
         req = Request(ids, pixels, max_new_tokens=limit or S, temperature=temperature, top_p=top_p,

@@ -382,6 +382,7 @@ def _attn_decode_split_kernel(
     K,    # k cache (B, n_kv, Tk, hs)
     V,    # v cache (B, n_kv, Tk, hs)
     KPM,  # key_padding_mask (B, Tk) bool (dummy unless HAS_MASK)
+    LENS,  # key_lengths (B,) int: sequence b sees keys [0, LENS[b]) (dummy unless HAS_LENS)
     M_part, L_part,  # out (B, nh, num_splits) fp32 contiguous: running max (log2 domain) and sum of each split
     Acc_part,        # out (B, nh, num_splits, hs) fp32 contiguous: unnormalised sum_j p_j v_j of each split
     stride_qb, stride_qh,             # q strides of batch, head (the token dim has size 1; head dim stride 1)
@@ -389,13 +390,14 @@ def _attn_decode_split_kernel(
     stride_vb, stride_vh, stride_vt,  # v strides of batch, kv head, token
     stride_mb,  # key_padding_mask batch stride
     n_kv, Tk, G, split_len, num_splits, qk_scale,
-    HAS_MASK: tl.constexpr, HS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, HS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Flash-decoding, step 1. One program: keys [split * split_len, +split_len) of one (batch, kv head),
     for all G query heads of the group at once (rows of a (BLOCK_G, hs) tile, padded to >= 16 for tl.dot),
     so the cache is read once per kv head. The single query is the last token: it sees every key (causal or
-    not), so only the padding mask applies."""
+    not), so only the padding mask applies. With key lengths (the decode engine's slots), keys past a sequence's
+    length are not even read: a split beyond it is empty."""
     pid_bkv = tl.program_id(0)  # b * n_kv + kv_h
     split = tl.program_id(1)
     b = pid_bkv // n_kv
@@ -414,6 +416,8 @@ def _attn_decode_split_kernel(
     acc = tl.zeros([BLOCK_G, HS], dtype=tl.float32)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, Tk)
+    if HAS_LENS:
+        hi = tl.minimum(hi, tl.load(LENS + b).to(tl.int32))
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < hi
@@ -601,8 +605,9 @@ def _decode_split_len(B, n_kv, Tk, block_n, device):
     return triton.cdiv(n_blocks, num_splits) * block_n
 
 
-def attention_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):
-    """Flash-decoding for one query token (Tq == 1) against a KV cache of Tk keys.
+def attention_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None, key_lengths=None):
+    """Flash-decoding for one query token (Tq == 1) against a KV cache of Tk keys (key_lengths (B,): only the
+    first key_lengths[b] of them, the rest never read).
 
     The cache is cut into num_splits chunks along Tk; one program per (batch, kv head, chunk) writes a partial
     (max, sum, acc), a second kernel combines them. Returns out (B, nh, 1, hs) and lse (B, nh, 1) fp32, the
@@ -622,12 +627,14 @@ def attention_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None
         split_len = triton.cdiv(triton.cdiv(Tk, block_n), num_splits) * block_n
     num_splits = triton.cdiv(Tk, split_len)  # every split holds >= 1 key
     kpm = q if key_padding_mask is None else _last_dim_contiguous(key_padding_mask)  # q: a dummy, never read
+    lens = q if key_lengths is None else key_lengths.contiguous()
     m_part, l_part, acc_part = _decode_scratch(q.device, B, nh, num_splits, hs)
     _attn_decode_split_kernel[(B * n_kv, num_splits)](
-        q, k, v, kpm, m_part, l_part, acc_part,
+        q, k, v, kpm, lens, m_part, l_part, acc_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         kpm.stride(0), n_kv, Tk, G, split_len, num_splits, scale * LOG2E,
-        HAS_MASK=key_padding_mask is not None, HS=hs, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        HAS_MASK=key_padding_mask is not None, HAS_LENS=key_lengths is not None, HS=hs,
+        BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, **COMPILE)
     o = torch.empty(B, nh, 1, hs, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, nh, 1, device=q.device, dtype=torch.float32)
@@ -692,7 +699,7 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _validate(q, k, v, key_padding_mask):
+def _validate(q, k, v, key_padding_mask, key_lengths=None):
     """Shape errors that neither path can run; raised before dispatch so both paths fail the same way."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be 4-d (B, heads, T, hs); got {tuple(q.shape)}, "
@@ -705,6 +712,10 @@ def _validate(q, k, v, key_padding_mask):
                                          or tuple(key_padding_mask.shape) != (B, k.shape[2])):
         raise ValueError(f"attention: key_padding_mask must be bool (B, Tk) = ({B}, {k.shape[2]}); got "
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if key_lengths is not None and (key_lengths.dtype not in (torch.int32, torch.int64)
+                                    or tuple(key_lengths.shape) != (B,) or Tq != 1 or key_padding_mask is not None):
+        raise ValueError(f"attention: key_lengths is an int (B,) = ({B},) tensor for one query token (Tq == 1) and "
+                         f"no key_padding_mask; got {key_lengths.dtype} {tuple(key_lengths.shape)}, Tq = {Tq}")
 
 
 MAX_ELEMENTS = 2**31 - 1  # the kernels' pointer offsets are int32 products of program ids and strides
@@ -750,10 +761,18 @@ def _decode_torch(q, k, v, key_padding_mask, scale):
     return torch.matmul(p.to(v.dtype), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
 
 
-def attention(q, k, v, causal: bool, key_padding_mask=None, scale=None):
+def attention(q, k, v, causal: bool, key_padding_mask=None, scale=None, key_lengths=None):
     """Attention through the Triton kernels when :func:`kernels.dispatch.enabled` and the shape is supported (head size
-    16/32/64/128, fp16/bf16/fp32, non-empty sequences); otherwise, on purpose, :func:`attention_torch`."""
-    _validate(q, k, v, key_padding_mask)
+    16/32/64/128, fp16/bf16/fp32, non-empty sequences); otherwise, on purpose, :func:`attention_torch`.
+
+    key_lengths (B,) int, for one query token: sequence b sees keys [0, key_lengths[b]) (the decode engine's slots
+    of a fixed-size cache). The decode kernel then reads no key past a length; elsewhere (and where gradients are
+    wanted) it is the same as the key_padding_mask arange(Tk) < key_lengths[:, None]."""
+    _validate(q, k, v, key_padding_mask, key_lengths)
+    if key_lengths is not None:
+        if enabled(q) and _kernel_supports(q, k, v) and not torch.is_grad_enabled():
+            return attention_decode(q, k, v, None, scale, key_lengths=key_lengths)[0]
+        key_padding_mask = torch.arange(k.shape[2], device=k.device)[None] < key_lengths[:, None]  # (B, Tk)
     if enabled(q) and _kernel_supports(q, k, v):
         return AttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)
     return attention_torch(q, k, v, causal, key_padding_mask, scale)

@@ -55,7 +55,8 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, where: CacheWrite, k, v):
-        """Write k, v (B, n_kv, T, hs) where `where` says; -> keys, values to attend to and their mask (or None)."""
+        """Write k, v (B, n_kv, T, hs) where `where` says; -> keys, values to attend to, and each sequence's number
+        of keys (B,) for a decode step (None for one sequence: it sees all of them)."""
         if where.slot is not None:  # one sequence: B == 1, T tokens
             s, end = where.slot, where.start + k.shape[2]
             self.k_cache[s, :, where.start:end] = k[0]
@@ -64,8 +65,8 @@ class KVCache(nn.Module):
         rows = torch.arange(k.shape[0], device=k.device)  # decode: B == slots, T == 1
         self.k_cache[rows, :, where.start] = k[:, :, 0]  # (slots, n_kv, hs) at each slot's own length
         self.v_cache[rows, :, where.start] = v[:, :, 0]
-        keys = torch.arange(where.kv_len, device=k.device)[None] <= where.start[:, None]  # (slots, kv_len)
-        return self.k_cache[:, :, :where.kv_len], self.v_cache[:, :, :where.kv_len], keys
+        lengths = where.start + 1  # (slots,): a slot's token sees its positions [0, start]
+        return self.k_cache[:, :, :where.kv_len], self.v_cache[:, :, :where.kv_len], lengths
 
 
 class LlamaAttention(nn.Module):
@@ -90,12 +91,14 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = kernels.apply_rope(q, k, cos, sin)
+        key_lengths = None
         if cache is not None:
-            k, v, key_padding_mask = self.kv_cache.update(cache, k, v)  # (B, n_kv, Tk, hs)
+            k, v, key_lengths = self.kv_cache.update(cache, k, v)  # (B, n_kv, Tk, hs)
         # Causal with the cache offset: new token i (position start + i) sees positions j <= start + i, i.e. the
         # mask is aligned to the bottom-right corner of the (T, Tk) score matrix (one slot: Tk = start + T; a
         # decode step's single query sees every key its padding mask lets through).
-        y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # (B, nh, T, hs)
+        y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                              key_lengths=key_lengths)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
 
 

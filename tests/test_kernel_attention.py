@@ -157,6 +157,29 @@ def test_decode_matches_reference(B, nh, n_kv, Tk, hs, mask, num_splits, dtype):
 
 
 @interpreter_only
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_with_key_lengths_never_reads_past_them(monkeypatch, num_splits):
+    """The decode engine's slots: each sequence sees its first key_lengths[b] keys of a fixed-size cache. Keys past
+    a length are NaN here, so reading one would show; the result equals the reference under the same mask."""
+    q, k, v, _, _ = _inputs(3, 4, 2, 1, 70, 16, torch.float32, None)
+    lengths = torch.tensor([1, 37, 70])
+    visible = torch.arange(70)[None] < lengths[:, None]  # (B, Tk)
+    ref = attention_reference(q, k, v, True, visible)
+    hidden = ~visible[:, None, :, None]  # (B, 1, Tk, 1)
+    k, v = k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("nan"))
+    with torch.no_grad():
+        out, _ = attention_decode(q, k, v, num_splits=num_splits, key_lengths=lengths)
+        _assert_close(out, ref, TOL[torch.float32]["out"], "decode with lengths")
+        monkeypatch.setenv("MINILLAVA_KERNELS", "force")  # attention() hands the lengths to the kernel
+        _assert_close(attention(q, k, v, True, key_lengths=lengths), ref, TOL[torch.float32]["out"], "dispatch")
+    monkeypatch.setenv("MINILLAVA_KERNELS", "0")  # the torch path: the same as the mask (NaN keys excluded)
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    _assert_close(attention(q, k, v, True, key_lengths=lengths), ref, TOL[torch.float32]["out"], "torch path")
+    with pytest.raises(ValueError, match="key_lengths"):
+        attention(q, k, v, True, visible, key_lengths=lengths)  # one or the other
+
+
+@interpreter_only
 def test_decode_fully_masked_cache_outputs_zero():
     q, k, v, _, _ = _inputs(2, 2, 2, 1, 40, 16, torch.float32, None)
     kpm = torch.ones(2, 40, dtype=torch.bool)
