@@ -158,6 +158,7 @@ class Engine:
         start = self.cfg.llm_length(req.ids[:keep])
         n_kept_img = req.ids[:keep].count(self.cfg.image_token_id)
         new = torch.tensor([req.ids[keep:]], device=self.device)  # (1, T)
+        self.cached[slot] = self.cached[slot][:keep]  # what stays valid should the forward below fail midway
         pixels = None
         if req.pixel_values is not None and req.pixel_values.shape[0] > n_kept_img:
             pixels = req.pixel_values[n_kept_img:].to(self.device, self.model.language_model.lm_head.weight.dtype)
