@@ -53,7 +53,6 @@ JITTER = 0.4                              # how far a shape may move from its ce
 NOISE_STD = (0.0, 6.0)                    # plain or lightly noisy (per-pixel Gaussian, in 0..255 units)
 SUPERSAMPLE = 4                           # draw at 4x and box-downsample: anti-aliased edges
 
-SYSTEM = VICUNA_SYSTEM  # the vicuna_v1 system prompt the demo trains with
 ROLES = ("USER", "ASSISTANT")
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
 TEST_KINDS = ("color", "shape", "count", "position")
@@ -364,7 +363,7 @@ def _corpus_lines(records: list[dict], system: bool) -> list[str]:
     lines = []
     for rec in records:
         if system:
-            lines.append(SYSTEM)
+            lines.append(VICUNA_SYSTEM)  # the vicuna_v1 system prompt the demo trains with
         for turn in rec["conversations"]:
             role = ROLES[turn["from"] == "gpt"]
             text = [t.strip() for t in turn["value"].replace("<image>", "").split("\n") if t.strip()]

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from minillava import synthetic as syn
+from minillava.templates import VICUNA_SYSTEM
 
 N_TRAIN, N_TEST, SIZE, SEED = 60, 15, 48, 3
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -183,7 +184,7 @@ def test_tokenizer_special_ids_round_trip_and_determinism(data, tmp_path):
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
     assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
     cap, q = d["pretrain"][0]["conversations"][1]["value"], d["test"][0]["question"]
-    for text in (cap, q, syn.SYSTEM + " USER: hi ASSISTANT:"):
+    for text in (cap, q, VICUNA_SYSTEM + " USER: hi ASSISTANT:"):
         ids = sp.encode(text)
         assert sp.decode(ids) == text and 0 not in ids
     assert "<0x0A>" in sp.encode(q, out_type=str)  # "\n" goes through byte fallback, as in LLaMA
