@@ -300,8 +300,11 @@ def test_the_command_line_serves_and_stops_on_ctrl_c(ckpt):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Ctrl-C as a terminal delivers it: a suite started in the background inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler (see tests/test_train.py)
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", ckpt, "--port", "0", "--threads", "1",
-                             "--slots", "2"], cwd=root, stderr=subprocess.PIPE, text=True)
+                             "--slots", "2"], cwd=root, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:
             m = re.search(r"serving llava-tiny on (http://127\.0\.0\.1:\d+)/ \(KV cache: 2 slot", line)
