@@ -229,10 +229,9 @@ def request_for(model, tokenizer, image, question, template="vicuna_v1", tempera
                    on_token), reply
 
 
-def cache_size(config, requests) -> int:
-    """Positions per slot that the longest prompt plus its answer needs (at most the context)."""
-    need = max(config.llm_length(r.ids) + r.max_new_tokens for r in requests)
-    return min(need, config.text.max_position_embeddings)
+def cache_size(config, prompt_lengths, max_new_tokens) -> int:
+    """Positions per slot that the longest prompt (LLM positions) plus its answer needs (at most the context)."""
+    return min(max(prompt_lengths) + max_new_tokens, config.text.max_position_embeddings)
 
 
 def answer_batch(model, tokenizer, pairs, template="vicuna_v1", temperature=0.0, top_p=None, top_k=None,
@@ -248,7 +247,8 @@ def answer_batch(model, tokenizer, pairs, template="vicuna_v1", temperature=0.0,
                                max_new_tokens, seed, stream)
         requests.append(r)
         replies.append(reply)
-    engine = Engine(model, slots=slots or len(pairs), max_seq_len=cache_size(model.config, requests),
+    lengths = [model.config.llm_length(r.ids) for r in requests]
+    engine = Engine(model, slots=slots or len(pairs), max_seq_len=cache_size(model.config, lengths, max_new_tokens),
                     compile=compile)
     engine.run(requests)
     texts = [r.finish() for r in replies]
@@ -424,7 +424,7 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
         size = -(-len(questions) // cfg.num_chunks)
         questions = questions[cfg.chunk_idx * size:(cfg.chunk_idx + 1) * size]
     done = read_answered(cfg.answers)
-    todo, longest, n_done = [], 0, 0
+    todo, lengths, n_done = [], [], 0
     for n, q in questions:  # check each prompt now (text only), so one bad question spares the rest
         if question_key(q) in done:
             n_done += 1
@@ -436,7 +436,7 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
             errors.append(f"{cfg.questions}:{n}: question {q['question_id']!r}: {e}")
             continue
         todo.append((n, q))
-        longest = max(longest, model.config.llm_length(ids))
+        lengths.append(model.config.llm_length(ids))
     print(f"{len(questions)} questions, {n_done} already answered in {cfg.answers}, {len(todo)} to go"
           + (f"; {len(errors)} malformed line(s), listed at the end" if errors else ""),
           file=sys.stderr)
@@ -446,7 +446,7 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
         return GenerationStats(), errors
     model_id = os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "minillava"
     engine = Engine(model, slots=min(cfg.batch_size, len(todo)), compile=cfg.compile,
-                    max_seq_len=min(longest + cfg.max_new_tokens, model.config.text.max_position_embeddings))
+                    max_seq_len=cache_size(model.config, lengths, cfg.max_new_tokens))
     print(engine.describe(), file=sys.stderr)
     t0, n_answered = time.perf_counter(), 0
     with open(cfg.answers, "a", encoding="utf-8") as out:

@@ -152,8 +152,6 @@ class Server:
             head, _, data = url.partition(",")
             if ";base64" not in head:
                 raise APIError(400, "an image data URL must be base64 (data:image/png;base64,...)", "messages")
-            if len(data) > self.cfg.max_body_mb * 2**20 * 4 / 3:
-                raise APIError(413, "the image is larger than the body limit", "messages")
             try:
                 raw = base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError) as e:
@@ -301,6 +299,10 @@ class Handler(BaseHTTPRequestHandler):
     @property
     def app(self) -> Server:
         return self.server.app
+
+    def setup(self):
+        self.timeout = self.app.cfg.timeout  # socket timeout: a slow client cannot hold its thread forever
+        super().setup()
 
     def log_message(self, fmt, *args):  # one line per request on stderr, as the stdlib does, without the noise
         if self.app.cfg.host != "127.0.0.1" or os.environ.get("MINILLAVA_SERVE_LOG"):
@@ -466,7 +468,6 @@ class HTTPServer(ThreadingHTTPServer):
         # holds every request the server can take: the slots, the queue, and as many again arriving.
         self.request_queue_size = 2 * (app.cfg.slots + app.cfg.queue) + 16
         self.app, self.started = app, time.time()
-        Handler.timeout = app.cfg.timeout  # socket timeout: a slow client cannot hold its thread forever
         super().__init__(address, Handler)
 
 

@@ -614,9 +614,9 @@ class Window:
     def __init__(self):
         self.loss, self.sup, self.tokens, self.images, self.t0 = 0.0, 0, 0, 0, time.time()
 
-    def add(self, loss_sum: float, batch, samples):
+    def add(self, loss_sum: float, n_sup: int, batch, samples):
         self.loss += loss_sum
-        self.sup += sum(samples[i].n_supervised for i in batch)
+        self.sup += n_sup
         self.tokens += sum(samples[i].length for i in batch)
         self.images += sum(samples[i].has_image for i in batch)
 
@@ -663,7 +663,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         if profiler:
             profiler = step_profiler(profiler, step + 1 - run.start == 5 or step + 1 == total, device, log)
 
-        window.add(loss_val, gb, samples)
+        window.add(loss_val, n_sup, gb, samples)
         done = step + 1
         if done % cfg.log_every == 0 or done in (run.start + 1, total):  # the first step too: the starting loss
             rec = window.record(done, run, t_run, t_start, gnorm_val, device)

@@ -14,6 +14,7 @@ The model: a random LLaVA-1.5-shaped model with a 12 x 768 LLM (~134M parameters
 a small CLIP tower at 112 px (64 image positions), so that decoding, which batching changes, dominates.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -22,16 +23,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from benchmarks import bench_generate_cpu  # noqa: E402
 from minillava.engine import Engine, Request  # noqa: E402
 from minillava.llava import Llava  # noqa: E402
 
-CONFIG = LlavaConfig(
-    vision=VisionConfig(image_size=112, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                        num_attention_heads=4, projection_dim=256),
-    text=TextConfig(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                    num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048),
-    image_token_id=32000, pad_token_id=32001)
+# bench_generate_cpu.py's model with its tower at 112 px (64 image positions instead of 576)
+CONFIG = bench_generate_cpu.CONFIG.replace(vision=dataclasses.replace(bench_generate_cpu.CONFIG.vision, image_size=112))
 
 
 def questions(n, device, dtype):

@@ -64,10 +64,6 @@ class GenerationStats:
     def decode_tokens_per_s(self):
         return self.decode_tokens / max(self.decode_s, 1e-9)
 
-    def add(self, other: "GenerationStats"):
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 def _sync(device):
     if device.type == "cuda":

@@ -319,3 +319,17 @@ def test_the_command_line_serves_and_stops_on_ctrl_c(ckpt):
         assert proc.wait(timeout=30) == 0 and "stopped" in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_a_client_that_sends_nothing_is_cut_off_at_the_socket_timeout(app, monkeypatch):
+    import socket
+    url, server, _, _ = app
+    monkeypatch.setattr(server.app.cfg, "timeout", 0.5)
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")  # and then nothing more
+    t0 = time.time()
+    assert sock.recv(4096) == b""  # the server closed the connection
+    assert time.time() - t0 < 5
+    sock.close()
+    assert call(url, "/health")[0] == 200
