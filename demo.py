@@ -14,7 +14,8 @@ Each step runs the code a LLaVA-1.5-7B run uses:
                checkpoints in layout C (a CLIP dir and a LLaMA dir), as if they had been downloaded.
  4. stage 1    `train.py --stage 1`: the projector alone learns to map image features into the LLM.
  5. stage 2    `train.py --stage 2`: projector + LLM learn to follow visual instructions (CLIP frozen).
- 6. evaluation `generate.py`'s API answers the held-out questions greedily: exact match per kind, vs chance.
+ 6. evaluation `generate.py`'s API answers the held-out questions greedily: exact match per kind, vs chance;
+               then again with the LLM's linear layers quantized to int8 and to int4 (weights/quantize.py).
  7. benchmarks `eval.py run` on the held-out images written as a POPE and a ScienceQA benchmark (LLaVA's eval
                layout): the official protocol and the official scoring, as for the paper's table. The demo
                never trains on yes/no or letter answers (a model this small, trained this briefly, was seen
@@ -100,12 +101,13 @@ def run_stage(stage: int, cfg: DemoConfig, base: dict, data: dict, out: str, pro
     return train.main(argv)
 
 
-def evaluate(model_dir: str, data: dict) -> dict:
-    """Greedy answers to every held-out question through generate.py's API; exact-match accuracy per kind."""
+def evaluate(model_dir: str, data: dict, quantize: str = "none") -> dict:
+    """Greedy answers to every held-out question through generate.py's API; exact-match accuracy per kind.
+    quantize: none | int8 | int4 (the LLM's linear layers, quantized while loading)."""
     import generate
     from minillava import synthetic
 
-    model, tok = generate.load(model_dir, dtype="float32", device="cpu")
+    model, tok = generate.load(model_dir, dtype="float32", device="cpu", quantize=quantize)
     with open(data["test"]) as f:
         test = json.load(f)
     pairs = [(os.path.join(data["image_folder"], r["image"]), r["question"]) for r in test]
@@ -167,18 +169,22 @@ def main(argv=None) -> dict:
     for r, a in ((ev["test"][j], ev["answers"][j]) for j in shown):
         mark = "ok " if synthetic.exact_match(a, r["answer"]) else "BAD"
         print(f"  {mark} {r['image']}  Q: {r['question'].splitlines()[0]}  A: {a!r}  (reference: {r['answer']!r})")
+    quantized = {q: evaluate(os.path.join(cfg.out, "stage2"), data, q)["accuracy"] for q in ("int8", "int4")}
+    print("  the same questions with the LLM's linear layers quantized while loading: " +
+          ", ".join(f"{q} {a:.1%}" for q, a in quantized.items()), flush=True)
     print("\n7. benchmarks: the held-out images as POPE and ScienceQA", flush=True)
     bench = {name: run_benchmark(name, os.path.join(cfg.out, "stage2"), data[name],
                                  os.path.join(cfg.out, "eval", name)) for name in ("pope", "sqa")}
     print(f"\nstage 1 loss {loss1[0]:.3f} -> {loss1[1]:.3f} ({stage1['steps']} steps)")
     print(f"stage 2 loss {loss2[0]:.3f} -> {loss2[1]:.3f} ({stage2['steps']} steps)")
     kinds = "  ".join(f"{k} {v:.1%}" for k, v in ev["by_kind"].items())
-    print(f"held-out accuracy {ev['accuracy']:.1%} ({len(ev['test'])} questions: {kinds}); chance {ev['chance']:.1%}")
+    print(f"held-out accuracy {ev['accuracy']:.1%} ({len(ev['test'])} questions: {kinds}); chance {ev['chance']:.1%}"
+          f"; quantized: int8 {quantized['int8']:.1%}, int4 {quantized['int4']:.1%} (groups of 64)")
     print(f"POPE F1 {bench['pope']['f1']:.1f} (accuracy {bench['pope']['accuracy']:.1f}, chance 50.0); "
           f"ScienceQA-format accuracy {bench['sqa']['accuracy']:.1f} (chance {chance_sqa(data['sqa']):.1f})")
     print(f"total {time.time() - t0:.0f} s.  Ask it yourself:\n  python generate.py --model {cfg.out}/stage2 "
           f"--image {cfg.out}/data/images/test_000000.png --prompt \"How many shapes are there?\"")
-    return {"accuracy": ev["accuracy"], "by_kind": ev["by_kind"], "chance": ev["chance"],
+    return {"accuracy": ev["accuracy"], "by_kind": ev["by_kind"], "chance": ev["chance"], "quantized": quantized,
             "stage1_loss": loss1, "stage2_loss": loss2, "benchmarks": bench, "seconds": time.time() - t0}
 
 

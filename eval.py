@@ -727,7 +727,7 @@ def print_metrics(result: dict, file=None):
 # Answering (generate.py's batch mode, under the benchmark's protocol)
 
 def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0, device="auto", dtype="auto",
-           question_file=None, all_rounds=False, protocol="llava"):
+           question_file=None, all_rounds=False, protocol="llava", quantize="none", group_size=64):
     """Answer every question not yet in answers_path; under torchrun each rank answers a contiguous chunk into
     its own file and rank 0 merges them in question order. Returns generate.main's exit status."""
     import generate  # here, not at the top: `score` imports neither torch nor the model
@@ -749,6 +749,7 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
             "--template", "vicuna_v1", "--temperature", "0",
             "--max-new-tokens", str(bench.max_new_tokens), "--batch-size", str(batch_size),
             "--threads", str(threads), "--device", device, "--dtype", dtype,
+            "--quantize", quantize, "--group-size", str(group_size),
             "--num-chunks", str(world), "--chunk-idx", str(rank)] + (["--vision", vision] if vision else []) + (
             ["--image-aspect-ratio", "square"] if protocol == "lmms-eval" and name in LMMS_EVAL_NO_PAD else [])
     rc = generate.main(argv)
@@ -794,6 +795,10 @@ def main(argv=None) -> int:
             s.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores this process may use)")
             s.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
             s.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
+            s.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                           help="the LLM's linear layers, quantized while loading (default: none)")
+            s.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
+                           help="int4: inputs per scale (default: 64)")
             s.add_argument("--all-rounds", action="store_true", help="MMBench: ask once per option, the options "
                            "rotated (model_vqa_mmbench --all-rounds); scoring finds the rounds by itself")
         if cmd in ("answer", "score"):
@@ -820,7 +825,7 @@ def main(argv=None) -> int:
             check_files(benchmark(a.bench, a.question_file), a.data, for_answering=False)  # before any model
         if a.cmd in ("answer", "run"):
             rc = answer(a.bench, a.model, a.data, a.answers, a.vision, a.batch_size, a.threads, a.device, a.dtype,
-                        a.question_file, a.all_rounds, a.protocol)
+                        a.question_file, a.all_rounds, a.protocol, a.quantize, a.group_size)
             if rc != 0 or a.cmd == "answer" or int(os.environ.get("RANK", 0)) != 0:
                 return rc
         result = score(a.bench, a.data, a.answers, a.output_submission, a.question_file, a.protocol)

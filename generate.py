@@ -41,9 +41,11 @@ import torch
 from minillava.cli import add_config_args, optional_bool, set_threads
 from minillava.image import load_image, preprocess_image
 from minillava.engine import Engine, GenerationStats, Request
+from minillava.llama import KVCache
 from minillava.templates import TEMPLATES, build_prompt, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tokenize_with_images
 from weights import load_llava
+from weights.quantize import GROUP_SIZES, QUANTIZE_CHOICES, Quantization
 
 
 @dataclass
@@ -74,6 +76,8 @@ class GenerateConfig:
     image_aspect_ratio: str = None  # pad | square (resize + centre crop): overrides the checkpoint's config.json
     # where
     dtype: str = "auto"       # fp32 | fp16 | bf16; auto = bf16 on CUDA, fp32 on CPU
+    quantize: str = "none"    # none | int8 | int4: the LLM's linear layers, quantized while loading
+    group_size: int = 64      # int4: inputs per scale (32, 64, 128)
     device: str = "auto"      # auto = cuda when available, else cpu
     compile: bool = False     # torch.compile the decode step (CUDA graphs on a GPU); its compile time is printed
     threads: int = 0          # CPU threads (0: the cores this process may use; OMP_NUM_THREADS if set)
@@ -103,9 +107,30 @@ def resolve_device_dtype(device="auto", dtype="auto"):
     return device, dtype
 
 
-def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", tokenizer_legacy=None):
+def weight_tensors(module) -> list:
+    """Every weight tensor once (a tied head counted once): parameters, and the buffers of quantized layers (their
+    codes and scales); the KV caches are not weights."""
+    found = {}
+    for m in module.modules():
+        if not isinstance(m, KVCache):
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+                found[t.data_ptr()] = t
+    return list(found.values())
+
+
+def weights_line(model) -> str:
+    """What the loaded weights take, and in which form: the line the scripts print after loading."""
+    q = getattr(model, "quantization", None)
+    return (f"weights: {sum(t.numel() * t.element_size() for t in weight_tensors(model)) / 1e9:.2f} GB, "
+            f"{str(model.language_model.model.embed_tokens.weight.dtype).removeprefix('torch.')}"
+            + (f", LLM linear layers {q}" if q else ""))
+
+
+def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", tokenizer_legacy=None,
+         quantize="none", group_size=64):
     """A checkpoint directory (any official layout) -> (Llava in eval mode, Tokenizer). The tokenizer follows
-    its tokenizer_config.json (legacy, add_bos_token, add_eos_token); tokenizer_legacy (bool) overrides."""
+    its tokenizer_config.json (legacy, add_bos_token, add_eos_token); tokenizer_legacy (bool) overrides.
+    quantize: none | int8 | int4 (groups of group_size), done while loading; a quantized checkpoint needs none."""
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -117,7 +142,8 @@ def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", to
         raise ValueError(f"{model_dir} has no tokenizer.model: pass --tokenizer PATH")
     tok = Tokenizer(tok_path, legacy=tokenizer_legacy)
     device, dtype = resolve_device_dtype(device, dtype)
-    model = load_llava(model_dir, vision_path=vision, dtype=dtype, device=device).eval()
+    model = load_llava(model_dir, vision_path=vision, dtype=dtype, device=device,
+                       quantize=Quantization.parse(quantize, group_size)).eval()
     cfg = model.config
     if tok.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
@@ -300,8 +326,8 @@ def print_stats(stats: GenerationStats, model, file=None):
     (the embedding table excepted: a step reads B rows of it)."""
     lm = model.language_model
     embed = lm.model.embed_tokens.weight  # read in full only when it is also the (tied) lm_head
-    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()
-                       if p is not embed or lm.cfg.tie_word_embeddings)
+    weight_bytes = sum(t.numel() * t.element_size() for t in weight_tensors(lm)
+                       if t is not embed or lm.cfg.tie_word_embeddings)
     gbps = weight_bytes * stats.decode_steps / max(stats.decode_s, 1e-9) / 1e9
     print(f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_s:.2f} s = {stats.prefill_tokens_per_s:.1f} "
           f"tokens/s | decode: {stats.decode_tokens} tokens in {stats.decode_s:.2f} s = "
@@ -505,6 +531,7 @@ def parse_args(argv=None) -> GenerateConfig:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, GenerateConfig, aliases=ORIGINAL_FLAGS,
                     choices={"template": list(TEMPLATES), "tokenizer_legacy": ["true", "false"],
+                             "quantize": QUANTIZE_CHOICES, "group_size": list(GROUP_SIZES),
                              "image_aspect_ratio": ["pad", "square"]})
     cfg = GenerateConfig(**vars(p.parse_args(argv)))
     if cfg.model is None:
@@ -533,10 +560,11 @@ def main(argv=None) -> int:
         if cfg.questions is not None and not os.path.isfile(cfg.questions):
             raise FileNotFoundError(f"questions file not found: {cfg.questions}")
         model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device,
-                                optional_bool(cfg.tokenizer_legacy))
+                                optional_bool(cfg.tokenizer_legacy), cfg.quantize, cfg.group_size)
         if cfg.image_aspect_ratio:
             model.config = dataclasses.replace(model.config, image_aspect_ratio=cfg.image_aspect_ratio)
         print(threads, file=sys.stderr)
+        print(weights_line(model), file=sys.stderr)
         if cfg.prompt is not None:  # check the prompt fits before anything is printed
             n_img = 0 if image is None else 1
             prompt_ids([("human", with_image_placeholder(cfg.prompt, n_img))], tokenizer, model.config, cfg.template)

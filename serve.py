@@ -63,6 +63,8 @@ class ServeConfig:
     max_image_pixels: int = 25_000_000  # width x height limit before an image is decoded (decompression bombs)
     timeout: float = 60.0     # socket timeout per connection, seconds
     dtype: str = "auto"
+    quantize: str = "none"    # none | int8 | int4: the LLM's linear layers, quantized while loading
+    group_size: int = 64      # int4: inputs per scale (32, 64, 128)
     device: str = "auto"
     threads: int = 0
     compile: bool = False     # torch.compile the decode step (CUDA graphs on a GPU)
@@ -474,7 +476,8 @@ class HTTPServer(ThreadingHTTPServer):
 def start(cfg: ServeConfig, model=None, tokenizer=None) -> HTTPServer:
     """Load (unless given) and bind; -> the server (serve_forever() to run it; port 0 picks a free port)."""
     if model is None:
-        model, tokenizer = generate.load(cfg.model, cfg.vision, dtype=cfg.dtype, device=cfg.device)
+        model, tokenizer = generate.load(cfg.model, cfg.vision, dtype=cfg.dtype, device=cfg.device,
+                                         quantize=cfg.quantize, group_size=cfg.group_size)
     if cfg.template not in TEMPLATES:
         raise ValueError(f"unknown template {cfg.template!r}")
     return HTTPServer((cfg.host, cfg.port), Server(cfg, model, tokenizer))
@@ -539,7 +542,8 @@ $("send").onclick = async () => {
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, ServeConfig, choices={"template": list(TEMPLATES)})
+    add_config_args(p, ServeConfig, choices={"template": list(TEMPLATES), "quantize": generate.QUANTIZE_CHOICES,
+                                             "group_size": list(generate.GROUP_SIZES)})
     cfg = ServeConfig(**vars(p.parse_args(argv)))
     if cfg.model is None:
         p.error("--model is required")
@@ -552,6 +556,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     host, port = server.server_address[:2]
+    print(generate.weights_line(server.app.model), file=sys.stderr)
     print(f"serving {server.app.name} on http://{host}:{port}/ ({server.app.engine.describe()}; "
           f"{'API key required' if cfg.api_key else 'no API key'}); Ctrl-C stops", file=sys.stderr)
     try:

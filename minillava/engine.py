@@ -81,7 +81,7 @@ class Engine:
         self.model, self.cfg, self.slots = model, cfg, slots
         self.S = max_seq_len or context
         lm = model.language_model
-        self.device = lm.lm_head.weight.device
+        self.device, self.dtype = lm.model.embed_tokens.weight.device, lm.model.embed_tokens.weight.dtype
         self.caches = lm.setup_cache(slots, self.S + 1, device=self.device)  # + the idle slots' position
         self.cache_bytes = sum(b.numel() * b.element_size() for c in self.caches for b in c.buffers())
         V = lm.cfg.vocab_size
@@ -157,7 +157,7 @@ class Engine:
         self.cached[slot] = self.cached[slot][:keep]  # what stays valid should the forward below fail midway
         pixels = None
         if req.pixel_values is not None and req.pixel_values.shape[0] > n_kept_img:
-            pixels = req.pixel_values[n_kept_img:].to(self.device, self.model.language_model.lm_head.weight.dtype)
+            pixels = req.pixel_values[n_kept_img:].to(self.device, self.dtype)
         with torch.inference_mode():
             embeds, _, _, _ = self.model.embed_inputs(new, pixels)  # (1, L, C); images encoded here
             L = embeds.shape[1]

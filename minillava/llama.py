@@ -170,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
     def setup_cache(self, slots: int, max_seq_len: int, dtype=None, device=None) -> list:
         """A fresh (slots, n_kv, max_seq_len, hs) KV cache in every layer; -> the layers' caches (use_cache puts
         them back after another cache was set up)."""
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight  # (the head may be quantized: no .weight)
         caches = [KVCache(slots, m.self_attn.n_kv, max_seq_len, m.self_attn.hs, dtype or w.dtype, device or w.device)
                   for m in self.model.layers]
         self.use_cache(caches)

@@ -28,6 +28,8 @@ def test_demo_pipeline_runs_and_reports(tmp_path, capsys):
     assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 < res["chance"] < 1.0
     assert f"chance {res['chance']:.1%}" in printed and f"held-out accuracy {res['accuracy']:.1%}" in printed
     assert printed.count("(reference: ") == 3
+    assert set(res["quantized"]) == {"int8", "int4"} and all(0.0 <= a <= 1.0 for a in res["quantized"].values())
+    assert f"quantized: int8 {res['quantized']['int8']:.1%}, int4 {res['quantized']['int4']:.1%}" in printed
     # and it ends with eval.py run on its held-out images as a POPE and a ScienceQA benchmark
     for name, headline in (("pope", "f1"), ("sqa", "img_accuracy")):
         metrics = json.loads((out / "eval" / name / "metrics.json").read_text())

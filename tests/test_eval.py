@@ -498,3 +498,11 @@ def test_run_mmbench_decodes_its_images_and_lmms_eval_does_not_pad(tiny_pope, tm
         assert sorted(os.listdir(out)) == ["answers.jsonl", "metrics.json", "submission.xlsx"]  # images removed
         assert json.load(open(out / "metrics.json"))["protocol"] == protocol
     assert pads == [True] * 3 + [False] * 3  # the checkpoint says pad; lmms-eval resizes MMBench unpadded
+
+
+def test_run_quantizes_while_loading(tiny_pope, tmp_path, capsys):
+    ckpt, data = tiny_pope
+    assert E.main(["run", "pope", "--model", ckpt, "--data", str(data), "--out", str(tmp_path / "q"), "--threads",
+                   "1", "--batch-size", "4", "--quantize", "int4", "--group-size", "32"]) == 0
+    assert "LLM linear layers int4 (groups of 32)" in capsys.readouterr().err
+    assert len(open(tmp_path / "q" / "answers.jsonl").read().splitlines()) == 7

@@ -294,7 +294,7 @@ def test_the_page_in_a_headless_browser(app):
     assert status == "" and lines == ["USER: What is this?", "ASSISTANT: " + want]
 
 
-def test_the_command_line_serves_and_stops_on_ctrl_c(ckpt):
+def test_the_command_line_serves_a_quantized_model_and_stops_on_ctrl_c(ckpt):
     import re
     import signal
     import subprocess
@@ -303,14 +303,17 @@ def test_the_command_line_serves_and_stops_on_ctrl_c(ckpt):
     # Ctrl-C as a terminal delivers it: a suite started in the background inherits SIGINT ignored, and Python then
     # installs no KeyboardInterrupt handler (see tests/test_train.py)
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", ckpt, "--port", "0", "--threads", "1",
-                             "--slots", "2"], cwd=root, stderr=subprocess.PIPE, text=True,
+                             "--slots", "2", "--quantize", "int8"], cwd=root, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
+        before = []
         for line in proc.stderr:
+            before.append(line)
             m = re.search(r"serving llava-tiny on (http://127\.0\.0\.1:\d+)/ \(KV cache: 2 slot", line)
             if m:
                 break
         assert m, "no 'serving ...' line"
+        assert any("LLM linear layers int8 (per channel)" in line for line in before)  # quantized while loading
         status, health, _ = call(m.group(1), "/health")
         assert status == 200 and health == {"status": "ok", "slots": 2, "running": 0, "waiting": 0}
         status, r, _ = call(m.group(1), "/v1/chat/completions", ask("Hello?"))

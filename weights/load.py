@@ -14,6 +14,8 @@ How, in five steps (as gpt-fast does it):
    of dtype or device copies, one tensor at a time.
 """
 import json
+import os
+import struct
 from pathlib import Path
 
 import torch
@@ -29,6 +31,8 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_mo
                 "pytorch_model.bin")
 PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
 MAX_LISTED = 12  # problems listed in one error message
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+                      "U8": torch.uint8}
 
 
 class CheckpointError(ValueError):
@@ -149,6 +153,40 @@ class TensorFiles:
     def metadata(self) -> dict:
         h = self._handle(self.path)
         return {} if isinstance(h, dict) else (h.metadata() or {})
+
+    def rows(self, key: str):
+        """The tensor as something sliceable by rows, read with plain file reads: a block's bytes are copied and
+        nothing stays mapped (quantizing while loading keeps only the current block of the dense weight)."""
+        file = self.file_of[key]
+        if file.suffix == ".bin":
+            return self.get(key)  # a pickle is mapped by torch.load; its rows are read from the mapping
+        return _FileRows(file, key, self.shape(key))
+
+
+class _FileRows:
+    """Rows of one tensor of a safetensors file: header = u64 little-endian length + JSON {key: {dtype, shape,
+    data_offsets}}, offsets counted from the end of the header; the tensor is row-major."""
+
+    def __init__(self, file: Path, key: str, shape: tuple):
+        with open(file, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            entry = json.loads(f.read(n))[key]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {key} in {file} has dtype {entry['dtype']}, expected floating point")
+        self.file, self.key, self.shape = file, key, shape
+        self.dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        self.start = 8 + n + entry["data_offsets"][0]
+        self.row_bytes = self.dtype.itemsize * (shape[1] if len(shape) > 1 else 1)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        buf = bytearray(max(stop - start, 0) * self.row_bytes)
+        with open(self.file, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [buf], self.start + start * self.row_bytes)
+        if got != len(buf):
+            raise CheckpointError(f"{self.file}: tensor {self.key} is cut short (truncated file?)")
+        return torch.frombuffer(buf, dtype=self.dtype).view(stop - start, *self.shape[1:]) if buf else \
+            torch.empty(0, *self.shape[1:], dtype=self.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,17 +325,29 @@ def _layout(path: Path, d: dict, vision_path, projector_path, projector_type, ne
     return cfg, parts
 
 
-def _read(found: dict, dtype, device) -> dict:
+def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=()) -> dict:
     """{name: (TensorFiles, key)} -> {name: tensor}, file by file, letting each file's mapping go after it.
     Without a cast the tensors keep their mapping alive (they ARE it); with one, only one shard's pages are
-    resident beside the converted copies."""
+    resident beside the converted copies. stored: {name: dtype} of a quantized checkpoint's codes and scales,
+    read as stored; to_quantize: dense weights quantized as they are read, block by block (name.weight ->
+    name.qweight, name.scales[, name.offsets])."""
     by_file = {}
     for name, (files, key) in found.items():
         by_file.setdefault(files.file_of[key], []).append((name, files, key))
     state = {}
     for file, items in by_file.items():
         for name, files, key in items:
+            if name in to_quantize:
+                rows = files.rows(key)
+                if not rows.dtype.is_floating_point:
+                    raise CheckpointError(f"tensor {key} in {file} has dtype {rows.dtype}, expected floating point")
+                prefix = name.removesuffix(".weight")
+                state.update({f"{prefix}.{k}": t.to(device) for k, t in quantize.tensors(rows).items()})
+                continue
             t = files.get(key)
+            if name in stored:
+                state[name] = _checked_quantized(t, stored[name], key, file).to(device)
+                continue
             if not t.is_floating_point():
                 raise CheckpointError(f"tensor {key} in {file} has dtype {t.dtype}, expected floating point")
             state[name] = t.to(device=device, dtype=dtype)  # a no-op (no copy) when both already match
@@ -305,8 +355,21 @@ def _read(found: dict, dtype, device) -> dict:
     return state
 
 
+def _checked_quantized(t, dtype, key, file):
+    """A quantized checkpoint's codes and scales: the dtype the format fixes; scales finite and >= 0."""
+    if t.dtype != dtype:
+        raise CheckpointError(f"tensor {key} in {file} has dtype {t.dtype}, expected {dtype} (quantized format, "
+                              "kernels/quant.py)")
+    if key.endswith((".scales", ".offsets")):
+        bad = ~torch.isfinite(t) | ((t < 0) if key.endswith(".scales") else False)
+        if bad.any():
+            raise CheckpointError(f"corrupt scale tensor {key} in {file}: {int(bad.sum())} of {t.numel()} values "
+                                  f"are {'negative or ' if key.endswith('.scales') else ''}not finite")
+    return t
+
+
 def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32, device="cpu",
-               projector_type=None, new_projector=False) -> Llava:
+               projector_type=None, new_projector=False, quantize=None) -> Llava:
     """Load a LLaVA checkpoint in any official layout; see the module docstring.
 
     path:           checkpoint dir; config.json's model_type picks the layout: "llava" (A and its variants),
@@ -315,15 +378,32 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     projector_path: layout C's stage-1 projector file (or a dir holding mm_projector.safetensors/.bin).
     new_projector:  layout C without a projector file: initialise it fresh (training stage 1).
     projector_type: override config.json's (layouts A/B) or the projector file's (C, default mlp2x_gelu).
+    dtype:          of every floating-point weight; None keeps each as stored (no copy).
+    quantize:       a weights.quantize.Quantization: quantize the LLM's linear layers while loading. A quantized
+                    checkpoint (its config.json says so) loads quantized without it.
     """
-    if dtype not in DTYPES:
+    from kernels.quant import QuantLinear
+    from weights import quantize as wq  # here, not at the top: `python -m weights.quantize` imports this module
+    if dtype not in DTYPES + (None,):
         raise ValueError(f"dtype {dtype} not supported: use one of {DTYPES}")
     path = _existing(path, "checkpoint directory", is_dir=True)
     config_file = path / "config.json"
-    cfg, parts = _layout(path, read_json(config_file), vision_path, projector_path, projector_type, new_projector)
+    d = read_json(config_file)
+    try:
+        quantized = wq.Quantization.from_config(d, config_file)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if quantized and quantize:
+        raise CheckpointError(f"{path} is already quantized ({quantized}): load it without a quantization")
+    cfg, parts = _layout(path, d, vision_path, projector_path, projector_type, new_projector)
 
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
         model = Llava(cfg)
+    to_quantize = {f"{name}.weight" for name in wq.targets(model)} if quantize else set()
+    if quantized:
+        _quantized_model(model, quantized, config_file)  # the model now expects codes and scales
+    stored = {k: v.dtype for k, v in model.state_dict().items()
+              if k.endswith((".qweight", ".scales", ".offsets"))}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if parts[0][1] is None:
         parts[0] = (parts[0][0], _pick_llava_hf_rules(parts[0][0], expected))
@@ -334,7 +414,10 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
         expected = {k: v for k, v in expected.items() if k not in fresh}
     tied = cfg.text.tie_word_embeddings  # the head is the embedding; files may omit it
 
-    state = _read(match_tensors(parts, expected, config_file, {keymaps.LM_HEAD_KEY} if tied else ()), dtype, device)
+    if quantize:
+        _quantized_model(model, quantize, config_file)  # checked before reading; filled by _read's quantization
+    found = match_tensors(parts, expected, config_file, {keymaps.LM_HEAD_KEY} if tied else ())
+    state = _read(found, dtype, device, stored, quantize, to_quantize)
     state.update({k: v.to(device=device, dtype=dtype) for k, v in fresh.items()})
     if tied:
         head = state.pop(keymaps.LM_HEAD_KEY, None)
@@ -345,4 +428,17 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     model.load_state_dict(state, strict=True, assign=True)
     model.language_model.tie_weights()
     assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left on the meta device"
+    if torch.device(device).type == "cpu":
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.pack_for_cpu()  # int4: into PyTorch's CPU tiling (kernels/quant.py)
     return model.eval()
+
+
+def _quantized_model(model, q, config_file):
+    from weights import quantize as wq
+    try:
+        wq.check_targets(model, q, str(config_file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    wq.replace_linears(model, q)

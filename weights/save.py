@@ -143,6 +143,11 @@ def llava_hf_state(model) -> tuple[dict, dict]:
     if cfg.text.tie_word_embeddings:
         del state[keymaps.LM_HEAD_KEY]  # stored once, as transformers does
     V = cfg.text.vocab_size
+    quantization = getattr(model, "quantization", None)
+    if cfg.image_token_id < 0 and quantization is not None:
+        raise ValueError("a quantized model with the original -200 image sentinel cannot be saved in layout A "
+                         "(its quantized lm_head cannot grow the <image> and <pad> rows): quantize the dense "
+                         "checkpoint with python -m weights.quantize, which pads the vocabulary first")
     if cfg.image_token_id < 0:
         new_v = math.ceil((V + 2) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         for key in (keymaps.EMBED_KEY, keymaps.LM_HEAD_KEY):
@@ -154,7 +159,10 @@ def llava_hf_state(model) -> tuple[dict, dict]:
     elif cfg.image_token_id >= V:
         raise ValueError(f"image_token_id {cfg.image_token_id} is outside the vocabulary of {V}")
     hf = to_hf_config(cfg)
-    hf["torch_dtype"] = str(model.language_model.lm_head.weight.dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(model.language_model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    if quantization is not None:
+        from weights.quantize import QUANT_KEY
+        hf[QUANT_KEY] = quantization.to_json()
     return state, hf
 
 
@@ -162,6 +170,11 @@ def save_llava(model, out_dir, tokenizer=None, max_shard_bytes=MAX_SHARD_BYTES):
     """Save in layout A: config.json + model.safetensors (or shards + index) [+ tokenizer.model and
     tokenizer_config.json, from a Tokenizer or a tokenizer path]. Atomic."""
     state, hf = llava_hf_state(model)
+    return write_checkpoint(state, hf, out_dir, tokenizer, max_shard_bytes)
+
+
+def write_checkpoint(state: dict, hf: dict, out_dir, tokenizer=None, max_shard_bytes=MAX_SHARD_BYTES):
+    """Layout-A tensors and config.json (what llava_hf_state returns) [+ the tokenizer] -> out_dir, atomically."""
     with atomic_dir(out_dir) as tmp:
         write_safetensors(state, tmp, max_shard_bytes)
         write_json(tmp / "config.json", hf)

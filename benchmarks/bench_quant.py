@@ -1,0 +1,163 @@
+"""Weight-only quantization on the CPU: decode tokens/s, GB/s of weights and peak RSS of fp32, bf16, int8, int4.
+
+    python benchmarks/bench_quant.py                         # ~1.1B-parameter LLM, 1 and 2 threads, 128 tokens
+    python benchmarks/bench_quant.py --threads 1 --new-tokens 64
+    python benchmarks/bench_quant.py --sizes                 # bytes of LLaVA-1.5-7B / 13B in each form
+
+The model: a random LLaVA whose LLM has TinyLlama-1.1B's shape (22 x 2048, MLP 5632, 32 heads, 4 key/value
+heads, vocabulary 32064: 1.1 B parameters), written once in bf16, layout A (llava-hf); a small CLIP tower at
+224 px (256 image tokens) so the prefill stays short. Every setting loads that same file through generate.py's
+loader (fp32 and int8/int4 cast or quantize while loading, bf16 maps the file) in a fresh process, answers the
+same question about the same image with the decode engine (one slot, greedy, EOS ignored, 128 new tokens), and
+reports the engine's own decode time (prefill excluded), the weights read per decode step (every LLM weight but
+the embedding table) and the process's peak RSS (VmHWM, which counts the mapped file's pages once touched).
+
+Targets (issue 14, 1 thread): int8 >= 1.8x and int4 >= 3x fp32's decode tokens/s. The greedy ids are compared
+with fp32's: how many of the first tokens agree (a random model's logits are close together, so late
+disagreement says little).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SETTINGS = [("fp32", "none"), ("bf16", "none"), ("fp32", "int8"), ("fp32", "int4")]
+TARGETS = {"int8": 1.8, "int4": 3.0}  # x fp32 decode tokens/s at 1 thread
+QUESTION = "What is the man in the picture holding, and what is he doing with it?"
+
+
+def config():
+    from minillava.config import LlavaConfig, TextConfig, VisionConfig
+    return LlavaConfig(
+        vision=VisionConfig(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024,
+                            num_hidden_layers=4, num_attention_heads=4, projection_dim=256),
+        text=TextConfig(vocab_size=32064, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+        image_token_id=32000, pad_token_id=32001)
+
+
+def peak_rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1e6
+
+
+def child(args):
+    """One setting in this (fresh) process: prints one JSON line."""
+    import torch
+    import generate as G
+    from minillava.engine import Engine, Request
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = G.load(args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize)
+    load_s = time.perf_counter() - t0
+    ids = G.prompt_ids([("human", G.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
+    pix = G.load_pixels(args.image, model.config)[None]
+    lm = model.language_model
+    embed = lm.model.embed_tokens.weight
+    step_bytes = sum(t.numel() * t.element_size() for t in G.weight_tensors(lm) if t is not embed)
+    engine = Engine(model, slots=1, max_seq_len=model.config.llm_length(ids) + args.new_tokens)
+    out = engine.run([Request(ids, pix, max_new_tokens=args.new_tokens)])[0].out
+    s = engine.stats
+    print(json.dumps({"tokens_per_s": s.decode_tokens / s.decode_s, "prefill_s": s.prefill_s, "load_s": load_s,
+                      "step_gb": step_bytes / 1e9, "gbps": step_bytes * s.decode_steps / s.decode_s / 1e9,
+                      "peak_rss_gb": peak_rss_gb(), "ids": out,
+                      "weights_gb": sum(t.numel() * t.element_size() for t in G.weight_tensors(model)) / 1e9}))
+
+
+def run_setting(args, dtype, quantize, threads) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--ckpt", args.ckpt, "--image", args.image,
+           "--dtype", dtype, "--quantize", quantize, "--threads", str(threads), "--new-tokens", str(args.new_tokens)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if r.returncode != 0:
+        sys.exit(f"{dtype}/{quantize} failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def write_checkpoint(root) -> str:
+    import torch
+    from PIL import Image
+    from tests.spm_util import train_tiny_spm
+    from weights import write_random_checkpoint
+    ckpt = os.path.join(root, "llava-1.1b-bf16")
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        t0 = time.perf_counter()
+        print(f"writing a random 1.1B checkpoint (bf16, layout A) to {ckpt} ...", flush=True)
+        write_random_checkpoint(ckpt, config(), "A", seed=0, dtype=torch.bfloat16,
+                                tokenizer=train_tiny_spm(os.path.join(root, "spm")))
+        print(f"  written in {time.perf_counter() - t0:.0f} s", flush=True)
+    image = os.path.join(root, "image.png")
+    Image.radial_gradient("L").convert("RGB").resize((500, 375)).save(image)
+    return ckpt, image
+
+
+def sizes():
+    """What LLaVA-1.5-7B and -13B take in each form: the LLM's linear layers at 4 / 2 / 1 / 0.5 bytes per weight
+    (plus scales and offsets), everything else (embedding, tower, projector, norms) at the --dtype's bytes."""
+    import torch
+    from minillava.config import get_preset
+    from minillava.llava import Llava
+    from weights.quantize import Quantization, replace_linears
+    print("what fits where (GB of weights; the KV cache comes on top, per slot: 1.05 MB per position at 7B in "
+          "fp32, 1.64 MB at 13B, halved in bf16: 2.1 / 3.4 GB for a full 2048-position fp32 slot)")
+    print(f"{'model':14s} {'fp32':>6s} {'bf16':>6s} {'int8+fp32':>10s} {'int8+bf16':>10s} {'int4+fp32':>10s} "
+          f"{'int4+bf16':>10s}")
+    for name in ("llava-1.5-7b", "llava-1.5-13b"):
+        row = []
+        for dtype, q in ((torch.float32, None), (torch.bfloat16, None), (torch.float32, Quantization(8)),
+                         (torch.bfloat16, Quantization(8)), (torch.float32, Quantization(4, 64)),
+                         (torch.bfloat16, Quantization(4, 64))):
+            with torch.device("meta"):
+                model = Llava(get_preset(name)).to(dtype)
+                if q:
+                    replace_linears(model, q)
+            row.append(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9)
+        print(f"{name:14s} " + " ".join(f"{v:{6 if i < 2 else 10}.2f}" for i, v in enumerate(row)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dir", default="/tmp/minillava_bench_quant", help="where the checkpoint is written (reused)")
+    p.add_argument("--sizes", action="store_true", help="print what LLaVA-1.5-7B/13B take in each form, and stop")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--image", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--quantize", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.threads = args.threads[0]
+        return child(args)
+    if args.sizes:
+        return sizes()
+    import torch
+    args.ckpt, args.image = write_checkpoint(args.dir)
+    print(f"torch {torch.__version__}, {args.new_tokens} greedy tokens, one slot, same prompt and image; "
+          f"each setting in a fresh process", flush=True)
+    print(f"{'setting':12s} {'thr':>3s} {'tokens/s':>9s} {'x fp32':>7s} {'GB/step':>8s} {'GB/s':>6s} "
+          f"{'weights GB':>10s} {'peak RSS GB':>11s} {'load s':>7s} {'prefill s':>9s}  same ids as fp32")
+    results = {}
+    for threads in args.threads:
+        for dtype, quantize in SETTINGS:
+            name = dtype if quantize == "none" else quantize
+            r = results[name, threads] = run_setting(args, dtype, quantize, threads)
+            base = results["fp32", threads]
+            same = next((i for i, (a, b) in enumerate(zip(r["ids"], base["ids"])) if a != b), len(r["ids"]))
+            print(f"{name:12s} {threads:3d} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
+                  f"{r['step_gb']:8.2f} {r['gbps']:6.1f} {r['weights_gb']:10.2f} {r['peak_rss_gb']:11.2f} "
+                  f"{r['load_s']:7.1f} {r['prefill_s']:9.1f}  first {same} of {len(r['ids'])}", flush=True)
+    if 1 in args.threads:
+        for name, target in TARGETS.items():
+            ratio = results[name, 1]["tokens_per_s"] / results["fp32", 1]["tokens_per_s"]
+            verdict = "met" if ratio >= target else "MISSED"
+            print(f"target {name} >= {target}x fp32 at 1 thread: {ratio:.2f}x, {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Weight-only int8 / int4 linear layers: y = x W^T (+ b), W stored in 8 or 4 bits and dequantized where it is used.
+
+Decoding reads every weight once per token, so bytes per weight set the speed (kernels/linear.py); storing W in
+8 or 4 bits reads 1/4 or 1/8 of fp32's bytes. The activations, the accumulation and the output stay floating
+point. The formats (what weights/quantize.py writes, what every path below reads), for W (N out, K in):
+
+    int8  per output channel, symmetric:   W[n, k] ~ q[n, k] * scale[n]
+          q int8 in [-127, 127], scale[n] = max_k |W[n, k]| / 127            qweight int8 (N, K), scales (N,)
+    int4  groups of G inputs, with offsets: W[n, k] ~ (q[n, k] - 8) * scale[n, g] + offset[n, g],  g = k // G
+          q in [0, 15], scale = (max - min) / 15 over the group, offset = min + 8 * scale (the value of code 8)
+          qweight uint8 (N, K / 2): byte j holds q[:, 2j] in its low nibble, q[:, 2j + 1] in its high one;
+          scales, offsets (N, K / G)
+
+int4 uses offsets (asymmetric) rather than a symmetric [-7, 7]: a group whose weights are not centred on 0 still
+gets all 16 codes, and it is the form PyTorch's int4 CPU kernel computes, so the stored numbers are used as they
+are. Scales and offsets are bfloat16 (PyTorch's CPU kernels take them so): the stored numbers are exactly the
+ones every path multiplies by, and the reference dequantizes them in fp32.
+
+Paths, chosen by `quant_linear`:
+  * Triton (CUDA; on CPU in the interpreter): `_wq_linear_kernel` reads a (BLOCK_N, BLOCK_K) tile of codes,
+    dequantizes it in registers and multiplies; one kernel for decode (M = 1..32) and prefill shapes.
+  * CPU, at most PACKED_MAX_ROWS rows (decoding): PyTorch's weight-only kernels, `_weight_int8pack_mm` and
+    `_weight_int4pack_mm_for_cpu`, which take bf16 activations (x is rounded to bf16 for them: on this AVX2 CPU
+    their fp32 variants are 9-14x slower, measured 2026-12-01). int4 needs its codes in PyTorch's own tiled
+    layout, which depends on the CPU's vector width, so `QuantLinear.pack_for_cpu` converts them once at load
+    and that layout never reaches a file.
+  * Otherwise (prefill on CPU, CUDA without validated kernels): the reference in blocks of BLOCK_ROWS output
+    channels, so the dequantized weight is never whole in memory. int4 packed for the CPU has no portable codes
+    left, so its prefill runs PyTorch's kernel on all rows (about 2x slower per row than fp32 on this CPU).
+Inference only: there is no backward (training quantized weights, QLoRA, is not built).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.dispatch import COMPILE, enabled, tl, triton
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128)  # int4 groups PyTorch's CPU kernel and the Triton kernel's BLOCK_K both accept
+SCALE_DTYPE = torch.bfloat16
+PACKED_MAX_ROWS = 4  # CPU: PyTorch's packed kernels up to here; measured faster than dequantize-and-GEMM at <= 4
+BLOCK_ROWS = 1024  # output channels dequantized at once by the blocked reference (16 MB of fp32 at K = 4096)
+CPU_PACK_TILES = 8  # innerKTiles of PyTorch's int4 CPU packing (the value its CPU path accepts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantize and dequantize: the formats
+# ----------------------------------------------------------------------------------------------------------
+def quantize(weight, bits: int, group_size: int | None = None) -> dict:
+    """weight (N, K) float -> {"qweight", "scales"[, "offsets"]} in the formats above, BLOCK_ROWS rows at a time
+    (the fp32 temporaries are those of one block, whatever N is)."""
+    N, K = weight.shape
+    check_shape(N, K, bits, group_size, "weight")
+    parts = [_quantize_rows(weight[r:r + BLOCK_ROWS].float(), bits, group_size) for r in range(0, N, BLOCK_ROWS)]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def _scale_up(s):
+    """fp32 scales -> bf16, rounded up (never down), so the largest weight still fits the codes: no clamping, and
+    every weight is within half a step of its code."""
+    b = s.to(SCALE_DTYPE)
+    return torch.where(b.float() < s, torch.nextafter(b, torch.full_like(b, float("inf"))), b)
+
+
+def _quantize_rows(w, bits, group_size):
+    if bits == 8:
+        scale = _scale_up(w.abs().amax(dim=1) / 127)  # (n,)
+        s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # an all-zero row: q = 0
+        return {"qweight": (w / s).round().clamp(-127, 127).to(torch.int8), "scales": scale}
+    n, K = w.shape
+    wg = w.view(n, K // group_size, group_size)  # (n, K/G, G)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (n, K/G)
+    scale = _scale_up((hi - lo) / 15)
+    offset = (lo + 8 * scale.float()).to(SCALE_DTYPE)
+    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # a constant group: every q = 8
+    q = ((wg - offset.float()[..., None]) / s + 8).round().clamp(0, 15).to(torch.uint8).view(n, K)
+    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scale, "offsets": offset}
+
+
+def dequantize(qweight, scales, offsets=None, group_size: int | None = None):
+    """The formats' meaning: -> W (N, K) in fp32."""
+    if offsets is None:  # int8
+        return qweight.float() * scales.float()[:, None]
+    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(qweight.shape[0], -1)  # (N, K): nibbles in order
+    N, K = q.shape
+    w = (q.float().view(N, K // group_size, group_size) - 8) * scales.float()[..., None] + offsets.float()[..., None]
+    return w.view(N, K)
+
+
+def check_shape(N: int, K: int, bits: int, group_size, what: str):
+    """The shapes the formats and kernels take; a named error otherwise."""
+    if bits not in BITS:
+        raise ValueError(f"{what}: {bits} bits is not supported; use one of {BITS}")
+    if bits == 4:
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"{what}: int4 group size {group_size} is not supported; use one of {GROUP_SIZES}")
+        if K % group_size:
+            raise ValueError(f"{what}: int4 groups of {group_size} do not divide its {K} input features "
+                             f"(use a group size that does: {[g for g in GROUP_SIZES if K % g == 0] or 'none'})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference: dequantize, then a plain matmul
+# ----------------------------------------------------------------------------------------------------------
+def quant_linear_reference(x, qweight, scales, offsets=None, group_size=None, bias=None):
+    """x (..., K) -> (..., N) in x's dtype: F.linear with the dequantized weight, in fp32."""
+    y = F.linear(x.float(), dequantize(qweight, scales, offsets, group_size))
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def _blocked_reference(x, qweight, scales, offsets, group_size):
+    """The reference BLOCK_ROWS output channels at a time, each block dequantized to x's dtype (the GEMM then runs
+    in x's dtype: the prefill path, where a whole dequantized matrix would cost 4 bytes per weight)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    N = scales.shape[0]
+    y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    for r in range(0, N, BLOCK_ROWS):
+        w = dequantize(qweight[r:r + BLOCK_ROWS], scales[r:r + BLOCK_ROWS],
+                       None if offsets is None else offsets[r:r + BLOCK_ROWS], group_size)
+        torch.mm(x2, w.to(x.dtype).t(), out=y[:, r:r + BLOCK_ROWS])  # (M, K) @ (K, rows) -> (M, rows)
+    return y.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch's CPU weight-only kernels
+# ----------------------------------------------------------------------------------------------------------
+def pack_int4_for_cpu(qweight, scales, offsets):
+    """Portable int4 (above) -> (codes in PyTorch's CPU tiling, scales_and_zeros (K/G, N, 2) bf16), the operands
+    of `_weight_int4pack_mm_for_cpu`. Converted BLOCK_ROWS rows at a time (the op's tiles are 32 or 64 rows, so
+    blocks of 1024 pack the same as the whole): the int32 temporary it needs is one block's."""
+    N = qweight.shape[0]
+    if N % 16:
+        raise ValueError(f"PyTorch's int4 CPU kernel needs out_features divisible by 16, not {N}")
+    packed = []
+    for r in range(0, N, BLOCK_ROWS):
+        q = qweight[r:r + BLOCK_ROWS]
+        codes = torch.stack([q & 15, q >> 4], dim=-1).view(q.shape[0], -1).to(torch.int32)  # (rows, K)
+        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, CPU_PACK_TILES))
+    scales_and_zeros = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+    return torch.cat(packed), scales_and_zeros
+
+
+def _cpu_packed(x, layer):
+    """x (M, K) -> (M, N) through PyTorch's kernels, in bf16 (see the module docstring)."""
+    xb = x.to(torch.bfloat16)
+    if layer.bits == 8:
+        return torch.ops.aten._weight_int8pack_mm(xb, layer.qweight, layer.scales)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, layer.qweight, layer.group_size, layer.scales_and_zeros)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _wq_linear_kernel(
+    x_ptr,  # (M, K) activations, contiguous
+    q_ptr,  # int8 (N, K) codes, or uint8 (N, K / 2) two int4 codes per byte
+    s_ptr,  # scales: (N,) for int8, (N, K / G) for int4
+    o_ptr,  # int4 offsets (N, K / G); unused for int8
+    y_ptr,  # (M, N) output, contiguous, x's dtype
+    M, N, K,
+    BITS: tl.constexpr,  # 8 or 4
+    G: tl.constexpr,  # int4 group size (a multiple of BLOCK_K: one group per K tile); unused for int8
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
+        w_mask = (rn[:, None] < N) & (k[None, :] < K)
+        if BITS == 8:  # codes as they are; the per-channel scale is applied once, after the K loop
+            w = tl.load(q_ptr + rn[:, None] * K + k[None, :], mask=w_mask, other=0).to(tl.float32)
+        else:  # the tile's bytes (each read for its two k), the nibble k % 2 selects, then this group's scale
+            byte = tl.load(q_ptr + rn[:, None] * (K // 2) + k[None, :] // 2, mask=w_mask, other=0).to(tl.int32)
+            code = (byte >> ((k[None, :] % 2) * 4)) & 15
+            g = k0 // G
+            scale = tl.load(s_ptr + rn * (K // G) + g, mask=rn < N, other=0.0).to(tl.float32)
+            offset = tl.load(o_ptr + rn * (K // G) + g, mask=rn < N, other=0.0).to(tl.float32)
+            w = (code.to(tl.float32) - 8.0) * scale[:, None] + offset[:, None]  # (BLOCK_N, BLOCK_K), fp32
+        # int8 codes are exact in fp16/bf16; an int4 weight is rounded once to x's dtype, as a dense weight is.
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N), fp32 accumulation
+    if BITS == 8:
+        acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 32  # one config: tl.dot's smallest M tile; BLOCK_K divides every group size
+
+
+def _triton_linear(x, qweight, scales, offsets, group_size, bits):
+    """Launcher: x (..., K) -> (..., N)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    M, K = x2.shape
+    N = scales.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    _wq_linear_kernel[grid](x2, qweight, scales, scales if offsets is None else offsets, y, M, N, K,
+                            BITS=bits, G=group_size or BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                            **COMPILE)
+    return y.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """A frozen nn.Linear whose weight is stored in 8 or 4 bits (the formats above). Its state dict holds
+    qweight, scales (and int4 offsets), plus bias when the layer has one: what a quantized checkpoint stores."""
+
+    def __init__(self, in_features, out_features, bits, group_size=None, bias=False, device=None,
+                 dtype=torch.float32):
+        super().__init__()
+        check_shape(out_features, in_features, bits, group_size, "QuantLinear")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size if bits == 4 else None
+        N, K = out_features, in_features
+        q_shape, s_shape = ((N, K), (N,)) if bits == 8 else ((N, K // 2), (N, K // group_size))
+        self.register_buffer("qweight", torch.empty(q_shape, dtype=torch.int8 if bits == 8 else torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.empty(s_shape, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("offsets", None if bits == 8 else torch.empty(s_shape, dtype=SCALE_DTYPE,
+                                                                            device=device))
+        self.register_buffer("bias", None if not bias else torch.empty(N, dtype=dtype, device=device))
+        self.cpu_packed = False  # int4 codes in PyTorch's CPU tiling (pack_for_cpu); scales_and_zeros then
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits, group_size=None):
+        layer = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        for name, t in quantize(linear.weight.detach(), bits, group_size).items():
+            setattr(layer, name, t)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    def pack_for_cpu(self):
+        """int4 on the CPU: codes into PyTorch's tiling (once, at load). The portable codes are dropped (not kept
+        twice), so a packed layer cannot be saved; int8 needs no packing."""
+        if self.bits == 4 and not self.cpu_packed and self.out_features % 16 == 0:
+            packed, sz = pack_int4_for_cpu(self.qweight, self.scales, self.offsets)
+            self.qweight, self.scales, self.offsets = packed, None, None
+            self.register_buffer("scales_and_zeros", sz, persistent=False)
+            self.cpu_packed = True
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.cpu_packed:
+            raise RuntimeError(f"{prefix}: int4 codes packed for the CPU kernel cannot be saved; quantize the "
+                               "source checkpoint again (python -m weights.quantize)")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def forward(self, x):
+        return quant_linear(x, self)
+
+    def extra_repr(self):
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+def quant_linear(x, layer: QuantLinear):
+    """x (..., K) -> (..., N) in x's dtype, by the path the module docstring describes."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"QuantLinear({layer.in_features} -> {layer.out_features}) got input of width "
+                         f"{x.shape[-1]}")
+    rows = x.numel() // x.shape[-1]
+    if layer.cpu_packed or (layer.bits == 8 and not x.is_cuda and 0 < rows <= PACKED_MAX_ROWS and not enabled(x)):
+        y = _cpu_packed(x.reshape(rows, -1), layer).to(x.dtype).view(*x.shape[:-1], layer.out_features)
+    elif enabled(x):
+        y = _triton_linear(x, layer.qweight, layer.scales, layer.offsets, layer.group_size, layer.bits)
+    else:
+        y = _blocked_reference(x, layer.qweight, layer.scales, layer.offsets, layer.group_size)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)

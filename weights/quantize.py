@@ -1,0 +1,156 @@
+"""Weight-only quantized checkpoints: the LLM's linear layers in int8 or int4 (formats: kernels/quant.py).
+
+    python -m weights.quantize llava-1.5-7b-hf llava-1.5-7b-int4 --bits 4 --group-size 64
+    python -m weights.quantize llava-v1.5-7b OUT --bits 8 --vision clip-vit-large-patch14-336    # layouts B, C too
+
+or quantize while loading, from the original files (generate.py, eval.py, serve.py: --quantize int8 | int4):
+
+    model = load_llava("llava-1.5-7b-hf", quantize=Quantization(bits=4, group_size=64))
+
+Which layers: every linear layer of the language model (q, k, v, o, gate, up, down and lm_head; lm_head stays
+dense when it is tied to the embeddings, which are a lookup, not a matmul). They are 96% of LLaVA-1.5-7B's bytes
+and are read once per decoded token. The vision tower (0.3 B) and the projector stay in --dtype: they run once
+per image, at prefill shapes, where on the CPU a weight-only kernel is slower than the dense GEMM
+(kernels/quant.py) and quantizing would save 4% of the bytes.
+
+A quantized checkpoint is layout A (weights/save.py) whose quantized layers hold `qweight`, `scales` (and int4
+`offsets`) instead of `weight`, with its settings in config.json under QUANT_KEY; load_llava reads it with no
+re-quantization and checks every tensor's shape and dtype, and that scales are finite and not negative.
+"""
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch.nn as nn
+
+from kernels.quant import BITS, GROUP_SIZES, QuantLinear, check_shape, quantize
+
+QUANT_KEY = "minillava_quantization"  # config.json's entry (transformers would misread "quantization_config")
+DEFAULT_GROUP_SIZE = 64
+QUANTIZE_CHOICES = ["none", "int8", "int4"]  # the scripts' --quantize
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    bits: int  # 8 or 4
+    group_size: int | None = None  # int4: inputs per scale (32, 64, 128); int8 has one scale per output channel
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"quantization to {self.bits} bits is not supported; use one of {BITS}")
+        if self.bits == 8 and self.group_size is not None:
+            raise ValueError("int8 is per output channel: it takes no group size")
+        if self.bits == 4 and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group size {self.group_size} is not supported; use one of {GROUP_SIZES}")
+
+    @classmethod
+    def parse(cls, name: str, group_size: int = DEFAULT_GROUP_SIZE):
+        """A command line's --quantize none | int8 | int4 [--group-size G] -> Quantization or None."""
+        kinds = {"none": None, "": None, None: None, "int8": 8, "int4": 4}
+        if name not in kinds:
+            raise ValueError(f"--quantize {name!r}: expected none, int8 or int4")
+        return None if kinds[name] is None else cls(kinds[name], group_size if kinds[name] == 4 else None)
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "format": "minillava weight-only, "
+                "see kernels/quant.py", "layers": "language model linear layers (lm_head unless tied)"}
+
+    @classmethod
+    def from_config(cls, d: dict, config_file):
+        """config.json's QUANT_KEY entry -> Quantization (None when absent); a bad entry is a named error."""
+        q = d.get(QUANT_KEY)
+        if q is None:
+            return None
+        try:
+            return cls(int(q["bits"]), q.get("group_size"))
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{config_file}: {QUANT_KEY} {q!r} is not a valid quantization ({e})") from None
+
+    def tensors(self, weight) -> dict:
+        """A dense weight (a tensor, or anything sliceable by rows: a file's rows read on demand) -> its quantized
+        tensors, {"qweight", "scales"[, "offsets"]}."""
+        return quantize(weight, self.bits, self.group_size)
+
+    def __str__(self):
+        return f"int{self.bits}" + (f" (groups of {self.group_size})" if self.group_size else " (per channel)")
+
+
+def targets(model) -> list:
+    """Names of the linear layers a Quantization replaces (see the module docstring)."""
+    tied = model.config.text.tie_word_embeddings
+    return [f"language_model.{name}" for name, m in model.language_model.named_modules()
+            if isinstance(m, nn.Linear) and not (tied and name == "lm_head")]
+
+
+def check_targets(model, q: Quantization, where: str):
+    for name in targets(model):
+        m = model.get_submodule(name)
+        check_shape(m.out_features, m.in_features, q.bits, q.group_size, f"{where}: {name}")
+
+
+def replace_linears(model, q: Quantization):
+    """Swap every target nn.Linear for an (empty) QuantLinear of its shape, on the linear's device (meta while
+    loading); the model remembers its Quantization (saving writes it to config.json)."""
+    for name in targets(model):
+        parent, _, child = name.rpartition(".")
+        m = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child,
+                QuantLinear(m.in_features, m.out_features, q.bits, q.group_size, bias=m.bias is not None,
+                            device=m.weight.device, dtype=m.weight.dtype))
+    model.quantization = q
+    return model
+
+
+def quantize_model(model, q: Quantization):
+    """Quantize a loaded model in place (its dense weights are dropped layer by layer)."""
+    check_targets(model, q, "model")
+    for name in targets(model):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantLinear.from_float(model.get_submodule(name), q.bits,
+                                                                           q.group_size))
+    model.quantization = q
+    return model
+
+
+def main(argv=None):
+    from weights.load import load_llava, read_json
+    from weights.save import llava_hf_state, write_checkpoint
+    p = argparse.ArgumentParser(description="Write a weight-only int8 / int4 copy of a LLaVA checkpoint (any "
+                                            "official layout in; layout A with quantized layers out).")
+    p.add_argument("src", help="checkpoint directory (layout A, B or C)")
+    p.add_argument("out", help="directory to write (atomically: nothing is left half-written)")
+    p.add_argument("--bits", type=int, choices=BITS, required=True)
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
+                   help=f"int4: inputs per scale and offset (default: {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--vision", default=None, help="the CLIP directory (layouts B and C)")
+    p.add_argument("--projector", default=None, help="the stage-1 projector file (layout C)")
+    args = p.parse_args(argv)
+    q = Quantization(args.bits, args.group_size if args.bits == 4 else None)
+    src = Path(args.src)
+    if Quantization.from_config(read_json(src / "config.json"), src / "config.json"):
+        raise SystemExit(f"{src} is already quantized; quantize its dense source instead")
+    model = load_llava(src, vision_path=args.vision, projector_path=args.projector, dtype=None)  # no copy
+    check_targets(model, q, str(src))
+    state, hf = llava_hf_state(model)
+    names = targets(model)
+    t0 = time.perf_counter()
+    for i, name in enumerate(names):
+        dense = state.pop(f"{name}.weight")
+        state.update({f"{name}.{k}": v for k, v in q.tensors(dense).items()})
+        spent = time.perf_counter() - t0
+        print(f"\rquantized {i + 1}/{len(names)} layers, {(i + 1) / spent:.1f}/s, "
+              f"{spent / (i + 1) * (len(names) - i - 1):.0f} s left", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    hf[QUANT_KEY] = q.to_json()
+    tokenizer = src / "tokenizer.model"
+    out = write_checkpoint(state, hf, args.out, tokenizer if tokenizer.is_file() else None)
+    dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    q_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    print(f"{out}: {q}, {q_bytes / 1e9:.3f} GB of tensors (the source: {dense_bytes / 1e9:.3f} GB)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
