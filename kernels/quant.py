@@ -48,11 +48,18 @@ CPU_PACK_TILES = 8  # innerKTiles of PyTorch's int4 CPU packing (the value its C
 # ----------------------------------------------------------------------------------------------------------
 def quantize(weight, bits: int, group_size: int | None = None) -> dict:
     """weight (N, K) float -> {"qweight", "scales"[, "offsets"]} in the formats above, BLOCK_ROWS rows at a time
-    (the fp32 temporaries are those of one block, whatever N is)."""
+    into tensors allocated once at their final size (the fp32 temporaries are one block's, whatever N is; no
+    concatenation, which would hold every block twice and leave the heap fragmented)."""
     N, K = weight.shape
     check_shape(N, K, bits, group_size, "weight")
-    parts = [_quantize_rows(weight[r:r + BLOCK_ROWS].float(), bits, group_size) for r in range(0, N, BLOCK_ROWS)]
-    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    out = None
+    for r in range(0, N, BLOCK_ROWS):
+        block = _quantize_rows(weight[r:r + BLOCK_ROWS].float(), bits, group_size)
+        if out is None:
+            out = {name: t.new_empty((N, *t.shape[1:])) for name, t in block.items()}
+        for name, t in block.items():
+            out[name][r:r + t.shape[0]] = t
+    return out
 
 
 def _scale_up(s):

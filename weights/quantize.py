@@ -19,8 +19,6 @@ re-quantization and checks every tensor's shape and dtype, and that scales are f
 """
 import argparse
 import dataclasses
-import sys
-import time
 from pathlib import Path
 
 import torch.nn as nn
@@ -115,7 +113,7 @@ def quantize_model(model, q: Quantization):
 
 
 def main(argv=None):
-    from weights.load import load_llava, read_json
+    from weights.load import Progress, load_llava, read_json
     from weights.save import llava_hf_state, write_checkpoint
     p = argparse.ArgumentParser(description="Write a weight-only int8 / int4 copy of a LLaVA checkpoint (any "
                                             "official layout in; layout A with quantized layers out).")
@@ -135,14 +133,11 @@ def main(argv=None):
     check_targets(model, q, str(src))
     state, hf = llava_hf_state(model)
     names = targets(model)
-    t0 = time.perf_counter()
-    for i, name in enumerate(names):
+    progress = Progress(len(names), "quantizing")
+    for name in names:
         dense = state.pop(f"{name}.weight")
         state.update({f"{name}.{k}": v for k, v in q.tensors(dense).items()})
-        spent = time.perf_counter() - t0
-        print(f"\rquantized {i + 1}/{len(names)} layers, {(i + 1) / spent:.1f}/s, "
-              f"{spent / (i + 1) * (len(names) - i - 1):.0f} s left", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        progress.step()
     hf[QUANT_KEY] = q.to_json()
     tokenizer = src / "tokenizer.model"
     out = write_checkpoint(state, hf, args.out, tokenizer if tokenizer.is_file() else None)
