@@ -3,6 +3,14 @@
     python benchmarks/bench_quant.py                         # ~1.1B-parameter LLM, 1 and 2 threads, 128 tokens
     python benchmarks/bench_quant.py --threads 1 --new-tokens 64
     python benchmarks/bench_quant.py --sizes                 # bytes of LLaVA-1.5-7B / 13B in each form
+    python benchmarks/bench_quant.py --llama-cpp DIR         # and llama.cpp on the same LLM weights, side by side
+
+--llama-cpp: a llama.cpp source tree with llama-bench and llama-quantize built (`cmake -B build && cmake --build
+build --target llama-bench llama-quantize`; `pip download llama-cpp-python --no-binary :all:` holds one in
+vendor/llama.cpp). The LLM's weights are written as a Hugging Face LLaMA directory (layout C), converted by its
+convert_hf_to_gguf.py (which needs its gguf-py, numpy, sentencepiece and transformers) to F32, BF16 and Q8_0,
+and quantized to Q4_0 by llama-quantize; llama-bench then decodes 128 tokens (`-p 0 -n 128`: from an empty
+context, where minillava's decode starts after its ~100-position prompt) at the same thread counts.
 
 The model: a random LLaVA whose LLM has TinyLlama-1.1B's shape (22 x 2048, MLP 5632, 32 heads, 4 key/value
 heads, vocabulary 32064: 1.1 B parameters), written once in bf16, layout A (llava-hf); a small CLIP tower at
@@ -119,11 +127,45 @@ def sizes():
         print(f"{name:14s} " + " ".join(f"{v:{6 if i < 2 else 10}.2f}" for i, v in enumerate(row)))
 
 
+LLAMA_CPP = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # our setting -> llama.cpp's type
+
+
+def llama_cpp_rates(tree, ckpt, root, threads, new_tokens) -> dict:
+    """llama.cpp's decode tokens/s on the same LLM weights: {(setting, threads): tokens/s}."""
+    from weights import load_llava, write_layout
+    llama_dir = os.path.join(root, "layout-c", "llama")
+    if not os.path.exists(os.path.join(llama_dir, "config.json")):
+        write_layout(load_llava(ckpt, dtype=None), os.path.join(root, "layout-c"), "C",
+                     tokenizer=os.path.join(ckpt, "tokenizer.model"))
+    files = {}
+    for ours, theirs in LLAMA_CPP.items():
+        files[ours] = os.path.join(root, f"llm-{theirs}.gguf")
+        if os.path.exists(files[ours]):
+            continue
+        if theirs == "q4_0":
+            cmd = [os.path.join(tree, "build", "bin", "llama-quantize"), files["bf16"], files[ours], "Q4_0"]
+        else:
+            cmd = [sys.executable, os.path.join(tree, "convert_hf_to_gguf.py"), llama_dir, "--outfile", files[ours],
+                   "--outtype", theirs]
+        r = subprocess.run(cmd, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": os.path.join(tree, "gguf-py")})
+        if r.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    cmd = [os.path.join(tree, "build", "bin", "llama-bench"), "-m", ",".join(files.values()), "-p", "0",
+           "-n", str(new_tokens), "-t", ",".join(map(str, threads)), "-r", "1", "-o", "json"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"llama-bench failed:\n{r.stderr[-2000:]}")
+    by_file = {v: k for k, v in files.items()}
+    return {(by_file[t["model_filename"]], t["n_threads"]): t["avg_ts"] for t in json.loads(r.stdout)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dir", default="/tmp/minillava_bench_quant", help="where the checkpoint is written (reused)")
+    p.add_argument("--llama-cpp", default="", help="a llama.cpp tree with llama-bench built: measure it too")
     p.add_argument("--sizes", action="store_true", help="print what LLaVA-1.5-7B/13B take in each form, and stop")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -152,6 +194,16 @@ def main():
             print(f"{name:12s} {threads:3d} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
                   f"{r['step_gb']:8.2f} {r['gbps']:6.1f} {r['weights_gb']:10.2f} {r['peak_rss_gb']:11.2f} "
                   f"{r['load_s']:7.1f} {r['prefill_s']:9.1f}  first {same} of {len(r['ids'])}", flush=True)
+    if args.llama_cpp:
+        theirs = llama_cpp_rates(args.llama_cpp, args.ckpt, args.dir, args.threads, args.new_tokens)
+        print(f"\nllama.cpp ({args.llama_cpp}) on the same LLM weights, {args.new_tokens} tokens from an empty "
+              "context, decode tokens/s:")
+        print(f"{'setting':8s} {'llama.cpp':>9s} {'thr':>3s} {'llama.cpp t/s':>13s} {'minillava t/s':>13s} "
+              f"{'llama.cpp / minillava':>21s}")
+        for threads in args.threads:
+            for name, kind in LLAMA_CPP.items():
+                a, b = theirs[name, threads], results[name, threads]["tokens_per_s"]
+                print(f"{name:8s} {kind.upper():>9s} {threads:3d} {a:13.2f} {b:13.2f} {a / b:20.2f}x")
     if 1 in args.threads:
         for name, target in TARGETS.items():
             ratio = results[name, 1]["tokens_per_s"] / results["fp32", 1]["tokens_per_s"]

@@ -369,3 +369,17 @@ def test_bf16_on_the_cpu_is_close_to_fp32(ckpt):
     assert b.dtype == torch.bfloat16
     err = (a - b.float()).abs() / a.std()  # measured: max 0.056, mean well below (every op rounds to bf16)
     assert err.max() < 0.1 and err.mean() < 0.02, (err.max(), err.mean())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA and compiled Triton (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("bits, G", [(8, None), (4, 64)])
+@pytest.mark.parametrize("M", [1, 8, 100])
+def test_gpu_kernel_at_7b_shapes_in_bf16(bits, G, M, monkeypatch):
+    monkeypatch.setenv("MINILLAVA_KERNELS", "1")
+    lin = nn.Linear(4096, 11008, bias=False, device="cuda", dtype=torch.bfloat16)
+    ql = Q.QuantLinear.from_float(lin, bits, G)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    truth = reference(x.double(), ql)
+    # bf16: x, the output (and an int4 weight) each rounded once to bf16; fp32 accumulation over K = 4096
+    torch.testing.assert_close(ql(x).double(), truth, rtol=2 ** -6, atol=2 ** -6 * truth.abs().max().item())

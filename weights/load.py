@@ -12,6 +12,9 @@ How, in five steps (as gpt-fast does it):
    each with the model's shape; every problem is reported at once, naming the file, the key and both shapes.
 5. load_state_dict(assign=True): the model's parameters ARE the mapped tensors, no second copy. Only a change
    of dtype or device copies, one tensor at a time.
+Quantizing while loading (`quantize=`, weights/quantize.py) reads each of the LLM's linear weights in blocks of
+rows with plain file reads instead (`TensorFiles.rows`), so the dense weight never stays in memory beside its
+codes; a quantized checkpoint (its config.json says so) is loaded as stored, its codes and scales checked.
 """
 import ctypes
 import json
