@@ -95,7 +95,7 @@ def test_python_block_runs_as_written(files):
 
 def test_commands_run_as_written(files):
     """The generate.py lines (one-shot, chat, batch), then stage 1 and stage 2 under torchrun, in order."""
-    (block,) = _blocks("bash")
+    block = _blocks("bash")[0]
     commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
     commands = [shlex.split(_substitute(c.split("  #")[0], files)) for c in commands]
     assert [c[0] for c in commands] == ["python"] * 4 + ["torchrun"]
@@ -107,6 +107,36 @@ def test_commands_run_as_written(files):
     assert len(open(files["a.jsonl"]).read().splitlines()) == 1
     assert os.path.isfile(os.path.join(files["runs/stage1"], "mm_projector.safetensors"))
     assert os.path.isfile(os.path.join(files["runs/stage2"], "model.safetensors"))
+
+
+def test_quantization_commands_run_as_written(files, tmp_path):
+    """The laptop block: generate.py --quantize int8, weights.quantize to int4 (groups of 32 here: the tiny
+    model's MLP is 96 wide) and an answer from what it wrote, and serve.py until it says it serves."""
+    import signal
+    block = _blocks("bash")[1]
+    files = {**files, "llava-1.5-7b-int4": str(tmp_path / "int4")}
+    commands = [shlex.split(_substitute(c.split("  #")[0], files)) for c in block.splitlines()
+                if c.strip() and not c.startswith("#")]
+    assert [c[1] for c in commands] == ["generate.py", "-m", "serve.py"]
+    commands[1] = ["32" if prev == "--group-size" else a for prev, a in zip([""] + commands[1], commands[1])]
+    assert "LLM linear layers int8" in _run([sys.executable] + commands[0][1:]).stderr
+    _run([sys.executable] + commands[1][1:])
+    again = [files["llava-1.5-7b-int4"] if prev == "--model" else a for prev, a in zip([""] + commands[0], commands[0])]
+    assert "LLM linear layers int4" in _run([sys.executable] + [a for a in again[1:] if a not in ("--quantize",
+                                                                                                  "int8")]).stderr
+    serve = subprocess.Popen([sys.executable] + commands[2][1:] + ["--group-size", "32", "--port", "0", "--threads",
+                                                                    "1"], cwd=ROOT,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        seen = []
+        for line in serve.stderr:
+            seen.append(line)
+            if line.startswith("serving "):
+                break
+        assert any("LLM linear layers int4" in line for line in seen) and seen[-1].startswith("serving "), seen
+    finally:
+        serve.kill()
 
 
 @pytest.fixture(scope="module")
