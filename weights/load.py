@@ -375,14 +375,17 @@ def _return_freed_memory():
 
 
 class Progress:
-    """A one-line progress report on stderr: done/total, rate, time left."""
+    """A one-line progress report on stderr: done/total, rate, time left; redrawn at most once a second."""
 
     def __init__(self, total: int, what: str):
-        self.total, self.what, self.done, self.t0 = total, what, 0, time.perf_counter()
+        self.total, self.what, self.done, self.t0, self.shown = total, what, 0, time.perf_counter(), 0.0
 
     def step(self):
         self.done += 1
-        spent = time.perf_counter() - self.t0
+        now = time.perf_counter()
+        if now - self.shown < 1 and self.done < self.total:
+            return
+        self.shown, spent = now, now - self.t0
         left = spent / self.done * (self.total - self.done)
         print(f"\r{self.what}: {self.done}/{self.total} layers, {self.done / spent:.1f}/s, {left:.0f} s left",
               end="\n" if self.done == self.total else "", file=sys.stderr, flush=True)
