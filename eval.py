@@ -795,6 +795,8 @@ def main(argv=None) -> int:
             s.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores this process may use)")
             s.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
             s.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
+            # weights.quantize's QUANTIZE_CHOICES, GROUP_SIZES and DEFAULT_GROUP_SIZE, written out: `score` cannot
+            # import it (it would pull in torch)
             s.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
                            help="the LLM's linear layers, quantized while loading (default: none)")
             s.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),

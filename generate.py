@@ -45,7 +45,7 @@ from minillava.llama import KVCache
 from minillava.templates import TEMPLATES, build_prompt, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tokenize_with_images
 from weights import load_llava
-from weights.quantize import GROUP_SIZES, QUANTIZE_CHOICES, Quantization
+from weights.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_CHOICES, Quantization
 
 
 @dataclass
@@ -77,7 +77,7 @@ class GenerateConfig:
     # where
     dtype: str = "auto"       # fp32 | fp16 | bf16; auto = bf16 on CUDA, fp32 on CPU
     quantize: str = "none"    # none | int8 | int4: the LLM's linear layers, quantized while loading
-    group_size: int = 64      # int4: inputs per scale (32, 64, 128)
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: inputs per scale (32, 64, 128)
     device: str = "auto"      # auto = cuda when available, else cpu
     compile: bool = False     # torch.compile the decode step (CUDA graphs on a GPU); its compile time is printed
     threads: int = 0          # CPU threads (0: the cores this process may use; OMP_NUM_THREADS if set)
@@ -127,7 +127,7 @@ def weights_line(model) -> str:
 
 
 def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", tokenizer_legacy=None,
-         quantize="none", group_size=64):
+         quantize="none", group_size=DEFAULT_GROUP_SIZE):
     """A checkpoint directory (any official layout) -> (Llava in eval mode, Tokenizer). The tokenizer follows
     its tokenizer_config.json (legacy, add_bos_token, add_eos_token); tokenizer_legacy (bool) overrides.
     quantize: none | int8 | int4 (groups of group_size), done while loading; a quantized checkpoint needs none."""

@@ -64,7 +64,7 @@ class ServeConfig:
     timeout: float = 60.0     # socket timeout per connection, seconds
     dtype: str = "auto"
     quantize: str = "none"    # none | int8 | int4: the LLM's linear layers, quantized while loading
-    group_size: int = 64      # int4: inputs per scale (32, 64, 128)
+    group_size: int = generate.DEFAULT_GROUP_SIZE  # int4: inputs per scale (32, 64, 128)
     device: str = "auto"
     threads: int = 0
     compile: bool = False     # torch.compile the decode step (CUDA graphs on a GPU)

@@ -50,6 +50,7 @@ def child(cfg: Config):
     """Runs in the measured process: prints one JSON line."""
     import torch
     import minillava  # noqa: F401  (imported before the baseline: it is part of any program that loads)
+    import generate  # (imported before the baseline, as minillava)
     from weights import load_llava
     from weights.quantize import Quantization
     base = rss_kb()["VmRSS"]
@@ -58,8 +59,7 @@ def child(cfg: Config):
                        dtype=getattr(torch, cfg.load_dtype or cfg.dtype), quantize=Quantization.parse(cfg.quantize))
     t_load = time.perf_counter() - t0
     after_load = rss_kb()["VmHWM"]
-    # parameters and buffers (a quantized layer's codes and scales), tied weights counted once
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}.values()
+    tensors = generate.weight_tensors(model)  # a quantized layer's codes and scales too; tied weights once
     t0 = time.perf_counter()
     # max over the raw bytes reads every byte and, unlike a sum, needs no wider temporary.
     checksum = sum(int(t.reshape(-1).view(torch.uint8).max()) for t in tensors)
@@ -75,30 +75,17 @@ def child(cfg: Config):
                       "dtype": str(next(iter(tensors)).dtype)}))
 
 
-def checkpoint_tensor_bytes(paths) -> int:
-    """Bytes of every tensor in the checkpoint's weight files (headers excluded; ignored keys included)."""
-    import struct
+def tensor_bytes(paths, select=lambda key: True) -> int:
+    """Bytes of the tensors `select` keeps in the checkpoint's weight files (headers excluded; ignored keys
+    included)."""
+    from weights.load import read_safetensors_header
     total = 0
     for p in paths:
         p = Path(p)
         for f in ([p] if p.is_file() else sorted(p.glob("*.safetensors"))):
-            with open(f, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-            total += f.stat().st_size - 8 - n
-    return total
-
-
-def layer_bytes(paths, layer=0) -> int:
-    """Bytes of one LLM decoder layer's tensors in the checkpoint (the target's "one layer")."""
-    import struct
-    total = 0
-    for p in paths:
-        p = Path(p)
-        for f in ([p] if p.is_file() else sorted(p.glob("*.safetensors"))):
-            with open(f, "rb") as fh:
-                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+            _, header = read_safetensors_header(f)
             total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                         if f".layers.{layer}." in k and "vision" not in k)
+                         if k != "__metadata__" and select(k))
     return total
 
 
@@ -135,7 +122,7 @@ def main(argv=None):
     if run.returncode:
         sys.exit(f"the measured process failed:\n{run.stderr}")
     r = json.loads(run.stdout.strip().splitlines()[-1])
-    ckpt = checkpoint_tensor_bytes([x for x in (cfg.checkpoint, cfg.vision, cfg.projector) if x])
+    ckpt = tensor_bytes([x for x in (cfg.checkpoint, cfg.vision, cfg.projector) if x])
     gb = 2**30
     print(f"checkpoint {cfg.checkpoint}" + (f" + {cfg.vision}" if cfg.vision else ""))
     print(f"checkpoint tensor bytes  {ckpt / gb:7.3f} GiB   (model holds {r['model_bytes'] / gb:.3f} GiB "
@@ -149,7 +136,7 @@ def main(argv=None):
               f"{peak / model:.3f}x the loaded model's ({(peak - r['baseline_kb'] * 1024) / model:.3f}x above the "
               "import baseline)")
     if cfg.quantize != "none":  # issue 14: peak < the quantized model's bytes + one layer + 10%
-        one = layer_bytes([cfg.checkpoint])
+        one = tensor_bytes([cfg.checkpoint], lambda k: ".layers.0." in k and "vision" not in k)  # one LLM layer
         limit = 1.1 * (model + one)
         peak = (r["after_forward_kb"] - r["baseline_kb"]) * 1024
         print(f"target ({cfg.quantize}) peak RSS above the import baseline < 1.1 x (model {model / gb:.3f} GiB + one "

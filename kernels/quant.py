@@ -84,11 +84,16 @@ def _quantize_rows(w, bits, group_size):
     return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scale, "offsets": offset}
 
 
+def int4_codes(qweight):
+    """Portable int4 bytes (N, K / 2) -> the codes (N, K), uint8 in [0, 15]: each byte's low nibble, then its high."""
+    return torch.stack([qweight & 15, qweight >> 4], dim=-1).view(qweight.shape[0], -1)
+
+
 def dequantize(qweight, scales, offsets=None, group_size: int | None = None):
     """The formats' meaning: -> W (N, K) in fp32."""
     if offsets is None:  # int8
         return qweight.float() * scales.float()[:, None]
-    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(qweight.shape[0], -1)  # (N, K): nibbles in order
+    q = int4_codes(qweight)  # (N, K)
     N, K = q.shape
     w = (q.float().view(N, K // group_size, group_size) - 8) * scales.float()[..., None] + offsets.float()[..., None]
     return w.view(N, K)
@@ -140,8 +145,7 @@ def pack_int4_for_cpu(qweight, scales, offsets):
         raise ValueError(f"PyTorch's int4 CPU kernel needs out_features divisible by 16, not {N}")
     packed = []
     for r in range(0, N, BLOCK_ROWS):
-        q = qweight[r:r + BLOCK_ROWS]
-        codes = torch.stack([q & 15, q >> 4], dim=-1).view(q.shape[0], -1).to(torch.int32)  # (rows, K)
+        codes = int4_codes(qweight[r:r + BLOCK_ROWS]).to(torch.int32)  # (rows, K)
         packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, CPU_PACK_TILES))
     scales_and_zeros = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
     return torch.cat(packed), scales_and_zeros

@@ -110,6 +110,7 @@ class TensorFiles:
             path = found[0]
         self.path = path
         self._handles = {}  # file -> safe_open handle or state dict
+        self._headers = {}  # file -> its safetensors header, read once (for rows())
         self.file_of = {}  # key -> file
         if path.name.endswith(".index.json"):
             self._read_index(path)
@@ -166,22 +167,29 @@ class TensorFiles:
         file = self.file_of[key]
         if file.suffix == ".bin":
             return self.get(key)  # a pickle is mapped by torch.load; its rows are read from the mapping
-        return _FileRows(file, key, self.shape(key))
+        if file not in self._headers:
+            self._headers[file] = read_safetensors_header(file)
+        data_start, header = self._headers[file]
+        return _FileRows(file, key, self.shape(key), header[key], data_start)
+
+
+def read_safetensors_header(file: Path) -> tuple:
+    """A safetensors file's header: u64 little-endian length + JSON {key: {dtype, shape, data_offsets}}, offsets
+    counted from the end of the header. -> (where the data starts, the JSON)."""
+    with open(file, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return 8 + n, json.loads(f.read(n))
 
 
 class _FileRows:
-    """Rows of one tensor of a safetensors file: header = u64 little-endian length + JSON {key: {dtype, shape,
-    data_offsets}}, offsets counted from the end of the header; the tensor is row-major."""
+    """Rows of one tensor of a safetensors file (row-major), read with os.preadv."""
 
-    def __init__(self, file: Path, key: str, shape: tuple):
-        with open(file, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            entry = json.loads(f.read(n))[key]
+    def __init__(self, file: Path, key: str, shape: tuple, entry: dict, data_start: int):
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"tensor {key} in {file} has dtype {entry['dtype']}, expected floating point")
         self.file, self.key, self.shape = file, key, shape
         self.dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        self.start = 8 + n + entry["data_offsets"][0]
+        self.start = data_start + entry["data_offsets"][0]
         self.row_bytes = self.dtype.itemsize * (shape[1] if len(shape) > 1 else 1)
 
     def __getitem__(self, rows: slice) -> torch.Tensor:

@@ -101,17 +101,6 @@ def replace_linears(model, q: Quantization):
     return model
 
 
-def quantize_model(model, q: Quantization):
-    """Quantize a loaded model in place (its dense weights are dropped layer by layer)."""
-    check_targets(model, q, "model")
-    for name in targets(model):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear.from_float(model.get_submodule(name), q.bits,
-                                                                           q.group_size))
-    model.quantization = q
-    return model
-
-
 def main(argv=None):
     from weights.load import Progress, load_llava, read_json
     from weights.save import llava_hf_state, write_checkpoint
