@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from minillava.cli import add_config_args, optional_bool, set_threads
-from minillava.image import load_image, preprocess_image
+from minillava.image import image_size, load_image, model_pixels
 from minillava.engine import Engine, GenerationStats, Request
 from minillava.llama import KVCache
 from minillava.templates import TEMPLATES, build_prompt, stop_strings
@@ -154,9 +154,10 @@ def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", to
     return model, tok
 
 
-def load_pixels(image, config) -> torch.Tensor:
-    """A path or PIL image -> (3, S, S), at the tower's size, padded to square when the checkpoint says so."""
-    return preprocess_image(image, size=config.vision.image_size, pad=config.image_aspect_ratio == "pad")
+def load_pixels(image, config) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A path or PIL image -> (pixels (n, 3, S, S), its size (h, w)) as the checkpoint's model takes it: one tile
+    at the tower's size, padded to square when the config says so, or LLaVA-1.6's AnyRes tiles."""
+    return model_pixels(image, config)
 
 
 # --- prompts ------------------------------------------------------------------------------------------------
@@ -171,22 +172,22 @@ def with_image_placeholder(question: str, n_images: int) -> str:
     return question
 
 
-def prompt_ids(history, tokenizer, config, template) -> list[int]:
+def prompt_ids(history, tokenizer, config, template, image_sizes=()) -> list[int]:
     """Token ids of the generation prompt for `history` [(role, text)], checked against the context length."""
     ids = tokenize_with_images(build_prompt(history, template), tokenizer, config.image_token_id)
-    check_fits(ids, config)
+    check_fits(ids, config, image_sizes)
     return ids
 
 
-def check_fits(ids, config):
-    """The prompt, each image id counted as its Np positions, must fit the context. (The answer is then cut
+def check_fits(ids, config, image_sizes=()):
+    """The prompt, each image id counted as its LLM positions, must fit the context. (The answer is then cut
     where the context ends, as in the original code.)"""
     n_img = ids.count(config.image_token_id)
-    L = config.llm_length(ids)
-    context = config.text.max_position_embeddings
+    L = config.llm_length(ids, image_sizes)
+    context = config.text.context_length
     if L > context:
-        raise ValueError(f"the prompt is {L} tokens ({len(ids) - n_img} text + {n_img} image x "
-                         f"{config.num_image_tokens}), {L - context} more than the context of {context}")
+        raise ValueError(f"the prompt is {L} tokens ({len(ids) - n_img} text + {n_img} image(s): "
+                         f"{L - len(ids) + n_img}), {L - context} more than the context of {context}")
 
 
 class Reply:
@@ -232,17 +233,19 @@ class Reply:
 # --- answering: (image, question) pairs on the decode engine ----------------------------------------------------
 def request_for(model, tokenizer, image, question, template="vicuna_v1", temperature=0.0, top_p=None, top_k=None,
                 max_new_tokens=512, seed=None, on_text=None, history=()):
-    """A question about an image (a path, a PIL image, pixels (3, S, S), or None) -> (engine Request, Reply).
+    """A question about an image (a path, a PIL image, load_pixels' (pixels, size), or None) -> (engine Request,
+    Reply).
 
     A question without "<image>" gets it prepended; `history` [(role, text)] are the turns before it (the image
     goes with the first). The Reply collects the answer's text as the engine runs; on_text(text) receives each
     new piece of it."""
     cfg = model.config
     n_img = 0 if image is None or history else 1
-    ids = prompt_ids([*history, ("human", with_image_placeholder(question, n_img))], tokenizer, cfg, template)
-    pixels = None
+    pixels, sizes = None, ()
     if image is not None:
-        pixels = (image if isinstance(image, torch.Tensor) else load_pixels(image, cfg))[None]  # (1, 3, S, S)
+        pixels, size = image if isinstance(image, tuple) else load_pixels(image, cfg)  # (n, 3, S, S), (h, w)
+        sizes = [size]
+    ids = prompt_ids([*history, ("human", with_image_placeholder(question, n_img))], tokenizer, cfg, template, sizes)
     reply = Reply(tokenizer, stop_strings(template))
 
     def on_token(out):
@@ -251,13 +254,13 @@ def request_for(model, tokenizer, image, question, template="vicuna_v1", tempera
             on_text(reply.new_text())
         return stopped
 
-    return Request(ids, pixels, max_new_tokens, temperature, top_p, top_k, seed, (tokenizer.eos_id,),
-                   on_token), reply
+    return Request(ids, pixels, max_new_tokens, temperature, top_p, top_k, seed, (tokenizer.eos_id,), on_token,
+                   image_sizes=sizes or None), reply
 
 
 def cache_size(config, prompt_lengths, max_new_tokens) -> int:
     """Positions per slot that the longest prompt (LLM positions) plus its answer needs (at most the context)."""
-    return min(max(prompt_lengths) + max_new_tokens, config.text.max_position_embeddings)
+    return min(max(prompt_lengths) + max_new_tokens, config.text.context_length)
 
 
 def answer_batch(model, tokenizer, pairs, template="vicuna_v1", temperature=0.0, top_p=None, top_k=None,
@@ -273,7 +276,7 @@ def answer_batch(model, tokenizer, pairs, template="vicuna_v1", temperature=0.0,
                                max_new_tokens, seed, stream)
         requests.append(r)
         replies.append(reply)
-    lengths = [model.config.llm_length(r.ids) for r in requests]
+    lengths = [model.config.llm_length(r.ids, r.image_sizes) for r in requests]
     engine = Engine(model, slots=slots or len(pairs), max_seq_len=cache_size(model.config, lengths, max_new_tokens),
                     compile=compile)
     engine.run(requests)
@@ -299,7 +302,7 @@ class Chat:
     def __init__(self, model, tokenizer, image=None, template="vicuna_v1", temperature=0.2, top_p=None,
                  top_k=None, max_new_tokens=512, seed=None, compile=False):
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.pixels = None if image is None else load_pixels(image, model.config)  # (3, S, S)
+        self.pixels = None if image is None else load_pixels(image, model.config)  # ((n, 3, S, S), (h, w))
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
         self.seed = seed
         self.history = []  # [(role, text)]
@@ -333,6 +336,11 @@ def print_stats(stats: GenerationStats, model, file=None):
           f"tokens/s | decode: {stats.decode_tokens} tokens in {stats.decode_s:.2f} s = "
           f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {gbps:.3g} GB/s of "
           f"{weight_bytes / 1e9:.3g} GB weights)", file=file or sys.stderr)
+    if stats.images:
+        peak = f", CUDA peak {stats.vision_peak_bytes / 2**30:.2f} GiB" if stats.vision_peak_bytes else ""
+        print(f"vision tower: {stats.images} image(s) as {stats.tiles} tile(s) in {stats.vision_s:.2f} s "
+              f"({stats.vision_s / stats.tiles * 1e3:.0f} ms per tile, in the prefill time above); pixels + "
+              f"features {stats.vision_bytes / 2**20:.1f} MiB{peak}", file=file or sys.stderr)
     if stats.compile_s:
         print(f"compile: the first decode step took {stats.compile_s:.1f} s, torch.compile included (in the decode "
               "time above; later steps reuse the compiled code)", file=file or sys.stderr)
@@ -455,14 +463,15 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
         if question_key(q) in done:
             n_done += 1
             continue
-        try:
-            ids = prompt_ids([("human", with_image_placeholder(q["text"], 1 if q.get("image") else 0))], tokenizer,
-                             model.config, cfg.template)
-        except ValueError as e:
+        try:  # an AnyRes image's positions depend on its size: read from the file's header, not decoded
+            sizes = [image_size(os.path.join(cfg.image_folder, q["image"]))] if q.get("image") else []
+            ids = prompt_ids([("human", with_image_placeholder(q["text"], len(sizes)))], tokenizer, model.config,
+                             cfg.template, sizes)
+        except (ValueError, OSError) as e:
             errors.append(f"{cfg.questions}:{n}: question {q['question_id']!r}: {e}")
             continue
         todo.append((n, q))
-        lengths.append(model.config.llm_length(ids))
+        lengths.append(model.config.llm_length(ids, sizes))
     print(f"{len(questions)} questions, {n_done} already answered in {cfg.answers}, {len(todo)} to go"
           + (f"; {len(errors)} malformed line(s), listed at the end" if errors else ""),
           file=sys.stderr)
@@ -566,8 +575,9 @@ def main(argv=None) -> int:
         print(threads, file=sys.stderr)
         print(weights_line(model), file=sys.stderr)
         if cfg.prompt is not None:  # check the prompt fits before anything is printed
-            n_img = 0 if image is None else 1
-            prompt_ids([("human", with_image_placeholder(cfg.prompt, n_img))], tokenizer, model.config, cfg.template)
+            sizes = [] if image is None else [(image.height, image.width)]
+            prompt_ids([("human", with_image_placeholder(cfg.prompt, len(sizes)))], tokenizer, model.config,
+                       cfg.template, sizes)
         with profiler(cfg.profile):
             if cfg.questions is not None:
                 stats, errors = run_batch(model, tokenizer, cfg)

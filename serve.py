@@ -35,12 +35,13 @@ import uuid
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import torch
 from PIL import Image
 
 import generate
 from minillava.cli import add_config_args, set_threads
 from minillava.engine import Engine, Request
-from minillava.image import preprocess_images
+from minillava.image import model_pixels
 from minillava.templates import TEMPLATES, build_prompt, get_template, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, tokenize_with_images
 
@@ -216,12 +217,13 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         cfg, S = self.model.config, self.engine.S
-        L = cfg.llm_length(ids)
+        sizes = [(im.height, im.width) for im in images]
+        L = cfg.llm_length(ids, sizes)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None and limit < 1:
             raise APIError(400, "max_tokens must be >= 1", "max_tokens")
         if L + (limit or 1) > S:
-            raise APIError(400, f"the prompt takes {L} positions ({len(images)} image(s) x {cfg.num_image_tokens})"
+            raise APIError(400, f"the prompt takes {L} positions ({len(images)} image(s): {L - len(ids) + len(images)})"
                                 f"{f' and max_tokens is {limit}' if limit else ''}: {L + (limit or 1)} > the "
                                 f"context of {S}", "messages", "context_length_exceeded")
         temperature, top_p = float(body.get("temperature", 1.0)), body.get("top_p")
@@ -232,12 +234,13 @@ class Server:
         if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
             raise APIError(400, "'stop' is a string or a list of up to 4 strings", "stop")
         pixels = None
-        if images:  # (N, 3, S, S) at the tower's size, padded to square when the checkpoint says so
-            pixels = preprocess_images(images, size=cfg.vision.image_size, pad=cfg.image_aspect_ratio == "pad")
+        if images:  # (N_tiles, 3, S, S) at the tower's size, as the checkpoint prepares images (image.model_pixels)
+            pixels = torch.cat([model_pixels(im, cfg)[0] for im in images])
         reply = generate.Reply(self.tokenizer, stop_strings(self.cfg.template) + stops)
         # no max_tokens: until the slot is full, as generate.py (the engine ends the answer there)
         req = Request(ids, pixels, max_new_tokens=limit or S, temperature=temperature, top_p=top_p,
-                      top_k=body.get("top_k"), seed=body.get("seed"), stop_ids=(self.tokenizer.eos_id,))
+                      top_k=body.get("top_k"), seed=body.get("seed"), stop_ids=(self.tokenizer.eos_id,),
+                      image_sizes=sizes if cfg.anyres else None)
         return req, reply, L
 
     def _content(self, content, i, images) -> tuple:

@@ -74,7 +74,8 @@ class TrainConfig:
     data: str = ""  # the official JSON list of records
     image_folder: str = ""  # image paths in --data are relative to it
     out: str = "out"  # output dir: model files, checkpoints/, log.jsonl, data_report.json
-    template: str = ""  # plain, vicuna_v1, llava_v1 or llava_hf (default: plain in stage 1, vicuna_v1 in 2)
+    template: str = ""  # plain, vicuna_v1, llava_v1, llava_hf, mistral_instruct (default: plain / vicuna_v1)
+    image_aspect_ratio: str = ""  # pad | square | anyres (LLaVA-1.6: a 1.5 model gains a fresh image_newline)
     # optimisation; 0 means "the recipe's value for this stage" (RECIPES)
     lr: float = 0.0  # peak learning rate, cosine decay after a linear warmup (0: 1e-3 stage 1, 2e-5 stage 2, 2e-4 LoRA)
     projector_lr: float = 0.0  # the projector's lr; LoRA recipe 2e-5, else = lr
@@ -116,7 +117,8 @@ RESUME_FREE = {"out", "resume", "log_every", "save_every", "keep_checkpoints", "
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, TrainConfig, choices={"stage": (1, 2), "tokenizer_legacy": ("", "true", "false")})
+    add_config_args(p, TrainConfig, choices={"stage": (1, 2), "tokenizer_legacy": ("", "true", "false"),
+                                             "image_aspect_ratio": ("", "pad", "square", "anyres")})
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -183,8 +185,8 @@ class LossModel(torch.nn.Module):
         super().__init__()
         self.llava = llava
 
-    def forward(self, input_ids, labels, attention_mask, pixel_values):
-        loss, _ = self.llava.loss(input_ids, labels, pixel_values, attention_mask)  # summed over tokens
+    def forward(self, input_ids, labels, attention_mask, pixel_values, image_sizes):
+        loss, _ = self.llava.loss(input_ids, labels, pixel_values, attention_mask, image_sizes)  # summed over tokens
         if pixel_values is None:
             loss = loss + 0.0 * sum(p.sum() for p in self.llava.multi_modal_projector.parameters())
         return loss
@@ -192,9 +194,18 @@ class LossModel(torch.nn.Module):
 
 def load_model(cfg: TrainConfig):
     if cfg.stage == 1:
-        return load_llava(cfg.model, vision_path=cfg.vision or None, new_projector=not cfg.projector,
-                          projector_path=cfg.projector or None)
-    return load_llava(cfg.model, vision_path=cfg.vision or None, projector_path=cfg.projector or None)
+        model = load_llava(cfg.model, vision_path=cfg.vision or None, new_projector=not cfg.projector,
+                           projector_path=cfg.projector or None)
+    else:
+        model = load_llava(cfg.model, vision_path=cfg.vision or None, projector_path=cfg.projector or None)
+    if cfg.image_aspect_ratio == "anyres" and not model.config.anyres:
+        model.use_anyres(seed=cfg.seed)
+    elif cfg.image_aspect_ratio and cfg.image_aspect_ratio != model.config.image_aspect_ratio:
+        if model.config.anyres:
+            raise ValueError(f"{cfg.model} is a LLaVA-1.6 (anyres) model: it cannot train with "
+                             f"--image-aspect-ratio {cfg.image_aspect_ratio}")
+        model.config = model.config.replace(image_aspect_ratio=cfg.image_aspect_ratio)
+    return model
 
 
 def set_trainable(model, cfg: TrainConfig):
@@ -202,6 +213,8 @@ def set_trainable(model, cfg: TrainConfig):
     parameter (and no input) requiring a gradient, autograd records nothing for it, exactly as under no_grad."""
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
+    if model.config.anyres:  # the learned row end belongs with the projector (the original trains both)
+        model.image_newline.requires_grad_(True)
     if cfg.stage == 2 and cfg.lora:
         apply_lora(model.language_model.model, cfg.lora, cfg.lora_alpha, cfg.lora_dropout)  # not lm_head
     elif cfg.stage == 2:
@@ -230,7 +243,7 @@ def param_groups(model, cfg: TrainConfig) -> list:
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            proj = ".multi_modal_projector." in f".{name}"
+            proj = ".multi_modal_projector." in f".{name}" or name == "image_newline"
             key = (proj, p.dim() >= 2)
             groups.setdefault(key, []).append(p)
     return [{"params": ps, "base_lr": cfg.projector_lr if proj else cfg.lr,
@@ -404,10 +417,8 @@ def prepare_data(cfg, model, tokenizer, rank, world, workers):
     -> (records, DataConfig, usable samples sorted by index)."""
     records = data.read_records(cfg.data)
     mc = model.config
-    dcfg = data.DataConfig(image_folder=cfg.image_folder, template=cfg.template, tokenizer=tokenizer,
-                           image_token_id=mc.image_token_id, num_image_tokens=mc.num_image_tokens,
-                           max_length=cfg.max_length, image_size=mc.vision.image_size,
-                           pad_to_square=mc.image_aspect_ratio == "pad")
+    dcfg = data.DataConfig(image_folder=cfg.image_folder, template=cfg.template, tokenizer=tokenizer, model=mc,
+                           max_length=cfg.max_length)
     t0 = time.time()
     mine = data.check_records(records, dcfg, range(rank, len(records), world), workers)
     checked = sorted((c for part in gather_objects(mine, world) for c in part), key=lambda c: c.index)

@@ -98,7 +98,7 @@ def main():
     # ours: generate.py's loader and prompt, the decode engine with one slot (as generate.py's one-shot), EOS ignored
     model, tok = G.load(ckpt, dtype="fp32", device="cpu")
     ids = G.prompt_ids([("human", G.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
-    pix = G.load_pixels(image, model.config)[None]  # (1, 3, 336, 336)
+    pix = G.load_pixels(image, model.config)[0]  # (1, 3, 336, 336)
     n_llm = sum(p.numel() for p in model.language_model.parameters())
     weight_bytes = 4 * (n_llm - model.language_model.model.embed_tokens.weight.numel())
 

@@ -64,7 +64,7 @@ def child(args):
     model, tok = G.load(args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize)
     load_s = time.perf_counter() - t0
     ids = G.prompt_ids([("human", G.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
-    pix = G.load_pixels(args.image, model.config)[None]
+    pix = G.load_pixels(args.image, model.config)[0]
     lm = model.language_model
     embed = lm.model.embed_tokens.weight
     step_bytes = sum(t.numel() * t.element_size() for t in G.weight_tensors(lm) if t is not embed)

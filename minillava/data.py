@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from minillava.config import llm_length
-from minillava.image import load_image, preprocess_image, to_rgb
+from minillava.config import LlavaConfig
+from minillava.image import image_size, load_image, model_pixels, to_rgb
 from minillava.templates import IGNORE_INDEX, original_masks_all, tokenize_conversation
 from minillava.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
@@ -40,11 +40,8 @@ class DataConfig:
     image_folder: str
     template: str  # "plain" (stage 1), "vicuna_v1" (stage 2)
     tokenizer: Tokenizer
-    image_token_id: int  # the model's: -200 (original sentinel) or the llava-hf <image> id
-    num_image_tokens: int  # Np: LLM positions per image
+    model: LlavaConfig  # its image token id, how it prepares images and how many positions each takes
     max_length: int  # LLM positions per sample, images included
-    image_size: int
-    pad_to_square: bool  # image_aspect_ratio == "pad"
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ class Checked:
     id: str  # record_name: "#12 (id 000000033471)"
     problem: str | None = None  # bad data: the record cannot be used as it is
     excluded: str | None = None  # good data with nothing to train on after truncation
-    length: int = 0  # LLM positions after truncation (an image counts Np)
+    length: int = 0  # LLM positions after truncation (an image counts its positions: Np, AnyRes more)
     n_supervised: int = 0  # positions with a label after truncation
     has_image: bool = False
     original_masks_all: bool = False  # the original train.py would mask every label (templates.original_masks_all)
@@ -104,22 +101,26 @@ def _shape_problem(rec) -> str | None:
 
 
 def encode(rec, cfg: DataConfig):
-    """A well-formed record -> (input_ids, labels, image path or None, excluded reason or None).
+    """A well-formed record -> (input_ids, labels, image path or None, its size (h, w) or None, excluded reason
+    or None).
 
-    Raises ValueError for a conversation the template cannot take (roles not alternating, ...). The ids are
-    truncated so that the sample spans at most cfg.max_length LLM positions, images counted as Np each."""
-    ids, labels = tokenize_conversation(rec["conversations"], cfg.template, cfg.tokenizer, cfg.image_token_id)
-    n_img = ids.count(cfg.image_token_id)
-    keep = cfg.max_length - n_img * (cfg.num_image_tokens - 1)  # ids that fit
+    Raises ValueError for a conversation the template cannot take (roles not alternating, ...), OSError /
+    ValueError for an image whose header cannot be read (an AnyRes image's positions depend on its size). The ids
+    are truncated so that the sample spans at most cfg.max_length LLM positions, images included."""
+    image_id = cfg.model.image_token_id
+    ids, labels = tokenize_conversation(rec["conversations"], cfg.template, cfg.tokenizer, image_id)
+    image = os.path.join(cfg.image_folder, rec["image"]) if "image" in rec else None
+    size = None if image is None else image_size(image)
+    n_img = ids.count(image_id)
+    keep = cfg.max_length - (n_img * (cfg.model.image_positions(size) - 1) if n_img else 0)  # ids that fit
     excluded = None
     if len(ids) > keep:
-        if cfg.image_token_id in ids[max(keep, 0):]:
+        if image_id in ids[max(keep, 0):]:
             excluded = f"its image does not fit in max_length {cfg.max_length} ({len(ids)} ids + image)"
         ids, labels = ids[:max(keep, 0)], labels[:max(keep, 0)]
     if excluded is None and all(y == IGNORE_INDEX for y in labels):
         excluded = f"no supervised token left after truncation to max_length {cfg.max_length}"
-    image = os.path.join(cfg.image_folder, rec["image"]) if "image" in rec else None
-    return ids, labels, image, excluded
+    return ids, labels, image, size, excluded
 
 
 def check_record(rec, index: int, cfg: DataConfig) -> Checked:
@@ -129,8 +130,8 @@ def check_record(rec, index: int, cfg: DataConfig) -> Checked:
     if problem:
         return Checked(index, rid, problem=problem)
     try:
-        ids, labels, image, excluded = encode(rec, cfg)
-    except ValueError as e:  # the template's checks: roles alternate, ends with a reply, ...
+        ids, labels, image, size, excluded = encode(rec, cfg)
+    except (OSError, ValueError) as e:  # the template's checks (roles alternate, ...), an unreadable image
         return Checked(index, rid, problem=str(e))
     if image is not None:
         try:
@@ -138,8 +139,8 @@ def check_record(rec, index: int, cfg: DataConfig) -> Checked:
         except (OSError, ValueError) as e:
             return Checked(index, rid, problem=str(e))
     masked = excluded is None and original_masks_all(rec["conversations"], cfg.template, cfg.tokenizer,
-                                                     cfg.image_token_id, cfg.max_length)
-    length = llm_length(ids, cfg.image_token_id, cfg.num_image_tokens)
+                                                     cfg.model.image_token_id, cfg.max_length)
+    length = cfg.model.llm_length(ids, [size])
     return Checked(index, rid, excluded=excluded, length=length, n_supervised=sum(y != IGNORE_INDEX for y in labels),
                    has_image=image is not None, original_masks_all=masked)
 
@@ -177,16 +178,18 @@ class LlavaDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        ids, labels, image, excluded = encode(self.records[i], self.cfg)
+        ids, labels, image, size, excluded = encode(self.records[i], self.cfg)
         if excluded:  # check_records keeps these out of the order; reaching one is a bug
             raise RuntimeError(f"record {record_name(self.records[i], i)} should have been excluded: {excluded}")
-        pixels = None if image is None else preprocess_image(image, self.cfg.image_size, self.cfg.pad_to_square)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+        pixels = None if image is None else model_pixels(image, self.cfg.model)[0]  # (n_tiles, 3, S, S)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
+                "image_size": size}
 
 
 def collate(samples: list[dict], pad_id: int = 0) -> dict:
     """Right-pad a list of samples into a batch: input_ids, labels (-100 on padding), attention_mask (B, T);
-    pixel_values (n_images, 3, S, S) in sample order, or None for a text-only batch."""
+    pixel_values (n_tiles, 3, S, S) in sample order (one tile per image but with AnyRes) and image_sizes
+    (n_images, 2) as (h, w), or both None for a text-only batch."""
     T = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
@@ -194,9 +197,10 @@ def collate(samples: list[dict], pad_id: int = 0) -> dict:
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
         input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], True
-    images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    images = [s for s in samples if s["pixel_values"] is not None]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.stack(images) if images else None}  # (N, 3, S, S)
+            "pixel_values": torch.cat([s["pixel_values"] for s in images]) if images else None,  # (N_tiles, 3, S, S)
+            "image_sizes": torch.tensor([s["image_size"] for s in images]) if images else None}  # (N, 2)
 
 
 # --------------------------------------------------------------------------------------------- ordering

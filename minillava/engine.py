@@ -33,7 +33,7 @@ from minillava.sampling import sample
 class Request:
     """One sequence to continue: its prompt ids (ONE image id per image) and how to sample its answer."""
     ids: list
-    pixel_values: torch.Tensor = None  # (N, 3, S, S): the images of `ids`, in order
+    pixel_values: torch.Tensor = None  # (N, 3, S, S): the images of `ids`, in order (AnyRes: each image's tiles)
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0: greedy
     top_p: float = None
@@ -42,6 +42,7 @@ class Request:
     stop_ids: tuple = ()  # ids that end the answer (EOS), not included in `out`
     on_token: Callable = None  # on_token(out) after each new id; True ends the answer (a stop string appeared)
     on_finish: Callable = None  # on_finish(request) once, as it ends
+    image_sizes: list = None  # (h, w) of each image: an AnyRes (LLaVA-1.6) model needs them
     # filled by the engine
     out: list = field(default_factory=list)  # the answer's ids
     finish_reason: str = None  # "stop" (stop id or on_token), "length" (max_new_tokens or a full slot), "abort"
@@ -55,6 +56,11 @@ class GenerationStats:
     decode_steps: int = 0  # decode steps: each reads every LLM weight once
     decode_s: float = 0.0
     compile_s: float = 0.0  # with compile=True: the first decode step's time, compilation included (in decode_s)
+    images: int = 0  # images encoded by the vision tower (reused ones excluded)
+    tiles: int = 0  # tower inputs they took (AnyRes: the base image and its tiles)
+    vision_s: float = 0.0  # the tower and projector (in prefill_s)
+    vision_bytes: int = 0  # the largest image batch's pixels in + features out
+    vision_peak_bytes: int = 0  # CUDA: the most memory allocated while encoding (0 on the CPU: not tracked)
 
     @property
     def prefill_tokens_per_s(self):
@@ -74,7 +80,7 @@ class Engine:
     def __init__(self, model, slots: int = 8, max_seq_len: int = None, compile: bool = False):
         """max_seq_len: S_max, positions per slot (default and upper bound: the model's context length)."""
         cfg = model.config
-        context = cfg.text.max_position_embeddings
+        context = cfg.text.context_length
         if slots < 1 or (max_seq_len is not None and not 1 <= max_seq_len <= context):
             raise ValueError(f"Engine needs slots >= 1 and 1 <= max_seq_len <= the context {context}; got {slots}, "
                              f"{max_seq_len}")
@@ -91,7 +97,7 @@ class Engine:
         self.running = [None] * slots
         self.length = [0] * slots
         self.cached = [[] for _ in range(slots)]
-        self.cached_pixels = [None] * slots
+        self.cached_images = [[] for _ in range(slots)]  # [(pixels (n_tiles, 3, S, S), size)] per image
         self.next_token = [0] * slots
         self.generators = [None] * slots
         # the decode step's inputs: the same tensors every step (a CUDA graph replays on fixed addresses)
@@ -118,27 +124,41 @@ class Engine:
     def check(self, req: Request):
         """Errors a request would meet, raised before anything is computed: images vs image ids, the cache size."""
         n_img = req.ids.count(self.cfg.image_token_id)
-        n_pix = 0 if req.pixel_values is None else req.pixel_values.shape[0]
+        n_pix = len(self._images(req))
         if n_img != n_pix:
             raise ValueError(f"the prompt holds {n_img} image id(s) but {n_pix} image(s) were given")
         if not req.ids:
             raise ValueError("empty prompt")
-        L = self.cfg.llm_length(req.ids)
+        L = self.cfg.llm_length(req.ids, req.image_sizes)
         if L > self.S:
-            raise ValueError(f"the prompt takes {L} positions ({len(req.ids) - n_img} text ids + {n_img} image(s) x "
-                             f"{self.cfg.num_image_tokens}), {L - self.S} more than the KV cache's {self.S} per "
+            raise ValueError(f"the prompt takes {L} positions ({len(req.ids) - n_img} text ids + {n_img} image(s): "
+                             f"{L - len(req.ids) + n_img}), {L - self.S} more than the KV cache's {self.S} per "
                              f"sequence")
         if req.temperature < 0 or req.max_new_tokens < 1:
             raise ValueError(f"need temperature >= 0 and max_new_tokens >= 1; got {req.temperature}, "
                              f"{req.max_new_tokens}")
 
+    def _images(self, req: Request) -> list:
+        """The request's images as [(pixels (n_tiles, 3, S, S), size (h, w) or None)], checked against its sizes."""
+        if req.pixel_values is None:
+            return []
+        if not self.cfg.anyres:
+            return [(p[None], None) for p in req.pixel_values]
+        sizes = [tuple(s) for s in req.image_sizes or ()]
+        tiles = [self.cfg.image_tiles(s) for s in sizes]
+        if sum(tiles) != req.pixel_values.shape[0]:
+            raise ValueError(f"image_sizes {sizes} need {sum(tiles)} tiles but pixel_values holds "
+                             f"{req.pixel_values.shape[0]} (an AnyRes model takes image_sizes with its pixels)")
+        return list(zip(req.pixel_values.split(tiles), sizes))
+
     def _shared_prefix(self, slot: int, req: Request) -> int:
         """How many leading ids of the request the slot already holds (images compared by their pixels)."""
-        ids, cached = req.ids, self.cached[slot]
+        ids, cached, images = req.ids, self.cached[slot], self._images(req)
         keep, img, n_img = 0, self.cfg.image_token_id, 0
         while keep < min(len(ids), len(cached)) and ids[keep] == cached[keep]:
             if ids[keep] == img:
-                if not torch.equal(req.pixel_values[n_img], self.cached_pixels[slot][n_img]):
+                (pix, size), (cached_pix, cached_size) = images[n_img], self.cached_images[slot][n_img]
+                if size != cached_size or not torch.equal(pix, cached_pix):
                     break
                 n_img += 1
             keep += 1
@@ -151,22 +171,25 @@ class Engine:
         t0 = time.perf_counter()
         self._own_cache()
         keep = self._shared_prefix(slot, req)
-        start = self.cfg.llm_length(req.ids[:keep])
+        start = self.cfg.llm_length(req.ids[:keep], req.image_sizes)
         n_kept_img = req.ids[:keep].count(self.cfg.image_token_id)
         new = torch.tensor([req.ids[keep:]], device=self.device)  # (1, T)
         self.cached[slot] = self.cached[slot][:keep]  # what stays valid should the forward below fail midway
-        pixels = None
-        if req.pixel_values is not None and req.pixel_values.shape[0] > n_kept_img:
-            pixels = req.pixel_values[n_kept_img:].to(self.device, self.dtype)
+        images = self._images(req)
+        pixels, sizes = None, None
+        if len(images) > n_kept_img:
+            pixels = torch.cat([p for p, _ in images[n_kept_img:]]).to(self.device, self.dtype)
+            sizes = [s for _, s in images[n_kept_img:]] if self.cfg.anyres else None
         with torch.inference_mode():
-            embeds, _, _, _ = self.model.embed_inputs(new, pixels)  # (1, L, C); images encoded here
+            feats = None if pixels is None else self._encode(pixels, sizes)
+            embeds, _, _, _ = self.model.embed_inputs(new, pixels, image_sizes=sizes, image_features=feats)  # (1, L, C)
             L = embeds.shape[1]
             positions = torch.arange(start, start + L, device=self.device)[None]  # (1, L)
             lm = self.model.language_model
             hidden = lm.model(embeds, positions, cache=CacheWrite(slot, start))  # causal from the cached prefix
             logits = lm.lm_head(hidden[:, -1])  # (1, V)
         self.running[slot], self.length[slot] = req, start + L
-        self.cached[slot], self.cached_pixels[slot] = list(req.ids), req.pixel_values
+        self.cached[slot], self.cached_images[slot] = list(req.ids), images
         self.generators[slot] = (None if req.seed is None
                                  else torch.Generator(self.device).manual_seed(req.seed))
         req.out, req.finish_reason = [], None
@@ -174,6 +197,23 @@ class Engine:
         self.stats.prefill_tokens += L
         self.stats.prefill_s += time.perf_counter() - t0
         return logits
+
+    def _encode(self, pixels, sizes) -> list:
+        """The vision tower on one request's new images (all its tiles in one batch), timed and measured."""
+        _sync(self.device)
+        t0, cuda = time.perf_counter(), self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        feats = self.model.encode_images(pixels, sizes)
+        _sync(self.device)
+        st = self.stats
+        st.vision_s += time.perf_counter() - t0
+        st.images, st.tiles = st.images + len(feats), st.tiles + pixels.shape[0]
+        st.vision_bytes = max(st.vision_bytes, pixels.numel() * pixels.element_size()
+                              + sum(f.numel() * f.element_size() for f in feats))
+        if cuda:
+            st.vision_peak_bytes = max(st.vision_peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        return feats
 
     def admit(self, req: Request):
         """Check the request, prefill it into the free slot that holds the longest prefix of it, and sample its
@@ -244,7 +284,7 @@ class Engine:
     def _finish(self, slot: int, reason: str):
         req = self.running[slot]
         req.finish_reason = reason
-        n_fed = self.length[slot] - self.cfg.llm_length(req.ids)  # the last id sampled was never fed
+        n_fed = self.length[slot] - self.cfg.llm_length(req.ids, req.image_sizes)  # the last sampled id: not fed
         self.cached[slot] = req.ids + req.out[:n_fed]
         self.running[slot] = None
         if req.on_finish is not None and reason != "abort":

@@ -24,13 +24,7 @@ def load_image(path) -> Image.Image:
 
     Decoding happens here, so a truncated or corrupt file fails now, with its path, not later in a batch.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"image path is a directory, not a file: {path}")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"image file is empty (0 bytes): {path}")
+    path = _image_file(path)
     try:
         with Image.open(path) as f:  # a multi-frame file starts at frame 0
             f.load()
@@ -40,6 +34,31 @@ def load_image(path) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise ValueError(f"image {path} has zero size {img.size}")
     return img
+
+
+def _image_file(path) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"image path is a directory, not a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"image file is empty (0 bytes): {path}")
+    return path
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header (nothing decoded: an AnyRes image's positions depend on
+    it, and datasets are checked before training); errors as load_image's."""
+    path = _image_file(path)
+    try:
+        with Image.open(path) as f:
+            h, w = f.height, f.width
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... depending on the plugin
+        raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+    if h == 0 or w == 0:
+        raise ValueError(f"image {path} has zero size {(w, h)}")
+    return h, w
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -116,11 +135,30 @@ def preprocess_image(image, size=336, pad=True, mean=CLIP_MEAN, std=CLIP_STD) ->
     img = to_rgb(img)
     if pad:
         img = expand_to_square(img, tuple(int(x * 255) for x in mean))  # truncation: (122, 116, 104)
-    img = center_crop(resize_shortest_edge(img, size), size)
-    # transformers rescales in float64 then casts to float32, then normalises in float32
-    x = (np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
+    return normalise(center_crop(resize_shortest_edge(img, size), size), mean, std)
+
+
+def normalise(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """RGB PIL image (H, W) -> (3, H, W) float32: transformers rescales in float64, casts to float32, then
+    normalises in float32."""
+    x = (np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (H, W, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, S, S)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def model_pixels(image, config) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image (as for preprocess_image) as `config`'s model takes it -> (pixels (n, 3, S, S), its size (h, w)).
+
+    image_aspect_ratio "pad" / "square": one tile (n = 1); "anyres" (LLaVA-1.6): the base image and its grid of
+    tiles (minillava/anyres.py). The size (before any resizing) says how many tiles and LLM positions it takes."""
+    img = _as_pil(image)
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"image has zero size {img.size}")
+    S = config.vision.image_size
+    if config.image_aspect_ratio != "anyres":
+        return preprocess_image(img, S, pad=config.image_aspect_ratio == "pad")[None], (img.height, img.width)
+    from minillava.anyres import anyres_pixels
+    return anyres_pixels(to_rgb(img), S, config.image_grid_pinpoints, normalise), (img.height, img.width)
 
 
 def preprocess_images(images, size=336, pad=True, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:

@@ -3,7 +3,10 @@
 input_ids carry ONE `config.image_token_id` per image; each becomes Np = `config.num_image_tokens` embeddings
 (576 for ViT-L/14-336), so a sequence of T ids with n images is T - n + n*Np long inside the LLM.
 Positions count the image tokens. pixel_values (N, 3, S, S) holds the images in reading order: first
-sequence's images first, each sequence's from left to right. Generation with a KV cache: minillava/engine.py.
+sequence's images first, each sequence's from left to right. An AnyRes model (LLaVA-1.6, minillava/anyres.py)
+takes several tower inputs per image (the base image and its tiles, consecutive in pixel_values) and
+image_sizes, the (h, w) of each image, from which it knows how many tiles and LLM positions each one has.
+Generation with a KV cache: minillava/engine.py.
 """
 import torch
 import torch.nn as nn
@@ -25,6 +28,8 @@ class Llava(nn.Module):
         self.multi_modal_projector = Projector(config.projector_type, config.vision.hidden_size,
                                                config.text.hidden_size)
         self.language_model = LlamaForCausalLM(config.text)
+        if config.anyres:  # the learned vector that ends each row of an image's tile grid
+            self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
         self.init_weights()
 
     @torch.no_grad()
@@ -59,31 +64,69 @@ class Llava(nn.Module):
         for m in self.language_model.modules():
             if isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
+        if self.config.anyres:
+            normal(self.image_newline, self.config.text.hidden_size ** -0.5)
         self.language_model.tie_weights()
 
-    def encode_images(self, pixel_values):
-        """(N, 3, S, S) -> projected image features (N, Np, C)."""
-        S = self.config.vision.image_size
+    @torch.no_grad()
+    def use_anyres(self, pinpoints=None, seed: int = 0):
+        """Turn a LLaVA-1.5 model into a 1.6 one to train (the original's --image_aspect_ratio anyres
+        --mm_patch_merge_type spatial_unpad): AnyRes images on `pinpoints` (default: 1.6's grids of 1x2, 2x1,
+        2x2, 3x1 and 1x3 tiles of this tower's size) and a fresh image_newline ~ N(0, 1/C), as the original's."""
+        from minillava.config import PINPOINTS_1_6
+        S, C = self.config.vision.image_size, self.config.text.hidden_size
+        pinpoints = pinpoints or tuple((h // 336 * S, w // 336 * S) for h, w in PINPOINTS_1_6)
+        self.config = self.config.replace(image_aspect_ratio="anyres", image_grid_pinpoints=tuple(pinpoints))
+        w = self.language_model.model.embed_tokens.weight
+        g = torch.Generator().manual_seed(seed)
+        self.image_newline = nn.Parameter((torch.randn(C, generator=g) * C ** -0.5).to(w.device, w.dtype))
+
+    def _sizes(self, image_sizes) -> list:
+        """image_sizes (a list of (h, w) or an (N, 2) tensor) as [(h, w)] of ints; an AnyRes model needs them."""
+        if image_sizes is None:
+            raise ValueError("an AnyRes (LLaVA-1.6) model needs image_sizes, the (h, w) of each image")
+        return [(int(h), int(w)) for h, w in image_sizes]
+
+    def encode_images(self, pixel_values, image_sizes=None) -> list:
+        """(N_tiles, 3, S, S) -> each image's projected features, [(n_k, C)]: n_k = Np, or with AnyRes the
+        merged grid of image k of size image_sizes[k] = (h, w) (all tiles go through the tower in one batch)."""
+        cfg = self.config
+        S = cfg.vision.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
             raise ValueError(f"pixel_values have shape {tuple(pixel_values.shape)}, but this model's vision tower "
-                             f"takes (N, 3, {S}, {S}): use minillava.preprocess_image(image, size={S})")
-        feats = self.vision_tower(pixel_values, self.config.vision_feature_layer)  # (N, Np + 1, Cv)
-        if self.config.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]  # drop CLS: (N, Np, Cv)
-        return self.multi_modal_projector(feats)  # (N, Np, C)
+                             f"takes (N, 3, {S}, {S}): use minillava.image.model_pixels(image, model.config) (size={S})")
+        tiles = [1] * pixel_values.shape[0]
+        if cfg.anyres:
+            image_sizes = self._sizes(image_sizes)
+            tiles = [cfg.image_tiles(size) for size in image_sizes]
+            if sum(tiles) != pixel_values.shape[0]:
+                raise ValueError(f"image_sizes {image_sizes} need {sum(tiles)} tiles "
+                                 f"({tiles}) but pixel_values holds {pixel_values.shape[0]}")
+        feats = self.vision_tower(pixel_values, cfg.vision_feature_layer)  # (N_tiles, Np + 1, Cv)
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS: (N_tiles, Np, Cv)
+        feats = self.multi_modal_projector(feats)  # (N_tiles, Np, C)
+        if not cfg.anyres:
+            return list(feats)
+        from minillava.anyres import merge_features
+        return [merge_features(f, size, cfg.image_grid_pinpoints, S, cfg.unpad_rounding, self.image_newline)
+                for f, size in zip(feats.split(tiles), image_sizes)]
 
-    def embed_inputs(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+    def embed_inputs(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_sizes=None,
+                     image_features=None):
         """Embed the text and splice in the image features.
 
-        input_ids (B, T); attention_mask (B, T), 1 = real token; labels (B, T) or None.
+        input_ids (B, T); attention_mask (B, T), 1 = real token; labels (B, T) or None; image_sizes (N, 2) or None;
+        image_features: encode_images(pixel_values, image_sizes) when the caller ran it already (the engine times it).
         Returns inputs_embeds (B, L, C), attention_mask (B, L) bool, position_ids (B, L), labels (B, L) or None.
         Sequences that come out shorter than L are padded on the side the input was padded on (left when some
         row of attention_mask starts with padding, else right)."""
         B, T = input_ids.shape
-        Np = self.config.num_image_tokens
         is_img = input_ids == self.config.image_token_id  # (B, T)
         n_img = int(is_img.sum())
         n_pix = 0 if pixel_values is None else pixel_values.shape[0]
+        if self.config.anyres and pixel_values is not None:
+            n_pix = len(self._sizes(image_sizes))  # several tiles per image
         if n_img != n_pix:
             raise ValueError(f"input_ids hold {n_img} image tokens (id {self.config.image_token_id}) but "
                              f"{n_pix} images were given")
@@ -96,8 +139,11 @@ class Llava(nn.Module):
             position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
             return text, attention_mask, position_ids, labels
 
-        # Where each input token lands: an image token takes Np slots, a text token one.
-        width = torch.where(is_img, Np, 1)  # (B, T)
+        image_feats = image_features or self.encode_images(pixel_values, image_sizes)  # [(n_k, C)] in reading order
+        counts = torch.tensor([len(f) for f in image_feats], device=input_ids.device)  # (N,)
+        # Where each input token lands: image k takes counts[k] slots, a text token one.
+        width = torch.ones_like(input_ids)
+        width[is_img] = counts  # (B, T); is_img's True entries in row-major order = reading order
         start = width.cumsum(1) - width  # (B, T) first slot of each token
         lengths = width.sum(1)  # (B,)
         L = int(lengths.max())
@@ -105,16 +151,18 @@ class Llava(nn.Module):
         shift = (L - lengths) if left_padded else torch.zeros_like(lengths)  # (B,)
         start = start + shift[:, None]
 
-        image_feats = self.encode_images(pixel_values).to(text.dtype)  # (N, Np, C)
         out = text.new_zeros(B, L, text.shape[-1])
         new_mask = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
         tb, tt = (~is_img).nonzero(as_tuple=True)  # text tokens
         ib, it = is_img.nonzero(as_tuple=True)  # image tokens, in reading order = pixel_values order
-        image_slots = start[ib, it][:, None] + torch.arange(Np, device=input_ids.device)  # (N, Np)
+        # every image embedding's row and slot: image k's j-th lands at (ib[k], start[ib[k], it[k]] + j)
+        first = counts.cumsum(0) - counts  # (N,) index of each image's first embedding in the concatenation
+        j = torch.arange(int(counts.sum()), device=input_ids.device) - first.repeat_interleave(counts)
+        rows, slots = ib.repeat_interleave(counts), start[ib, it].repeat_interleave(counts) + j  # (sum n_k,)
         out[tb, start[tb, tt]] = text[tb, tt]
-        out[ib[:, None], image_slots] = image_feats
+        out[rows, slots] = torch.cat(image_feats).to(text.dtype)
         new_mask[tb, start[tb, tt]] = attention_mask[tb, tt]
-        new_mask[ib[:, None], image_slots] = attention_mask[ib, it][:, None]
+        new_mask[rows, slots] = attention_mask[ib, it].repeat_interleave(counts)
         position_ids = (new_mask.cumsum(1) - 1).clamp(min=0)  # (B, L): positions count image tokens
         new_labels = None
         if labels is not None:
@@ -122,20 +170,21 @@ class Llava(nn.Module):
             new_labels[tb, start[tb, tt]] = labels[tb, tt]  # image slots stay ignored
         return out, new_mask, position_ids, new_labels
 
-    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
-        embeds, mask, position_ids, labels = self.embed_inputs(input_ids, pixel_values, attention_mask, labels)
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_sizes=None):
+        embeds, mask, position_ids, labels = self.embed_inputs(input_ids, pixel_values, attention_mask, labels,
+                                                               image_sizes)
         key_padding_mask = None if bool(mask.all()) else mask
         return self.language_model.model(embeds, position_ids, key_padding_mask), labels
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None):
-        """-> logits (B, L, V), L = T - n_img + n_img * Np for the longest sequence."""
-        hidden, _ = self.hidden_states(input_ids, pixel_values, attention_mask)
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None):
+        """-> logits (B, L, V), L = T - n_img + n_img * Np for the longest sequence (AnyRes: each image its own)."""
+        hidden, _ = self.hidden_states(input_ids, pixel_values, attention_mask, image_sizes=image_sizes)
         return self.language_model.lm_head(hidden)
 
-    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None):
+    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None, image_sizes=None):
         """Summed next-token cross-entropy over supervised tokens, and their count: (loss_sum, n_tokens).
         Returning the sum lets a training loop normalise by the tokens of the whole global batch."""
-        hidden, labels = self.hidden_states(input_ids, pixel_values, attention_mask, labels)
+        hidden, labels = self.hidden_states(input_ids, pixel_values, attention_mask, labels, image_sizes)
         targets = labels[:, 1:]  # (B, L-1): position t predicts token t+1
         keep = targets != IGNORE_INDEX  # (B, L-1); image, prompt and padding positions carry no label
         # The head runs only where there is a label: most positions are image or prompt tokens (576 per image),

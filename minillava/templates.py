@@ -53,13 +53,15 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
 
 @dataclass(frozen=True)
 class Template:
-    """A SeparatorStyle.TWO conversation format, or the stage-1 `plain` format."""
+    """A conversation format: SeparatorStyle.TWO (vicuna), LLAMA_2 ([INST] ... [/INST]), MPT (ChatML), or the
+    stage-1 `plain` format."""
     name: str
     system: str                          # "" = no system prompt (and no separator after it)
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = " "                       # after the system prompt and after each user turn
     sep2: str = EOS_STRING               # after each assistant turn: "</s>" is the EOS token
     plain: bool = False                  # "<image>" + caption + "\n", human text dropped
+    style: str = "two"                   # "two", "llama_2" or "mpt": how turns are framed (_segments)
 
 
 TEMPLATES = {
@@ -67,6 +69,13 @@ TEMPLATES = {
     "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM),
     "llava_v1": Template("llava_v1", system=LLAVA_V1_SYSTEM),
     "llava_hf": Template("llava_hf", system=""),
+    # LLaVA-1.6: Mistral-7B-Instruct ("[INST] <image>\nQ1 [/INST] A1 </s>[INST] Q2 [/INST]") and
+    # Nous-Hermes-2-Yi-34B (ChatML: "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n
+    # <image>\nQ1<|im_end|><|im_start|>assistant\nA1<|im_end|>..."), as conv_mistral_instruct, conv_chatml_direct
+    "mistral_instruct": Template("mistral_instruct", system="", sep="", style="llama_2"),
+    "chatml_direct": Template("chatml_direct", system="<|im_start|>system\nAnswer the questions.",
+                              roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>",
+                              sep2="<|im_end|>", style="mpt"),
 }
 
 _ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -132,23 +141,30 @@ def _segments(turns, t: Template, training: bool = True) -> list[tuple[str, str]
             raise ValueError(f"template 'plain': the human turn has no {IMAGE_PLACEHOLDER}")
         return [("prompt", IMAGE_PLACEHOLDER * n_img), ("reply", turns[1][1] + t.sep)]
     segs = []
-    prefix = t.system + t.sep if t.system else ""
     for k in range(0, len(turns), 2):
         question = _move_images_to_front(turns[k][1])
-        segs.append(("prompt", prefix + f"{t.roles[0]}: {question}{t.sep}{t.roles[1]}:"))
+        if t.style == "llama_2":  # the system prompt goes inside the first [INST]
+            system = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n" if t.system and k == 0 else ""
+            segs.append(("prompt", f"[INST] {system}{question} [/INST]"))
+        elif t.style == "mpt":
+            segs.append(("prompt", (t.system + t.sep if k == 0 else "") + t.roles[0] + question + t.sep + t.roles[1]))
+        else:
+            prefix = t.system + t.sep if t.system and k == 0 else ""
+            segs.append(("prompt", prefix + f"{t.roles[0]}: {question}{t.sep}{t.roles[1]}:"))
         if k + 1 < len(turns):
             reply = turns[k + 1][1]
             if reply == "" and training:
                 raise ValueError(f"turn {k + 1}: empty assistant reply (nothing to supervise)")
-            segs.append(("reply", reply))
+            segs.append(("reply", reply + " " if t.style == "llama_2" else reply))  # llama_2: "A1 </s>"
             segs.append(("eos", t.sep2))  # "</s>": the model must learn to stop
-        prefix = ""
     return segs
 
 
 def _join(segs, t: Template) -> str:
-    """Segments -> prompt string: "ASSISTANT:" and its reply are separated by one space (none in plain)."""
-    return "".join(("" if t.plain else " ") + text if kind == "reply" else text for kind, text in segs)
+    """Segments -> prompt string: "ASSISTANT:" / "[/INST]" and the reply are separated by one space (none in plain;
+    in ChatML the reply follows "assistant\n")."""
+    space = "" if t.plain or t.style == "mpt" else " "
+    return "".join(space + text if kind == "reply" else text for kind, text in segs)
 
 
 def format_conversation(conversations, template) -> str:
@@ -169,6 +185,9 @@ def tokenize_conversation(conversations, template, tokenizer: Tokenizer,
     model's positions (each image counting Np) is data.encode's.
     """
     t = get_template(template)
+    if t.style == "mpt":  # the reply follows "\n" with no space: encoded alone it would gain a dummy prefix
+        raise ValueError(f"template {t.name!r} is for generation: minillava does not train with ChatML templates "
+                         "(their reply ids cannot be split from the prompt's on a SentencePiece word start)")
     turns = _normalize_turns(conversations)
     if len(turns) % 2 != 0:
         raise ValueError(f"training conversation must end with a gpt reply; turn {len(turns) - 1} is human")
@@ -212,7 +231,7 @@ def stop_strings(template) -> list[str]:
     """Strings that end a reply: "</s>" (the EOS id also stops) for the chat templates, "\\n" for plain
     (as the original's `conv.sep2 if sep_style == TWO else conv.sep`)."""
     t = get_template(template)
-    return [t.sep] if t.plain else [t.sep2]
+    return [t.sep] if t.plain or t.style == "mpt" else [t.sep2]
 
 
 def original_masks_all(conversations, template, tokenizer: Tokenizer, image_token_id: int,
@@ -223,9 +242,10 @@ def original_masks_all(conversations, template, tokenizer: Tokenizer, image_toke
     len(tokenizer_image_token(round)) (its BOS stands for the "</s>" cut off), minus one for rounds after the
     first when `legacy` is false (a correction that is exact when "USER" is one piece shorter than "▁USER",
     as in LLaMA's vocabulary). If the counted length differs from the ids' (pad = <unk> ids not counted) and
-    the sample was not truncated, it masks every label. `plain` (preprocess_plain) never does."""
+    the sample was not truncated, it masks every label. `plain` (preprocess_plain) never does; the LLaVA-1.6
+    templates (preprocess_llama_2) are not modelled here: False."""
     t = get_template(template)
-    if t.plain:
+    if t.plain or t.style != "two":
         return False
     text = format_conversation(conversations, t)
 

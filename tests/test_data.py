@@ -10,12 +10,14 @@ import torch
 from PIL import Image
 
 from minillava import data
+from minillava.config import get_preset
 from minillava.image import preprocess_image
 from minillava.templates import IGNORE_INDEX, tokenize_conversation
 from minillava.tokenizer import Tokenizer
 from tests.spm_util import train_tiny_spm
 
 IMG, NP, SIZE = -200, 16, 32
+MODEL = get_preset("tiny").replace(image_token_id=IMG)  # 32 px, 16 positions per image, padded to square
 
 
 def turns(*texts):
@@ -37,8 +39,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(folder, tmp_path_factory):
     tok = Tokenizer(train_tiny_spm(tmp_path_factory.mktemp("spm")))
-    return data.DataConfig(image_folder=folder, template="vicuna_v1", tokenizer=tok, image_token_id=IMG,
-                           num_image_tokens=NP, max_length=512, image_size=SIZE, pad_to_square=True)
+    return data.DataConfig(image_folder=folder, template="vicuna_v1", tokenizer=tok, model=MODEL, max_length=512)
 
 
 GOOD = [
@@ -118,7 +119,7 @@ def test_truncation_counts_np_and_reports_samples_left_without_supervision(cfg):
     # Cut inside the reply: the sample keeps max_length - (Np - 1) ids, i.e. exactly max_length positions.
     max_length = first_sup + 3 + (NP - 1)
     c = dataclass_replace(cfg, max_length=max_length)
-    got_ids, got_labels, image, excluded = data.encode(rec, c)
+    got_ids, got_labels, image, _, excluded = data.encode(rec, c)
     assert excluded is None and image == os.path.join(cfg.image_folder, "a.png")
     assert got_ids == ids[:first_sup + 3] and got_labels == labels[:first_sup + 3]
     [checked] = data.check_records([rec], c)
@@ -145,8 +146,9 @@ def test_dataset_items_and_right_padded_collate(cfg):
         ids, labels = tokenize_conversation(rec["conversations"], "vicuna_v1", cfg.tokenizer, IMG)
         assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
         if "image" in rec:
-            assert torch.equal(item["pixel_values"], preprocess_image(os.path.join(cfg.image_folder, rec["image"]),
-                                                                      SIZE, pad=True))
+            path = os.path.join(cfg.image_folder, rec["image"])
+            assert torch.equal(item["pixel_values"], preprocess_image(path, SIZE, pad=True)[None])
+            assert item["image_size"] == Image.open(path).size[::-1]
         else:
             assert item["pixel_values"] is None
     batch = data.collate([items[2], items[0], items[1]], pad_id=0)
@@ -158,7 +160,8 @@ def test_dataset_items_and_right_padded_collate(cfg):
         assert (batch["input_ids"][b, n:] == 0).all() and (batch["labels"][b, n:] == IGNORE_INDEX).all()
         assert batch["attention_mask"][b].tolist() == [True] * n + [False] * (T - n)
     # images in sample order: sample 0 (text-only) has none, then records 0 and 1
-    assert torch.equal(batch["pixel_values"], torch.stack([items[0]["pixel_values"], items[1]["pixel_values"]]))
+    assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[1]["pixel_values"]]))
+    assert batch["image_sizes"].tolist() == [list(items[0]["image_size"]), list(items[1]["image_size"])]
     assert data.collate([items[2]])["pixel_values"] is None
 
 

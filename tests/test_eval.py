@@ -484,12 +484,12 @@ def test_lmms_eval_protocol_scoring(pope, tmp_path):
 
 
 def test_run_mmbench_decodes_its_images_and_lmms_eval_does_not_pad(tiny_pope, tmp_path, monkeypatch):
-    import generate
+    import minillava.image
     ckpt, _ = tiny_pope
     data = write_mmbench(tmp_path / "mmbench", MMB_ROWS)
     pads = []
-    real = generate.preprocess_image
-    monkeypatch.setattr(generate, "preprocess_image", lambda *a, **k: pads.append(k["pad"]) or real(*a, **k))
+    real = minillava.image.preprocess_image
+    monkeypatch.setattr(minillava.image, "preprocess_image", lambda *a, **k: pads.append(k["pad"]) or real(*a, **k))
     for protocol, out in (("llava", tmp_path / "o1"), ("lmms-eval", tmp_path / "o2")):
         assert E.main(["run", "mmbench", "--model", ckpt, "--data", data, "--out", str(out), "--threads", "1",
                        "--batch-size", "3", "--protocol", protocol]) == 0

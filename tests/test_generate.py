@@ -49,7 +49,7 @@ def images(tmp_path_factory):
 
 def greedy_without_cache(model, tok, ids, image, n):
     """The reference: a full forward over the prompt and everything generated so far, at every step."""
-    pix = None if image is None else G.load_pixels(image, model.config)[None]
+    pix = None if image is None else G.load_pixels(image, model.config)[0]
     out = []
     with torch.no_grad():
         for _ in range(n):
@@ -129,7 +129,7 @@ def test_greedy_equals_transformers_generate(ckpt, loaded, images):
     hf.eval()
     model, tok = loaded
     ids = ask_ids(model, tok, "What is the man holding?", 1)
-    pix = G.load_pixels(images[0], model.config)[None]  # (1, 3, S, S)
+    pix = G.load_pixels(images[0], model.config)[0]  # (1, 3, S, S)
     ours = Engine(model, slots=1).run([Request(ids, pix, max_new_tokens=32)])[0].out
     expanded = [j for i in ids for j in ([i] * CFG.num_image_tokens if i == CFG.image_token_id else [i])]
     gc = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -248,7 +248,7 @@ def test_prompt_that_does_not_fit_says_by_how_much(ckpt, images, capsys):
     err = next(line for line in err.splitlines() if line.startswith("error: "))
     text_tokens = int(err.split("(")[1].split(" text")[0])
     L = text_tokens + Np
-    assert f"the prompt is {L} tokens ({text_tokens} text + 1 image x {Np})" in err
+    assert f"the prompt is {L} tokens ({text_tokens} text + 1 image(s): {Np})" in err
     assert f"{L - context} more than the context of {context}" in err
 
 
@@ -382,6 +382,6 @@ def test_the_image_and_pad_tokens_are_never_sampled(loaded, images, monkeypatch,
     real = head.forward
     monkeypatch.setattr(head, "forward", lambda h: real(h).index_fill(-1, banned, 1e4))
     ids = ask_ids(model, tok, "What is the man holding?", 1)
-    pixels = G.load_pixels(images[0], model.config)[None]
+    pixels = G.load_pixels(images[0], model.config)[0]
     out = Engine(model, slots=2).run([Request(ids, pixels, max_new_tokens=6, temperature=temperature, seed=0)])
     assert len(out[0].out) == 6 and not set(out[0].out) & set(banned.tolist())

@@ -61,7 +61,7 @@ def test_splice_places_image_features_and_counts_positions():
     pix = torch.randn(2, 3, 32, 32)
     embeds, mask, pos, new_labels = model.embed_inputs(ids, pix, labels=labels)
     assert embeds.shape == (1, 6 - 2 + 2 * Np, cfg.text.hidden_size)
-    feats = model.encode_images(pix)  # (2, Np, C)
+    feats = model.encode_images(pix)  # [(Np, C)] x 2
     E = model.language_model.model.embed_tokens.weight
     torch.testing.assert_close(embeds[0, 0], E[1])
     torch.testing.assert_close(embeds[0, 1], E[5])
@@ -120,7 +120,7 @@ def test_feature_layer_and_full_strategy():
     torch.testing.assert_close(model.vision_tower(pix, -2), x)
     full = tiny_model(vision_feature_select_strategy="full")
     assert full.config.num_image_tokens == model.config.num_image_tokens + 1
-    assert full.encode_images(pix).shape[1] == full.config.num_image_tokens
+    assert full.encode_images(pix)[0].shape[0] == full.config.num_image_tokens
 
 
 def test_gqa_and_tied_embeddings_train_step():

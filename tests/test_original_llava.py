@@ -133,12 +133,13 @@ def test_plain_equals_preprocess_plain(tokenizers, capsys):
         assert not original_masks_all(rec["conversations"], "plain", tok, IMG, MAX_LENGTH)
 
 
-def test_chat_prompts_of_every_turn(tokenizers):
+@pytest.mark.parametrize("template", ["vicuna_v1", "mistral_instruct", "chatml_direct"])
+def test_chat_prompts_of_every_turn(tokenizers, template):
     tok, hf = tokenizers
     for rec in RECORDS:
         turns = rec["conversations"]
         for n in range(1, len(turns) + 1, 2):  # the prompt before each assistant reply
-            conv = conversation_lib.conv_templates["vicuna_v1"].copy()
+            conv = conversation_lib.conv_templates[template].copy()
             for t in turns[:n]:
                 conv.append_message(conv.roles[t["from"] == "gpt"], t["value"])
             conv.append_message(conv.roles[1], None)
@@ -147,9 +148,27 @@ def test_chat_prompts_of_every_turn(tokenizers):
                 text = turns[0]["value"].replace("<image>", "").strip()
                 conv.messages[0][1] = "<image>\n" + text
                 history[0] = ("human", "<image>\n" + text)
+            assert build_prompt(history, template) == conv.get_prompt()
             want = tokenizer_image_token(conv.get_prompt(), hf)
-            assert tokenize_with_images(build_prompt(history, "vicuna_v1"), tok, IMG) == want
-            assert stop_strings("vicuna_v1") == [conv.sep2]
+            assert tokenize_with_images(build_prompt(history, template), tok, IMG) == want
+            stop = conv.sep if conv.sep_style == conversation_lib.SeparatorStyle.MPT else conv.sep2
+            assert stop_strings(template) == [stop]  # as the original's cli.py stops
+
+
+@pytest.mark.parametrize("k", range(len(RECORDS)))
+def test_mistral_instruct_training_ids_equal_preprocess_llama_2(tokenizers, k, capsys):
+    """Ids equal the original's, and labels too wherever the original's own counting holds (with legacy false
+    it masks every label of some records, as preprocess_v1 does: "tokenization mismatch")."""
+    tok, hf = tokenizers
+    rec = RECORDS[k]
+    ids, labels = tokenize_conversation(rec["conversations"], "mistral_instruct", tok, IMG)
+    want_ids, want_labels, warned = original(rec, "mistral_instruct", hf, capsys)
+    assert ids == want_ids
+    if not warned:
+        assert labels == want_labels
+    else:
+        assert not tok.legacy and set(want_labels) == {IGNORE_INDEX}
+
 
 
 def test_tokenizer_equals_slow_llama_tokenizer(tokenizers):
@@ -302,3 +321,36 @@ def test_mmbench_prompts_and_submission_equal_the_originals(tmp_path, monkeypatc
         cur.loc[df["index"] == pred["question_id"], "prediction"] = pred["text"]
     cur.to_excel(tmp_path / "theirs.xlsx", index=False, engine="openpyxl")
     pd.testing.assert_frame_equal(pd.read_excel(tmp_path / "ours.xlsx"), pd.read_excel(tmp_path / "theirs.xlsx"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLaVA-1.6's AnyRes against the original's mm_utils and llava_arch (minillava/anyres.py)
+
+@pytest.mark.parametrize("name", ["tiny-anyres", "llava-v1.6-vicuna-7b"])
+def test_anyres_pixels_and_counts_equal_the_originals(name):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    from llava.mm_utils import get_anyres_image_grid_shape, process_anyres_image
+    from llava.model.llava_arch import unpad_image
+
+    from minillava.config import PRESETS, from_hf_config
+    from minillava.image import model_pixels, to_rgb
+    from weights.random_checkpoint import clip_config, original_llava_config
+    d = original_llava_config(PRESETS[name], torch.float32)  # pinpoints as the original lists them: (w, h)
+    cfg = from_hf_config(d, vision=clip_config(PRESETS[name].vision))
+    S, p = cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size
+    proc = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+    rng = np.random.default_rng(1)
+    sizes = [(40, 90), (70, 33), (31, 31), (5, 200), (333, 101), (47, 188), (49, 392), (55, 176), (88, 55)]
+    for mode in ["RGB", "L", "RGBA", "P", "CMYK", "I;16", "LA", "1"]:
+        for h, w in sizes + ([(1000, 700), (480, 640)] if S > 32 else []):
+            img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+            ours, size = model_pixels(img, cfg)
+            # the original converts with img.convert("RGB"); to_rgb differs from it on 16-bit grayscale only
+            ref = process_anyres_image(to_rgb(img), proc, d["image_grid_pinpoints"])
+            assert ours.shape == ref.shape and (ours - ref).abs().max() <= 1e-5, (mode, h, w)
+            cols, rows = get_anyres_image_grid_shape(img.size, d["image_grid_pinpoints"], S)
+            kept = unpad_image(torch.zeros(1, rows * p, cols * p), img.size).shape[1:]
+            assert cfg.image_positions(size) == p * p + kept[0] * (kept[1] + 1), (h, w)

@@ -61,7 +61,12 @@ def files(tmp_path_factory):
     image = str(root / "data" / json.load(open(data["pretrain"]))[0]["image"])
     (root / "q.jsonl").write_text(json.dumps({"question_id": 1, "image": os.path.basename(image),
                                               "text": "What is in this image?"}) + "\n")
-    return {"llava-1.5-7b-hf": str(hf), "photo.jpg": image, "q.jsonl": str(root / "q.jsonl"),
+    nxt = get_preset("tiny-anyres").replace(text=cfg.text, image_token_id=512, pad_token_id=513)
+    mistral = nxt.replace(text=dataclasses.replace(cfg.text, model_type="mistral", rope_theta=1e6))
+    next_hf = write_random_checkpoint(root / "next-hf", mistral, "A", seed=0, tokenizer=tok)["model"]
+    next_b = write_random_checkpoint(root / "next-b", nxt, "B", seed=0, tokenizer=tok)["model"]
+    return {"llava-v1.6-mistral-7b-hf": str(next_hf), "llava-v1.6-vicuna-7b": str(next_b), "runs/next": str(root / "next"),
+            "llava-1.5-7b-hf": str(hf), "photo.jpg": image, "q.jsonl": str(root / "q.jsonl"),
             "a.jsonl": str(root / "a.jsonl"), "images": os.path.dirname(image),
             "vicuna-7b-v1.5": str(c["model"]), "clip-vit-large-patch14-336": str(c["vision"]),
             "blip_laion_cc_sbu_558k.json": data["pretrain"], "LLaVA-Pretrain/images": str(root / "data"),
@@ -107,6 +112,25 @@ def test_commands_run_as_written(files):
     assert len(open(files["a.jsonl"]).read().splitlines()) == 1
     assert os.path.isfile(os.path.join(files["runs/stage1"], "mm_projector.safetensors"))
     assert os.path.isfile(os.path.join(files["runs/stage2"], "model.safetensors"))
+
+
+def test_llava_1_6_commands_run_as_written(files):
+    """generate.py on a llava_next dir (Mistral) and an original 1.6 dir (its tower inside, --vision for CLIP's
+    config), then train.py's stage 2 with --image-aspect-ratio anyres into a llava_next checkpoint."""
+    import json
+    import shutil
+    block = _blocks("bash")[2]
+    commands = [shlex.split(_substitute(c.split("  #")[0], files)) for c in block.replace("\\\n", " ").splitlines()
+                if c.strip() and not c.startswith("#")]
+    assert [c[1] for c in commands] == ["generate.py", "generate.py", "train.py"]
+    projector = os.path.join(files["runs/stage1"], "mm_projector.safetensors")
+    if not os.path.isfile(projector):  # test_commands_run_as_written's stage 1 writes it when run first
+        os.makedirs(files["runs/stage1"], exist_ok=True)
+        shutil.copyfile(os.path.join(os.path.dirname(files["vicuna-7b-v1.5"]), "mm_projector.safetensors"), projector)
+    for c in commands[:2]:
+        assert "vision tower: 1 image(s) as " in _run([sys.executable] + c[1:]).stderr
+    _run([sys.executable] + commands[2][1:])
+    assert json.load(open(os.path.join(files["runs/next"], "config.json")))["model_type"] == "llava_next"
 
 
 def test_quantization_commands_run_as_written(files, tmp_path):

@@ -188,6 +188,37 @@ def test_stage2_keeps_clip_and_writes_layout_a(env, stage2):
     assert isinstance(reply, str)
 
 
+def test_stage2_with_anyres_trains_the_newline_and_writes_a_llava_next_model(env, tmp_path):
+    """LLaVA-1.6's recipe from a 1.5 start: --image-aspect-ratio anyres adds image_newline (trained with the
+    projector, a sample's image positions counted from its size) and the output is a llava_next checkpoint that
+    minillava and transformers load and answer with."""
+    out = tmp_path / "out"
+    result = train.main(argv(env, 2, out, "--image-aspect-ratio", "anyres", "--template", "mistral_instruct",
+                             steps=2))
+    model = result["model"]
+    assert model.config.anyres and model.config.image_grid_pinpoints == ((32, 64), (64, 32), (64, 64), (96, 32),
+                                                                         (32, 96))
+    fresh = torch.randn(CFG.text.hidden_size, generator=torch.Generator().manual_seed(42)) * CFG.text.hidden_size ** -0.5
+    assert not torch.equal(model.image_newline.detach(), fresh)  # trained
+    assert json.load(open(out / "config.json"))["model_type"] == "llava_next"
+    saved = load_llava(out)
+    assert saved.config == model.config.replace(image_token_id=saved.config.image_token_id,
+                                                pad_token_id=saved.config.pad_token_id,
+                                                text=saved.config.text)
+    assert torch.equal(saved.image_newline, model.image_newline.detach())
+    # a 32x32 image: 1x2 tiles, a 4x8 map of which the middle 4x4 is image: 16 + 4 x (4 + 1) positions
+    assert model.config.image_positions((32, 32)) == 36
+    records = json.load(open(env["instruct"]))
+    import generate
+    m, tok = generate.load(str(out), dtype="fp32", device="cpu")
+    image = env["data"] / records[0]["image"]
+    [reply] = generate.answer(m, tok, [(str(image), "What color is the circle?")], template="mistral_instruct",
+                              max_new_tokens=3)
+    assert isinstance(reply, str)
+    transformers = pytest.importorskip("transformers")
+    transformers.LlavaNextForConditionalGeneration.from_pretrained(out)
+
+
 def test_an_export_that_fails_midway_never_leaves_a_loadable_mix(env, stage2, tmp_path, monkeypatch):
     """The export into OUT (beside the log and checkpoints) commits with config.json: removed first, renamed in
     last. A failure in between leaves OUT without a config.json (loading it is an error naming that), never the

@@ -412,12 +412,12 @@ def test_config_that_does_not_match_the_weights(tmp_path, ckpts):
     with pytest.raises(CheckpointError, match=rf"\(config: {config}\):\n  unexpected tensor "
                                               r"language_model.model.layers.1"):
         load(paths)
-    edit_json(config, lambda d: d.__setitem__("model_type", "llava_next"))
-    with pytest.raises(CheckpointError, match="unknown model_type 'llava_next'"):
+    edit_json(config, lambda d: d.__setitem__("model_type", "llava_onevision"))
+    with pytest.raises(CheckpointError, match="unknown model_type 'llava_onevision'"):
         load(paths)
     edit_json(config, lambda d: (d.__setitem__("model_type", "llava"),
-                                 d["text_config"].__setitem__("model_type", "mistral")))
-    with pytest.raises(CheckpointError, match=f"{config}: unsupported language model_type 'mistral'"):
+                                 d["text_config"].__setitem__("model_type", "qwen2")))
+    with pytest.raises(CheckpointError, match=f"{config}: unsupported language model_type 'qwen2'"):
         load(paths)
 
 

@@ -33,17 +33,19 @@ LM = "language_model.model."
 LM_HEAD = "language_model.lm_head."
 EMBED_KEY, LM_HEAD_KEY = LM + "embed_tokens.weight", LM_HEAD + "weight"
 
-LLAVA_HF = {  # layouts of one llava-hf directory (config.json model_type "llava")
+NEWLINE = "image_newline"  # LLaVA-1.6's learned row end (a parameter of Llava itself)
+LLAVA_HF = {  # layouts of one llava-hf directory (config.json model_type "llava" or "llava_next")
     "A": [("vision_tower.vision_model.", VISION), ("multi_modal_projector.", PROJECTOR),
-          ("language_model.model.", LM), ("language_model.lm_head.", LM_HEAD)],
+          ("language_model.model.", LM), ("language_model.lm_head.", LM_HEAD), (NEWLINE, NEWLINE)],
     "A'": [("model.vision_tower.vision_model.", VISION), ("model.multi_modal_projector.", PROJECTOR),
-           ("model.language_model.", LM), ("lm_head.", LM_HEAD)],
+           ("model.language_model.", LM), ("lm_head.", LM_HEAD), ("model." + NEWLINE, NEWLINE)],
     "A'-flat": [("model.vision_tower.", VISION), ("model.multi_modal_projector.", PROJECTOR),
-                ("model.language_model.", LM), ("lm_head.", LM_HEAD)],
+                ("model.language_model.", LM), ("lm_head.", LM_HEAD), ("model." + NEWLINE, NEWLINE)],
     "A-flat": [("vision_tower.", VISION), ("multi_modal_projector.", PROJECTOR),
-               ("language_model.model.", LM), ("language_model.lm_head.", LM_HEAD)],
+               ("language_model.model.", LM), ("language_model.lm_head.", LM_HEAD), (NEWLINE, NEWLINE)],
     "A-mixed": [("model.vision_tower.vision_model.", VISION), ("model.multi_modal_projector.", PROJECTOR),
-                ("model.language_model.model.", LM), ("language_model.lm_head.", LM_HEAD)],
+                ("model.language_model.model.", LM), ("language_model.lm_head.", LM_HEAD),
+                ("model." + NEWLINE, NEWLINE)],
 }
 CLIP_RULES = [("vision_model.", VISION)]  # a CLIP dir (CLIPModel or CLIPVisionModel); layouts B, C
 LLAMA_RULES = [("model.", LM), ("lm_head.", LM_HEAD)]  # a HF LLaMA dir (C), and the LLM inside a layout-B file
@@ -73,8 +75,9 @@ def projector_rules(projector_type: str, prefix: str = "model.mm_projector.") ->
 
 
 def layout_b_rules(projector_type: str) -> list:
-    """One original-LLaVA file: the projector and the tower first, since `model.` alone means the LLM."""
-    return projector_rules(projector_type) + B_TOWER_RULES + LLAMA_RULES
+    """One original-LLaVA file: the projector, the tower and 1.6's newline first, since `model.` alone means the
+    LLM."""
+    return projector_rules(projector_type) + B_TOWER_RULES + [("model." + NEWLINE, NEWLINE)] + LLAMA_RULES
 
 
 def stage1_projector_rules(projector_type: str) -> list:

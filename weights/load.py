@@ -274,7 +274,7 @@ def _vision_dir(path: Path, d: dict, vision_path) -> Path:
     tower = d.get("mm_vision_tower")
     if tower and Path(tower).is_dir():
         return Path(tower)
-    kind = "an original LLaVA checkpoint ('llava_llama')" if d.get("model_type") == "llava_llama" else \
+    kind = f"an original LLaVA checkpoint ({d.get('model_type')!r})" if d.get("model_type") != "llama" else \
         "a plain LLaMA checkpoint ('llama')"
     named = f"; its config.json names mm_vision_tower={tower!r}, which is not a local directory" if tower else ""
     raise CheckpointError(f"{path} is {kind}: its vision tower is not in it. Pass the CLIP directory "
@@ -286,9 +286,6 @@ def _check_original_config(config_file: Path, d: dict, vision_dir: Path, vision_
     if d.get("mm_use_im_start_end"):
         raise CheckpointError(f"{config_file}: mm_use_im_start_end=true (<im_start>/<im_end> tokens) is not "
                               "supported")
-    if d.get("image_aspect_ratio", "pad") not in ("pad", "square"):
-        raise CheckpointError(f"{config_file}: image_aspect_ratio {d['image_aspect_ratio']!r} (LLaVA-1.6 anyres?) "
-                              "is not supported")
     if d.get("mm_hidden_size", vision_hidden) != vision_hidden:
         raise CheckpointError(f"{config_file} has mm_hidden_size {d['mm_hidden_size']} but the CLIP tower in "
                               f"{vision_dir} has hidden_size {vision_hidden}: wrong CLIP directory?")
@@ -300,16 +297,16 @@ def _layout(path: Path, d: dict, vision_path, projector_path, projector_type, ne
     model_type = d.get("model_type")
     if new_projector and model_type != "llama":
         raise ValueError(f"new_projector=True is for a plain LLaMA checkpoint (layout C); {path} is {model_type!r}")
-    if model_type == "llava":  # the llava-hf layouts: one directory holds everything
+    if model_type in ("llava", "llava_next"):  # the llava-hf layouts: one directory holds everything
         return _config(config_file, d, projector_type=projector_type), [(TensorFiles(path), None)]
-    if model_type not in ("llava_llama", "llama"):
-        raise CheckpointError(f"{config_file}: unknown model_type {model_type!r}; expected 'llava' (llava-hf), "
-                              "'llava_llama' (original LLaVA, with a CLIP dir) or 'llama' (with a CLIP dir and "
-                              "a projector)")
+    if model_type not in ("llava_llama", "llava_mistral", "llama"):
+        raise CheckpointError(f"{config_file}: unknown model_type {model_type!r}; expected 'llava' / 'llava_next' "
+                              "(llava-hf), 'llava_llama' / 'llava_mistral' (original LLaVA, with a CLIP dir) or "
+                              "'llama' (with a CLIP dir and a projector)")
     vision_dir = _vision_dir(path, d, vision_path)
     vision_d = read_json(vision_dir / "config.json")
     llm = TensorFiles(path)
-    if model_type == "llava_llama":  # B: LLM + projector in one file, CLIP apart
+    if model_type != "llama":  # B: LLM + projector (1.6: + its tuned tower and newline) in one file, CLIP apart
         cfg = _config(config_file, d, vision=vision_d, projector_type=projector_type)
         _check_original_config(config_file, d, vision_dir, cfg.vision.hidden_size)
         parts = [(llm, keymaps.layout_b_rules(cfg.projector_type))]
@@ -417,7 +414,7 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     """Load a LLaVA checkpoint in any official layout; see the module docstring.
 
     path:           checkpoint dir; config.json's model_type picks the layout: "llava" (A and its variants),
-                    "llava_llama" (B), "llama" (C).
+                    "llava_llama" / "llava_mistral" (B), "llama" (C); "llava_next" is LLaVA-1.6 in A.
     vision_path:    the CLIP dir for layouts B and C.
     projector_path: layout C's stage-1 projector file (or a dir holding mm_projector.safetensors/.bin).
     new_projector:  layout C without a projector file: initialise it fresh (training stage 1).

@@ -58,16 +58,25 @@ def random_llava(config: LlavaConfig, seed: int = 0, dtype=torch.float32) -> Lla
 # Official config.json files
 
 def llama_config(t: TextConfig, dtype) -> dict:
-    """A HF LLaMA/Vicuna config.json (lmsys/vicuna-7b-v1.5 has these fields)."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "initializer_range": 0.02, "pretraining_tp": 1, "rope_scaling": None, "use_cache": True,
-            "pad_token_id": 0, "torch_dtype": _dtype_name(dtype), **dataclasses.asdict(t)}
+    """A HF LLaMA/Vicuna config.json (lmsys/vicuna-7b-v1.5 has these fields); a Mistral one for a Mistral."""
+    fields = dataclasses.asdict(t)
+    if t.model_type != "mistral":
+        del fields["sliding_window"]
+    return {"architectures": ["MistralForCausalLM" if t.model_type == "mistral" else "LlamaForCausalLM"],
+            "hidden_act": "silu", "initializer_range": 0.02, "pretraining_tp": 1, "rope_scaling": None,
+            "use_cache": True, "pad_token_id": 0, "torch_dtype": _dtype_name(dtype), **fields}
 
 
 def original_llava_config(cfg: LlavaConfig, dtype) -> dict:
-    """liuhaotian/llava-v1.5-7b's config.json: the LLaMA fields plus the mm_* fields of the original code."""
-    return {**llama_config(cfg.text, dtype), "architectures": ["LlavaLlamaForCausalLM"],
-            "model_type": "llava_llama", "mm_vision_tower": CLIP_NAME, "mm_hidden_size": cfg.vision.hidden_size,
+    """liuhaotian/llava-v1.5-7b's config.json: the LLaMA fields plus the mm_* fields of the original code;
+    LLaVA-1.6's (liuhaotian/llava-v1.6-*) add AnyRes's, pinpoints as (width, height), and its tuned tower."""
+    mistral = cfg.text.model_type == "mistral"
+    anyres = {"image_grid_pinpoints": [[w, h] for h, w in cfg.image_grid_pinpoints],
+              "mm_patch_merge_type": "spatial_unpad", "unfreeze_mm_vision_tower": True} if cfg.anyres else {}
+    return {**llama_config(cfg.text, dtype), **anyres,
+            "architectures": ["LlavaMistralForCausalLM" if mistral else "LlavaLlamaForCausalLM"],
+            "model_type": "llava_mistral" if mistral else "llava_llama", "mm_vision_tower": CLIP_NAME,
+            "mm_hidden_size": cfg.vision.hidden_size,
             "mm_projector_type": cfg.projector_type, "mm_vision_select_layer": cfg.vision_feature_layer,
             "mm_vision_select_feature": "patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
             "image_aspect_ratio": cfg.image_aspect_ratio, "mm_use_im_start_end": False,
@@ -131,13 +140,15 @@ def clip_model_tensors(model: Llava, seed: int = 0) -> dict:
 
 
 def _llm_tensors(model: Llava, rules) -> dict:
-    """The LLM (and projector, with layout B's rules) under official names, plus the per-layer
+    """The LLM (and projector, with layout B's rules; with 1.6's also the tower and newline) under official
+    names, plus the per-layer
     `self_attn.rotary_emb.inv_freq` buffers older transformers saved."""
     t = model.config.text
     state = {}
     for k, v in model.state_dict().items():
         official = keymaps.to_official(k, rules)  # None for the projector under LLAMA_RULES (layout C)
-        if official and not k.startswith(keymaps.VISION) and not (k == keymaps.LM_HEAD_KEY and t.tie_word_embeddings):
+        tower = k.startswith(keymaps.VISION) and not model.config.anyres  # 1.6 files hold their own tuned tower
+        if official and not tower and not (k == keymaps.LM_HEAD_KEY and t.tie_word_embeddings):
             state[official] = v
     inv_freq = 1.0 / t.rope_theta ** (torch.arange(0, t.head_dim, 2).float() / t.head_dim)  # (hs/2,)
     for i in range(t.num_hidden_layers):
