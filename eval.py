@@ -726,8 +726,19 @@ def print_metrics(result: dict, file=None):
 # ----------------------------------------------------------------------------------------------------------
 # Answering (generate.py's batch mode, under the benchmark's protocol)
 
+def _is_anyres(model_dir) -> bool:
+    """Whether a checkpoint dir is LLaVA-1.6 (AnyRes), from its config.json alone (generate.py checks the rest)."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return d.get("model_type") == "llava_next" or d.get("image_aspect_ratio") == "anyres"
+
+
 def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0, device="auto", dtype="auto",
-           question_file=None, all_rounds=False, protocol="llava", quantize="none", group_size=64):
+           question_file=None, all_rounds=False, protocol="llava", quantize="none", group_size=64,
+           template="vicuna_v1"):
     """Answer every question not yet in answers_path; under torchrun each rank answers a contiguous chunk into
     its own file and rank 0 merges them in question order. Returns generate.main's exit status."""
     import generate  # here, not at the top: `score` imports neither torch nor the model
@@ -746,12 +757,13 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
         images = out + ".images"
         write_mmbench_images(os.path.join(data, bench.questions), images)
     argv = ["--model", model, "--questions", prepared, "--answers", out, "--image-folder", images,
-            "--template", "vicuna_v1", "--temperature", "0",
+            "--template", template, "--temperature", "0",
             "--max-new-tokens", str(bench.max_new_tokens), "--batch-size", str(batch_size),
             "--threads", str(threads), "--device", device, "--dtype", dtype,
             "--quantize", quantize, "--group-size", str(group_size),
             "--num-chunks", str(world), "--chunk-idx", str(rank)] + (["--vision", vision] if vision else []) + (
-            ["--image-aspect-ratio", "square"] if protocol == "lmms-eval" and name in LMMS_EVAL_NO_PAD else [])
+            ["--image-aspect-ratio", "square"] if protocol == "lmms-eval" and name in LMMS_EVAL_NO_PAD
+            and not _is_anyres(model) else [])  # AnyRes (1.6) never pads to square: nothing to turn off
     rc = generate.main(argv)
     os.remove(prepared)
     if name in MMBENCH_SUFFIX:
@@ -792,6 +804,8 @@ def main(argv=None) -> int:
             s.add_argument("--model", "--model-path", required=True, help="checkpoint directory (any layout)")
             s.add_argument("--vision", help="CLIP directory, for layouts B and C")
             s.add_argument("--batch-size", type=int, default=8, help="questions answered together (default: 8)")
+            s.add_argument("--template", "--conv-mode", default="vicuna_v1", help="the conversation template "
+                           "(default: vicuna_v1, the paper's; LLaVA-1.6 Mistral: mistral_instruct, 34B: chatml_direct)")
             s.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores this process may use)")
             s.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
             s.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -827,7 +841,7 @@ def main(argv=None) -> int:
             check_files(benchmark(a.bench, a.question_file), a.data, for_answering=False)  # before any model
         if a.cmd in ("answer", "run"):
             rc = answer(a.bench, a.model, a.data, a.answers, a.vision, a.batch_size, a.threads, a.device, a.dtype,
-                        a.question_file, a.all_rounds, a.protocol, a.quantize, a.group_size)
+                        a.question_file, a.all_rounds, a.protocol, a.quantize, a.group_size, a.template)
             if rc != 0 or a.cmd == "answer" or int(os.environ.get("RANK", 0)) != 0:
                 return rc
         result = score(a.bench, a.data, a.answers, a.output_submission, a.question_file, a.protocol)

@@ -570,6 +570,9 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"questions file not found: {cfg.questions}")
         model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device,
                                 optional_bool(cfg.tokenizer_legacy), cfg.quantize, cfg.group_size)
+        if cfg.image_aspect_ratio and model.config.anyres:
+            raise ValueError(f"{cfg.model} is a LLaVA-1.6 (anyres) model: --image-aspect-ratio "
+                             f"{cfg.image_aspect_ratio} would drop its tiles and image_newline")
         if cfg.image_aspect_ratio:
             model.config = dataclasses.replace(model.config, image_aspect_ratio=cfg.image_aspect_ratio)
         print(threads, file=sys.stderr)

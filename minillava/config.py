@@ -143,7 +143,8 @@ PRESETS.update({
                                                          rope_theta=1e6, model_type="mistral"), **_NEXT),
     "llava-v1.6-34b": LlavaConfig(text=TextConfig(vocab_size=64064, hidden_size=7168, intermediate_size=20480,
                                                   num_hidden_layers=60, num_attention_heads=56, num_key_value_heads=8,
-                                                  rope_theta=5e6), image_token_id=64000, pad_token_id=64001, **_NEXT),
+                                                  rope_theta=5e6, eos_token_id=7),  # <|im_end|>
+                                 image_token_id=64000, pad_token_id=64001, **_NEXT),
     # tiny with AnyRes: 32 px tiles, pinpoints of 1x2, 2x1 and 2x2 tiles
     "tiny-anyres": dataclasses.replace(PRESETS["tiny"], image_aspect_ratio="anyres",
                                        image_grid_pinpoints=((32, 64), (64, 32), (64, 64))),
@@ -259,6 +260,8 @@ def _image_fields(d: dict, llava_hf: bool) -> dict:
     as (height, width) and rounds when unpadding; the original code says `image_aspect_ratio: anyres` with
     `mm_patch_merge_type: spatial_unpad`, lists (width, height) and truncates (minillava/anyres.py)."""
     next_hf = d.get("model_type") == "llava_next"
+    if next_hf and d.get("use_image_newline_parameter") is False:
+        raise ValueError("use_image_newline_parameter false: minillava's LLaVA-1.6 always has an image_newline")
     aspect = "anyres" if next_hf else d.get("image_aspect_ratio", "pad")
     merge = "spatial_unpad" if next_hf else d.get("mm_patch_merge_type", "flat")
     if aspect not in ("pad", "square", "anyres"):

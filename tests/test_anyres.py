@@ -351,3 +351,15 @@ def test_generate_py_answers_with_a_1_6_checkpoint(tmp_path, capsys):
     assert chat.ask("What is it?") == expected[1]
     chat.ask("And then?")  # the second turn reuses the image: prefilled once
     assert chat.stats.prefill_tokens < 2 * cfg.image_positions((70, 33))
+
+
+def test_an_aspect_ratio_override_on_a_1_6_model_is_refused(tmp_path, capsys):
+    import generate as G
+    from tests.spm_util import train_tiny_spm
+    cfg = TINY.replace(text=dataclasses.replace(TINY.text, vocab_size=832), image_token_id=768, pad_token_id=769)
+    ckpt = str(write_layout(random_llava(cfg), tmp_path / "next", "A", tokenizer=train_tiny_spm(tmp_path / "spm"))[
+        "model"])
+    image(40, 90).save(tmp_path / "a.png")
+    rc = G.main(["--model", ckpt, "--image", str(tmp_path / "a.png"), "--prompt", "hi", "--image-aspect-ratio",
+                 "square", "--threads", "1"])
+    assert rc == 1 and "is a LLaVA-1.6 (anyres) model: --image-aspect-ratio square would drop" in capsys.readouterr().err

@@ -506,3 +506,29 @@ def test_run_quantizes_while_loading(tiny_pope, tmp_path, capsys):
                    "1", "--batch-size", "4", "--quantize", "int4", "--group-size", "32"]) == 0
     assert "LLM linear layers int4 (groups of 32)" in capsys.readouterr().err
     assert len(open(tmp_path / "q" / "answers.jsonl").read().splitlines()) == 7
+
+
+def test_run_on_a_llava_1_6_checkpoint_with_its_template(tiny_pope, tmp_path):
+    """A llava_next (Mistral) checkpoint, --template mistral_instruct: the same answers as generate.answer on that
+    template (image positions from each image's size), scored."""
+    import dataclasses
+
+    import generate
+    from minillava.config import get_preset
+    from tests.spm_util import train_tiny_spm
+    from weights import write_random_checkpoint
+    _, data = tiny_pope
+    t = get_preset("tiny-anyres")
+    cfg = t.replace(text=dataclasses.replace(t.text, vocab_size=832, model_type="mistral"), image_token_id=768,
+                    pad_token_id=769)
+    ckpt = str(write_random_checkpoint(tmp_path / "next", cfg, "A", seed=1,
+                                       tokenizer=train_tiny_spm(tmp_path / "spm"))["model"])
+    assert E.main(["run", "pope", "--model", ckpt, "--data", str(data), "--out", str(tmp_path / "o"), "--threads", "1",
+                   "--batch-size", "3", "--template", "mistral_instruct"]) == 0
+    lines = {a["question_id"]: a["text"] for a in map(json.loads, open(tmp_path / "o" / "answers.jsonl"))}
+    questions = [json.loads(line) for line in open(data / "llava_pope_test.jsonl")]
+    model, tok = generate.load(ckpt)
+    expected = generate.answer(model, tok, [(str(data / "val2014" / q["image"]), q["text"]) for q in questions],
+                               template="mistral_instruct", max_new_tokens=E.BENCHMARKS["pope"].max_new_tokens)
+    assert [lines[q["question_id"]] for q in questions] == expected
+    assert "f1" in json.load(open(tmp_path / "o" / "metrics.json"))["metrics"]
