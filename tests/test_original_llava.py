@@ -12,7 +12,9 @@ For `legacy` true and false, on two tiny vocabularies (one where "USER" after "<
 original's `preprocess_v1` / `preprocess_plain`, except on records where the original's own count disagrees
 with its ids ("tokenization mismatch ... (ignored)", every label masked): there the ids must still be equal,
 `original_masks_all` must say so, and minillava's labels are the correct spans. Chat prompts of every turn
-must equal `conv_templates['vicuna_v1']` + `tokenizer_image_token`.
+must equal `conv_templates['vicuna_v1']` + `tokenizer_image_token` (and 1.6's `mistral_instruct`, `chatml_direct`;
+`mistral_instruct`'s training ids and labels equal `preprocess_llama_2`'s). LLaVA-1.6: AnyRes pixels and image
+positions equal `process_anyres_image` / `unpad_image`, and a 1.6 checkpoint's logits equal the original model's.
 """
 import copy
 import json
@@ -354,3 +356,37 @@ def test_anyres_pixels_and_counts_equal_the_originals(name):
             cols, rows = get_anyres_image_grid_shape(img.size, d["image_grid_pinpoints"], S)
             kept = unpad_image(torch.zeros(1, rows * p, cols * p), img.size).shape[1:]
             assert cfg.image_positions(size) == p * p + kept[0] * (kept[1] + 1), (h, w)
+
+
+def test_llava_1_6_logits_equal_the_original_model(tmp_path):
+    """An original-layout 1.6 checkpoint (its tuned tower inside, pinpoints as (width, height)) in the original's
+    LlavaLlamaForCausalLM (llava_arch's spatial_unpad, its truncating unpad_image) and in minillava: the same
+    logits (fp32, 1e-4), for images of three aspect ratios, one of which keeps no grid row in this family."""
+    import torch
+
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    from minillava.config import get_preset
+    from minillava.image import model_pixels
+    from weights import load_llava, random_llava, write_layout
+    from tests.test_anyres import image
+    paths = write_layout(random_llava(get_preset("tiny-anyres"), seed=4), tmp_path / "ckpt", "B")
+    config = paths["model"] / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "mm_vision_tower": str(paths["vision"])}))
+    S = get_preset("tiny-anyres").vision.image_size  # the original also reads the CLIP dir's processor settings
+    (paths["vision"] / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": S, "width": S}, "size": {"shortest_edge": S}, "do_center_crop": True,
+        "do_normalize": True, "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3}))
+    theirs_model = LlavaLlamaForCausalLM.from_pretrained(str(paths["model"]), torch_dtype=torch.float32).eval()
+    ours_model = load_llava(paths["model"], vision_path=paths["vision"])
+    assert ours_model.config.unpad_rounding == "truncate"
+    for sizes, ids in (([(40, 90), (49, 392)], [1, 5, IMG, 6, 7, IMG, 8]), ([(70, 33)], [1, IMG, 9, 10])):
+        pix = [model_pixels(image(h, w, k), ours_model.config)[0] for k, (h, w) in enumerate(sizes)]
+        with torch.no_grad():
+            ours = ours_model(torch.tensor([ids]), torch.cat(pix), image_sizes=sizes)
+            theirs = theirs_model(input_ids=torch.tensor([ids]), images=pix, image_sizes=[(w, h) for h, w in sizes],
+                                  return_dict=True).logits
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max() <= 1e-4
+    assert ours.abs().mean() > 0.1
