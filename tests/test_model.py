@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from minillava.config import PRESETS, LlavaConfig, from_hf_config, get_preset, to_hf_config
+from minillava.config import PRESETS, from_hf_config, get_preset, to_hf_config
 from minillava.llava import IGNORE_INDEX, Llava
 
 

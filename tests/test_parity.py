@@ -133,14 +133,7 @@ def max_errors(model, hf, vision, llm, hf_image_id) -> dict:
     return errs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats several (OpenMP start-up and spinning cost more than the math,
-    by orders of magnitude when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

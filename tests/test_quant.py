@@ -24,12 +24,7 @@ TINY = get_preset("tiny")  # LLM widths 64 / 96: int4 groups of 32 divide them, 
 SETTINGS = [Quantization(8), Quantization(4, 32)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def layer(N, K, bits, group_size=None, bias=False, seed=0):

@@ -26,14 +26,7 @@ TINY = get_preset("tiny")
 CFG = TINY.replace(text=dataclasses.replace(TINY.text, vocab_size=512))  # room for the synthetic tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads waiting for each other
-    make a step 10-40x slower; the subprocesses get OMP_NUM_THREADS=1 (torchrun sets it too)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -49,14 +49,7 @@ def assert_same_state(a, b):
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats several (OpenMP start-up and spinning cost more than the math,
-    by orders of magnitude when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -435,5 +428,5 @@ def test_layout_b_needs_its_clip_dir(tmp_path, ckpts, ref):
     with pytest.raises(CheckpointError, match=r"mm_use_im_start_end=true .* is not supported"):
         load_llava(paths["model"])
     edit_json(config, lambda d: d.update(mm_use_im_start_end=False, mm_hidden_size=1024))
-    with pytest.raises(CheckpointError, match=rf"mm_hidden_size 1024 but the CLIP tower in .* has hidden_size 32"):
+    with pytest.raises(CheckpointError, match=r"mm_hidden_size 1024 but the CLIP tower in .* has hidden_size 32"):
         load_llava(paths["model"])
