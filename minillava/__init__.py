@@ -1,4 +1,4 @@
-"""minillava: LLaVA (v1 and 1.5) from scratch in plain PyTorch: the model, its tokenizer, templates, images, data
+"""minillava: LLaVA (v1, 1.5 and 1.6) from scratch in plain PyTorch: the model, its tokenizer, templates, images, data
 and sampling. It imports `kernels` and nothing above it: checkpoint files are the `weights` package's.
 
     import minillava, weights

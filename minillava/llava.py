@@ -94,7 +94,8 @@ class Llava(nn.Module):
         S = cfg.vision.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
             raise ValueError(f"pixel_values have shape {tuple(pixel_values.shape)}, but this model's vision tower "
-                             f"takes (N, 3, {S}, {S}): use minillava.image.model_pixels(image, model.config) (size={S})")
+                             f"takes (N, 3, {S}, {S}) (size={S}): use minillava.image.model_pixels(image, "
+                             "model.config)")
         tiles = [1] * pixel_values.shape[0]
         if cfg.anyres:
             image_sizes = self._sizes(image_sizes)

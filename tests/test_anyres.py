@@ -357,4 +357,5 @@ def test_an_aspect_ratio_override_on_a_1_6_model_is_refused(tmp_path, capsys):
     image(40, 90).save(tmp_path / "a.png")
     rc = G.main(["--model", ckpt, "--image", str(tmp_path / "a.png"), "--prompt", "hi", "--image-aspect-ratio",
                  "square", "--threads", "1"])
-    assert rc == 1 and "is a LLaVA-1.6 (anyres) model: --image-aspect-ratio square would drop" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 1 and "is a LLaVA-1.6 (anyres) model: --image-aspect-ratio square would drop" in err

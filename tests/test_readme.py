@@ -65,7 +65,8 @@ def files(tmp_path_factory):
     mistral = nxt.replace(text=dataclasses.replace(cfg.text, model_type="mistral", rope_theta=1e6))
     next_hf = write_random_checkpoint(root / "next-hf", mistral, "A", seed=0, tokenizer=tok)["model"]
     next_b = write_random_checkpoint(root / "next-b", nxt, "B", seed=0, tokenizer=tok)["model"]
-    return {"llava-v1.6-mistral-7b-hf": str(next_hf), "llava-v1.6-vicuna-7b": str(next_b), "runs/next": str(root / "next"),
+    return {"llava-v1.6-mistral-7b-hf": str(next_hf), "llava-v1.6-vicuna-7b": str(next_b),
+            "runs/next": str(root / "next"),
             "llava-1.5-7b-hf": str(hf), "photo.jpg": image, "q.jsonl": str(root / "q.jsonl"),
             "a.jsonl": str(root / "a.jsonl"), "images": os.path.dirname(image),
             "vicuna-7b-v1.5": str(c["model"]), "clip-vit-large-patch14-336": str(c["vision"]),

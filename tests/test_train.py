@@ -191,7 +191,8 @@ def test_stage2_with_anyres_trains_the_newline_and_writes_a_llava_next_model(env
     model = result["model"]
     assert model.config.anyres and model.config.image_grid_pinpoints == ((32, 64), (64, 32), (64, 64), (96, 32),
                                                                          (32, 96))
-    fresh = torch.randn(CFG.text.hidden_size, generator=torch.Generator().manual_seed(42)) * CFG.text.hidden_size ** -0.5
+    C = CFG.text.hidden_size
+    fresh = torch.randn(C, generator=torch.Generator().manual_seed(42)) * C ** -0.5  # use_anyres's draw
     assert not torch.equal(model.image_newline.detach(), fresh)  # trained
     assert json.load(open(out / "config.json"))["model_type"] == "llava_next"
     saved = load_llava(out)
