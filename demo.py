@@ -13,7 +13,8 @@ Each step runs the code a LLaVA-1.5-7B run uses:
  3. base model a random CLIP-like vision tower and a random LLaMA-like decoder, written as official
                checkpoints in layout C (a CLIP dir and a LLaMA dir), as if they had been downloaded.
  4. stage 1    `train.py --stage 1`: the projector alone learns to map image features into the LLM.
- 5. stage 2    `train.py --stage 2`: projector + LLM learn to follow visual instructions (CLIP frozen).
+ 5. stage 2    `train.py --stage 2`: projector + LLM learn to follow visual instructions (CLIP frozen);
+               `--image-aspect-ratio anyres` trains it the LLaVA-1.6 way (each image as tiles + image_newline).
  6. evaluation `generate.py`'s API answers the held-out questions greedily: exact match per kind, vs chance;
                then again with the LLM's linear layers quantized to int8 and to int4 (weights/quantize.py).
  7. benchmarks `eval.py run` on the held-out images written as a POPE and a ScienceQA benchmark (LLaVA's eval
@@ -55,6 +56,7 @@ class DemoConfig:
     batch: int = 32  # sequences per optimizer step, both stages
     threads: int = 0  # CPU threads (0: the cores this process may use; OMP_NUM_THREADS if set)
     examples: int = 8  # held-out questions printed with the model's answers
+    image_aspect_ratio: str = "pad"  # stage 2's images: pad (LLaVA-1.5) or anyres (LLaVA-1.6: tiles + image_newline)
 
 
 def model_config(vocab_size: int, image_size: int) -> LlavaConfig:
@@ -97,6 +99,8 @@ def run_stage(stage: int, cfg: DemoConfig, base: dict, data: dict, out: str, pro
             "--threads", str(torch.get_num_threads())]
     if projector:
         argv += ["--projector", projector]
+    if stage == 2:
+        argv += ["--image-aspect-ratio", cfg.image_aspect_ratio]
     print(f"\n$ python train.py {' '.join(argv)}", flush=True)
     return train.main(argv)
 
@@ -146,7 +150,7 @@ def main(argv=None) -> dict:
     from minillava.cli import add_config_args, set_threads
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(p, DemoConfig)
+    add_config_args(p, DemoConfig, choices={"image_aspect_ratio": ("pad", "anyres")})
     cfg = DemoConfig(**vars(p.parse_args(argv)))
     print(set_threads(cfg.threads), flush=True)
     t0 = time.time()

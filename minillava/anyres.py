@@ -15,7 +15,8 @@ Three steps, each below in one function:
 Sizes are (height, width) everywhere here. The two checkpoint families differ in two details and each model gets
 its own family's: the original code lists pinpoints as (width, height) (minillava.config swaps them on reading,
 list order kept, so full ties still go to that family's first entry), and it truncates where transformers
-rounds when unpadding (`unpad_rounding` "truncate" vs "round": a 188x47 image keeps 42 vs 68 grid positions).
+rounds when unpadding (`unpad_rounding` "truncate" vs "round": at 336 px a 176x55 (w x h) image keeps 686 vs 784
+grid positions, where 55 * 48 / 176 = 14.999999999999998 truncates to 14 rows).
 """
 import math
 

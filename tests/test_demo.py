@@ -45,3 +45,16 @@ def test_demo_pipeline_runs_and_reports(tmp_path, capsys):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "decode" in run.stderr  # the tokens/s summary
+
+
+def test_demo_trains_the_llava_1_6_way_when_asked(tmp_path, capsys):
+    """--image-aspect-ratio anyres: stage 2 writes a llava_next model, and every later step (held-out answers,
+    quantized, eval.py's benchmarks) runs on it."""
+    out = tmp_path / "demo"
+    res = demo.main(["--out", str(out), "--n-train", "16", "--n-test", "2", "--stage2-epochs", "1", "--batch", "16",
+                     "--examples", "1", "--image-aspect-ratio", "anyres"])
+    printed = capsys.readouterr().out
+    config = json.loads((out / "stage2" / "config.json").read_text())
+    assert config["model_type"] == "llava_next" and config["image_grid_pinpoints"][0] == [48, 96]
+    assert "--image-aspect-ratio anyres" in printed and 0.0 <= res["accuracy"] <= 1.0
+    assert len((out / "eval" / "pope" / "answers.jsonl").read_text().splitlines()) == 2
