@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from minillava.config import LlavaConfig
-from minillava.image import image_size, load_image, model_pixels, to_rgb
+from minillava.image import load_image, model_pixels, to_rgb
 from minillava.templates import IGNORE_INDEX, original_masks_all, tokenize_conversation
 from minillava.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
@@ -100,17 +100,19 @@ def _shape_problem(rec) -> str | None:
     return None
 
 
-def encode(rec, cfg: DataConfig):
-    """A well-formed record -> (input_ids, labels, image path or None, its size (h, w) or None, excluded reason
-    or None).
+def image_path(rec, cfg: DataConfig) -> str | None:
+    """The file of a well-formed record's image, or None for a text-only record."""
+    return os.path.join(cfg.image_folder, rec["image"]) if "image" in rec else None
 
-    Raises ValueError for a conversation the template cannot take (roles not alternating, ...), OSError /
-    ValueError for an image whose header cannot be read (an AnyRes image's positions depend on its size). The ids
-    are truncated so that the sample spans at most cfg.max_length LLM positions, images included."""
+
+def encode(rec, cfg: DataConfig, size=None):
+    """A well-formed record and its image's size (h, w) (None without one) -> (input_ids, labels, excluded reason
+    or None). The size matters with AnyRes, where an image's LLM positions depend on it.
+
+    Raises ValueError for a conversation the template cannot take (roles not alternating, ...). The ids are
+    truncated so that the sample spans at most cfg.max_length LLM positions, images included."""
     image_id = cfg.model.image_token_id
     ids, labels = tokenize_conversation(rec["conversations"], cfg.template, cfg.tokenizer, image_id)
-    image = os.path.join(cfg.image_folder, rec["image"]) if "image" in rec else None
-    size = None if image is None else image_size(image)
     n_img = ids.count(image_id)
     keep = cfg.max_length - (n_img * (cfg.model.image_positions(size) - 1) if n_img else 0)  # ids that fit
     excluded = None
@@ -120,7 +122,16 @@ def encode(rec, cfg: DataConfig):
         ids, labels = ids[:max(keep, 0)], labels[:max(keep, 0)]
     if excluded is None and all(y == IGNORE_INDEX for y in labels):
         excluded = f"no supervised token left after truncation to max_length {cfg.max_length}"
-    return ids, labels, image, size, excluded
+    return ids, labels, excluded
+
+
+def _load(rec, cfg: DataConfig):
+    """A well-formed record's image, decoded (each sample opens its file once), and its size (h, w); or None, None."""
+    path = image_path(rec, cfg)
+    if path is None:
+        return None, None
+    img = load_image(path)
+    return img, (img.height, img.width)
 
 
 def check_record(rec, index: int, cfg: DataConfig) -> Checked:
@@ -130,19 +141,17 @@ def check_record(rec, index: int, cfg: DataConfig) -> Checked:
     if problem:
         return Checked(index, rid, problem=problem)
     try:
-        ids, labels, image, size, excluded = encode(rec, cfg)
-    except (OSError, ValueError) as e:  # the template's checks (roles alternate, ...), an unreadable image
+        img, size = _load(rec, cfg)
+        if img is not None:
+            to_rgb(img)
+        ids, labels, excluded = encode(rec, cfg, size)
+    except (OSError, ValueError) as e:  # an unreadable image, the template's checks (roles alternate, ...)
         return Checked(index, rid, problem=str(e))
-    if image is not None:
-        try:
-            to_rgb(load_image(image))
-        except (OSError, ValueError) as e:
-            return Checked(index, rid, problem=str(e))
     masked = excluded is None and original_masks_all(rec["conversations"], cfg.template, cfg.tokenizer,
                                                      cfg.model.image_token_id, cfg.max_length)
     length = cfg.model.llm_length(ids, [size])
     return Checked(index, rid, excluded=excluded, length=length, n_supervised=sum(y != IGNORE_INDEX for y in labels),
-                   has_image=image is not None, original_masks_all=masked)
+                   has_image=img is not None, original_masks_all=masked)
 
 
 _WORK = None  # (records, cfg) inherited by forked check workers
@@ -178,10 +187,11 @@ class LlavaDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        ids, labels, image, size, excluded = encode(self.records[i], self.cfg)
+        img, size = _load(self.records[i], self.cfg)
+        ids, labels, excluded = encode(self.records[i], self.cfg, size)
         if excluded:  # check_records keeps these out of the order; reaching one is a bug
             raise RuntimeError(f"record {record_name(self.records[i], i)} should have been excluded: {excluded}")
-        pixels = None if image is None else model_pixels(image, self.cfg.model)[0]  # (n_tiles, 3, S, S)
+        pixels = None if img is None else model_pixels(img, self.cfg.model)[0]  # (n_tiles, 3, S, S)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
                 "image_size": size}
 

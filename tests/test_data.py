@@ -119,8 +119,9 @@ def test_truncation_counts_np_and_reports_samples_left_without_supervision(cfg):
     # Cut inside the reply: the sample keeps max_length - (Np - 1) ids, i.e. exactly max_length positions.
     max_length = first_sup + 3 + (NP - 1)
     c = dataclass_replace(cfg, max_length=max_length)
-    got_ids, got_labels, image, _, excluded = data.encode(rec, c)
-    assert excluded is None and image == os.path.join(cfg.image_folder, "a.png")
+    assert data.image_path(rec, c) == os.path.join(cfg.image_folder, "a.png")
+    got_ids, got_labels, excluded = data.encode(rec, c, Image.open(data.image_path(rec, c)).size[::-1])
+    assert excluded is None
     assert got_ids == ids[:first_sup + 3] and got_labels == labels[:first_sup + 3]
     [checked] = data.check_records([rec], c)
     assert checked.length == max_length and checked.n_supervised == 3
@@ -139,9 +140,17 @@ def dataclass_replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-def test_dataset_items_and_right_padded_collate(cfg):
+def test_dataset_items_and_right_padded_collate(cfg, monkeypatch):
     ds = data.LlavaDataset(GOOD, cfg)
+    opened = []  # each sample opens its image file once (the size it needs comes from the decoded image)
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
     items = [ds[i] for i in range(len(GOOD))]
+    assert len(opened) == sum("image" in rec for rec in GOOD) > 0
+    opened.clear()
+    data.check_records(GOOD, cfg)
+    assert len(opened) == sum("image" in rec for rec in GOOD)
+    monkeypatch.undo()
     for rec, item in zip(GOOD, items):
         ids, labels = tokenize_conversation(rec["conversations"], "vicuna_v1", cfg.tokenizer, IMG)
         assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
