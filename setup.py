@@ -5,7 +5,7 @@ from setuptools import setup
 setup(
     name="minillava",
     version="0.1.0",
-    description="LLaVA (v1 and 1.5) from scratch in plain PyTorch, with fused Triton kernels",
+    description="LLaVA (v1, 1.5 and 1.6) from scratch in plain PyTorch, with fused Triton kernels",
     python_requires=">=3.10",
     packages=["minillava", "kernels", "weights"],
     py_modules=["train", "generate", "eval", "serve", "demo"],
