@@ -755,9 +755,11 @@ def _decode_torch(q, k, v, key_padding_mask, scale):
     n_kv, Tk = k.shape[1], k.shape[2]
     qg = q.reshape(B, n_kv, nh // n_kv, hs)  # (B, n_kv, G, hs)
     s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, n_kv, G, Tk), softmax in fp32
-    if key_padding_mask is not None:
+    if key_padding_mask is None:  # every key visible (e.g. one sequence at its exact length): nothing to mask
+        p = torch.softmax(s, dim=-1)
+    else:
         s = s.masked_fill(~key_padding_mask.view(B, 1, 1, Tk), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row that sees no key -> 0
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row that sees no key -> 0
     return torch.matmul(p.to(v.dtype), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
 
 

@@ -241,23 +241,25 @@ class Engine:
                 self._finish(s, "abort")
 
     # --- one token per slot -------------------------------------------------------------------------------
-    def _decode_step(self, tokens, positions, kv_len: int):
+    def _decode_step(self, tokens, positions, kv_len: int, all_visible: bool = False):
         """tokens (slots,) at positions (slots,) -> logits (slots, V). Every slot's token is written at its own
-        position and attends to its own positions <= that one, reading keys [0, kv_len)."""
+        position and attends to its own positions <= that one, reading keys [0, kv_len) (all of them, with no mask,
+        when all_visible: see CacheWrite)."""
         lm = self.model.language_model
         x = lm.model.embed_tokens(tokens[:, None])  # (slots, 1, C)
-        hidden = lm.model(x, positions[:, None], cache=CacheWrite(None, positions, kv_len))
+        hidden = lm.model(x, positions[:, None], cache=CacheWrite(None, positions, kv_len, all_visible))
         return lm.lm_head(hidden[:, 0])  # (slots, V)
 
-    def _kv_len(self) -> int:
-        """Keys a decode step reads. Compiled: all S_max (one shape). Eager: up to the longest running sequence,
-        rounded up to a multiple of 256, so short sequences do not pay for reading an empty cache. (The masked keys
-        add exact zeros; a BLAS may still split a longer sum differently, so only the compiled step guarantees the
-        last bit of a logit whatever the neighbours. The tests find the greedy ids equal either way.)"""
+    def _kv_len(self) -> tuple[int, bool]:
+        """Keys a decode step reads, and whether every slot sees all of them. Compiled: all S_max (one shape), under
+        the mask. Eager: exactly the longest running sequence's keys, so a short one does not pay for reading an
+        empty cache, and no mask at all when every slot runs at that length (one slot: single-stream decoding).
+        (The masked keys add exact zeros; a BLAS may still split a longer sum differently, so only the compiled
+        step guarantees the last bit of a logit whatever the neighbours. The tests find the greedy ids equal.)"""
         if self.compiled:
-            return self.S
-        longest = max(self.length[s] + 1 for s in range(self.slots) if self.running[s] is not None)
-        return min(self.S, -(-longest // 256) * 256)
+            return self.S, False
+        ends = [self.length[s] + 1 if self.running[s] is not None else 0 for s in range(self.slots)]
+        return max(ends), min(ends) == max(ends)
 
     def _sample(self, logits, slots) -> list:
         """logits (n, V), row i for slots[i] -> the next id of each, with that slot's request's settings."""
@@ -299,7 +301,7 @@ class Engine:
         self.tokens.copy_(torch.tensor(ids), non_blocking=True)
         self.positions.copy_(torch.tensor(positions), non_blocking=True)
         with torch.inference_mode():
-            logits = self._step(self.tokens, self.positions, self._kv_len())  # (slots, V)
+            logits = self._step(self.tokens, self.positions, *self._kv_len())  # (slots, V)
         for s in tokens:
             self.length[s] += 1
         return logits[list(tokens)]

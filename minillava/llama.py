@@ -39,10 +39,13 @@ class CacheWrite:
     slot an int: the T tokens of that one sequence go to positions [start, start + T) and attend to [0, start + T)
     (prefill, or a later chat turn); start is an int. slot None: one token for every slot at once (a decode step);
     start (slots,) holds each slot's length, where its token goes; every slot reads keys [0, kv_len) under the mask
-    key j <= start. kv_len is the same for every step of a compiled engine (S_max), so the step has one shape."""
+    key j <= start. kv_len is the same for every step of a compiled engine (S_max), so the step has one shape.
+    all_visible: the caller knows that every slot's start is kv_len - 1 (one sequence, its exact length), so there
+    is no mask to build or apply."""
     slot: int | None
     start: int | torch.Tensor
     kv_len: int = 0
+    all_visible: bool = False
 
 
 class KVCache(nn.Module):
@@ -65,7 +68,7 @@ class KVCache(nn.Module):
         rows = torch.arange(k.shape[0], device=k.device)  # decode: B == slots, T == 1
         self.k_cache[rows, :, where.start] = k[:, :, 0]  # (slots, n_kv, hs) at each slot's own length
         self.v_cache[rows, :, where.start] = v[:, :, 0]
-        lengths = where.start + 1  # (slots,): a slot's token sees its positions [0, start]
+        lengths = None if where.all_visible else where.start + 1  # (slots,): a slot's token sees positions [0, start]
         return self.k_cache[:, :, :where.kv_len], self.v_cache[:, :, :where.kv_len], lengths
 
 

@@ -55,19 +55,27 @@ def run(requests, slots, model=MODEL, **kw):
     return engine, engine.run(requests)
 
 
-def test_cached_decoding_equals_a_full_forward_at_every_step_for_every_slot(monkeypatch):
+@pytest.mark.parametrize("slots", [3, 1])
+def test_cached_decoding_equals_a_full_forward_at_every_step_for_every_slot(monkeypatch, slots):
     pairs = prompts(5)
     seen = {}  # id(request) -> the logits rows the engine sampled from, in order
-    engine = Engine(SMOOTH, slots=3)  # 5 requests on 3 slots: two join mid-way, into reused slots
-    real = engine._sample
+    engine = Engine(SMOOTH, slots=slots)  # 5 requests: on 3 slots two join mid-way, into reused slots
+    real, real_step, masked = engine._sample, engine._step, []
 
     def recording(logits, slots):
         for row, s in zip(logits, slots):
             seen.setdefault(id(engine.running[s]), []).append(row.clone())
         return real(logits, slots)
+
+    def step(tokens, positions, kv_len, all_visible):  # one slot: its exact keys, no mask; several: masked
+        masked.append(not all_visible)
+        return real_step(tokens, positions, kv_len, all_visible)
     monkeypatch.setattr(engine, "_sample", recording)
+    monkeypatch.setattr(engine, "_step", step)
     done = engine.run([Request(ids, pix, max_new_tokens=6 + 2 * i) for i, (ids, pix) in enumerate(pairs)])
-    assert engine.stats.decode_steps < sum(len(r.out) for r in done) - len(done)  # slots did run together
+    assert all(masked) if slots > 1 else not any(masked)
+    if slots > 1:
+        assert engine.stats.decode_steps < sum(len(r.out) for r in done) - len(done)  # slots did run together
     for r in done:
         want, want_logits = full_forward_greedy(r.ids, r.pixel_values, r.max_new_tokens, SMOOTH)
         assert r.out == want and r.finish_reason == "length"
