@@ -4,11 +4,13 @@
 #     bash benchmarks/gpu_check.sh [LOG_DIR]        # LOG_DIR default: $OUT (the device tool's), else gpu_check_out
 #
 # Correctness first, then speed; every step has its own time limit and writes its log into LOG_DIR as it goes,
-# so a step that hangs or a lease that ends keeps what ran before it. Budget: about 9 minutes in all.
+# so a step that hangs or a lease that ends keeps what ran before it. Budget: about 11 minutes in all.
 #   1. env          nvidia-smi, python, torch, triton versions
 #   2. tests        the GPU kernel tests (bf16, fp16, fp32) in parallel processes (compiles are single-threaded)
 #   3. model        benchmarks/gpu_model_check.py: LLaVA-7B widths, 2 layers, bf16, kernels on vs off
-#   4-9. benchmarks attention (fwd, bwd, decode as CUDA graphs), SwiGLU MLP, RMSNorm, RoPE, cross-entropy, int8/int4
+#   4. decode       benchmarks/bench_decode_gpu.py: the engine at 7B in bf16, one slot in a CUDA graph vs the HBM
+#                   roofline, 8 and 32 slots
+#   5-10. benchmarks attention (fwd, bwd, decode as CUDA graphs), SwiGLU MLP, RMSNorm, RoPE, cross-entropy, int8/int4
 # The last lines printed are the summary: each step's status, exit code and seconds. Without a GPU it says so,
 # runs the CPU dry run of step 3 (the script itself), and exits 0 having measured nothing.
 set -u
@@ -61,6 +63,7 @@ step tests 240 $PY -m pytest -q $XDIST $TIMEOUT -p no:cacheprovider tests/test_k
     tests/test_kernel_mlp.py tests/test_kernel_rmsnorm.py tests/test_kernel_rope.py tests/test_kernel_cross_entropy.py \
     tests/test_kernel_model.py tests/test_quant.py -k "gpu"
 step model 120 $PY benchmarks/gpu_model_check.py
+step decode 150 $PY benchmarks/bench_decode_gpu.py
 step attention 120 $PY benchmarks/bench_attention.py --cuda-graph
 step mlp 60 $PY benchmarks/bench_mlp.py
 step rmsnorm 30 $PY benchmarks/bench_rmsnorm.py
