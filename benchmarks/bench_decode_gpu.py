@@ -31,7 +31,7 @@ from benchmarks.bench_common import (DTYPES, fraction, header, parse_args, peak_
                                      require_cuda)
 from minillava.config import get_preset  # noqa: E402
 from minillava.engine import Engine, GenerationStats, Request  # noqa: E402
-from minillava.llava import Llava  # noqa: E402
+from weights import random_llava  # noqa: E402
 
 TARGET = 0.75  # of the roofline, one slot in a CUDA graph
 
@@ -50,22 +50,11 @@ class Defaults:
 
 
 def build(a):
-    """The preset's model, its weights drawn on the device (7B of them on the CPU would take minutes)."""
+    """The preset's model, its random weights drawn on the device (7B of them on the CPU would take minutes)."""
     cfg = get_preset(a.preset)
     if a.layers:
         cfg = cfg.replace(text=replace(cfg.text, num_hidden_layers=a.layers))
-    with torch.device("meta"):
-        model = Llava(cfg).to(DTYPES[a.dtype])
-    model = model.to_empty(device=a.device)
-    g = torch.Generator(a.device).manual_seed(a.seed)
-    with torch.no_grad():
-        for p in model.parameters():  # linear weights ~ N(0, 1/fan_in), vectors 1: activations of order 1
-            if p.dim() > 1:
-                p.normal_(0, p.shape[-1] ** -0.5, generator=g)
-            else:
-                p.fill_(1.0)
-    model.language_model.tie_weights()
-    return model.eval()
+    return random_llava(cfg, seed=a.seed, dtype=DTYPES[a.dtype], device=a.device)
 
 
 def step_bytes(model, slots, mean_length):

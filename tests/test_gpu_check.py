@@ -26,7 +26,7 @@ def test_dry_run_without_a_gpu(tmp_path):
 def test_the_decode_benchmark_runs_and_says_when_a_compiled_step_fails(monkeypatch, capsys):
     """benchmarks/bench_decode_gpu.py (step `decode` of the GPU check) on CPU at toy size: a compiled step that fails
     is reported, tried again in plain PyTorch, then measured eager, so one bad compile still leaves figures."""
-    sys.path.insert(0, str(ROOT))
+    monkeypatch.syspath_prepend(str(ROOT))
     import benchmarks.bench_decode_gpu as bench
     real, calls = bench.measure, []
 
@@ -37,8 +37,9 @@ def test_the_decode_benchmark_runs_and_says_when_a_compiled_step_fails(monkeypat
         return real(model, a, slots, compiled)
     monkeypatch.setattr(bench, "measure", measure)
     monkeypatch.setenv("MINILLAVA_KERNELS", "auto")
-    monkeypatch.setattr(sys, "argv", ["bench_decode_gpu.py", "--device", "cpu", "--preset", "tiny", "--dtype", "fp32",
-                                      "--slots", "1", "2", "--compile-slots", "1", "--prompt", "16", "--new-tokens", "4"])
+    monkeypatch.setattr(sys, "argv", ["bench_decode_gpu.py", "--device", "cpu", "--preset", "tiny",
+                                      "--dtype", "fp32", "--slots", "1", "2", "--compile-slots", "1",
+                                      "--prompt", "16", "--new-tokens", "4"])
     bench.main()
     out = capsys.readouterr().out
     assert calls == [(1, True, "auto"), (1, True, "0"), (1, False, "auto"), (2, False, "auto")]

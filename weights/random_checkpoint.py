@@ -29,18 +29,19 @@ LAYOUTS = (*keymaps.LLAVA_HF, "B", "C")
 CLIP_NAME = "openai/clip-vit-large-patch14-336"  # what original LLaVA-1.5 configs name as mm_vision_tower
 
 
-def random_llava(config: LlavaConfig, seed: int = 0, dtype=torch.float32) -> Llava:
+def random_llava(config: LlavaConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> Llava:
     """A Llava with reproducible random weights scaled so activations stay of order 1 (logits ~1, not ~1e-3,
     so that a parity test at 1e-4 means something): linear weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1),
-    norm weights ~ 1 + N(0, 0.1^2), biases and other vectors ~ N(0, 0.1^2)."""
+    norm weights ~ 1 + N(0, 0.1^2), biases and other vectors ~ N(0, 0.1^2). `device`: where the weights are drawn
+    and kept (a GPU draws 7B of them in seconds; its numbers differ from the CPU's)."""
     with torch.device("meta"):
         model = Llava(config)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     state = {}
     for name, p in model.state_dict().items():
         if name == keymaps.LM_HEAD_KEY and config.text.tie_word_embeddings:
             continue
-        t = torch.randn(p.shape, generator=g)
+        t = torch.randn(p.shape, generator=g, device=device)
         if p.dim() == 1:
             is_norm_weight = name.endswith(".weight")  # the only 1-D weights are LayerNorm / RMSNorm ones
             t = 1 + 0.1 * t if is_norm_weight else 0.1 * t
