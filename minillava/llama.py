@@ -40,8 +40,8 @@ class CacheWrite:
     (prefill, or a later chat turn); start is an int. slot None: one token for every slot at once (a decode step);
     start (slots,) holds each slot's length, where its token goes; every slot reads keys [0, kv_len) under the mask
     key j <= start. kv_len is the same for every step of a compiled engine (S_max), so the step has one shape.
-    all_visible: the caller knows that every slot's start is kv_len - 1 (one sequence, its exact length), so there
-    is no mask to build or apply."""
+    all_visible: the caller knows that every slot's start is kv_len - 1 (e.g. one sequence at its exact length), so
+    there is no mask to build or apply."""
     slot: int | None
     start: int | torch.Tensor
     kv_len: int = 0
