@@ -33,6 +33,7 @@ LLM learn to read them. Learning is not smooth: count and position come first, c
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -71,7 +72,7 @@ def model_config(vocab_size: int, image_size: int) -> LlavaConfig:
 def write_base_checkpoint(out_dir: str, config, seed: int, tokenizer: str) -> dict:
     """Random base weights as official checkpoints in layout C: {"model": LLaMA dir, "vision": CLIP dir}."""
     from minillava.llava import Llava
-    from weights.random_checkpoint import write_layout
+    from minillava.weights.random_checkpoint import write_layout
 
     model = Llava(config)
     model.init_weights(seed)  # the published pretraining init, every parameter
@@ -88,7 +89,7 @@ def losses(log_path: str) -> tuple[float, float]:
 
 
 def run_stage(stage: int, cfg: DemoConfig, base: dict, data: dict, out: str, projector: str = "") -> dict:
-    import train
+    from minillava import train
 
     argv = ["--stage", str(stage), "--model", str(base["model"]), "--vision", str(base["vision"]),
             "--data", data["pretrain" if stage == 1 else "instruct"], "--image-folder", data["image_folder"],
@@ -108,7 +109,7 @@ def run_stage(stage: int, cfg: DemoConfig, base: dict, data: dict, out: str, pro
 def evaluate(model_dir: str, data: dict, quantize: str = "none") -> dict:
     """Greedy answers to every held-out question through generate.py's API; exact-match accuracy per kind.
     quantize: none | int8 | int4 (the LLM's linear layers, quantized while loading)."""
-    import generate
+    from minillava import generate
     from minillava import synthetic
 
     model, tok = generate.load(model_dir, dtype="float32", device="cpu", quantize=quantize)
@@ -133,7 +134,7 @@ def chance_sqa(sqa_dir: str) -> float:
 
 def run_benchmark(name: str, model_dir: str, data_dir: str, out: str) -> dict:
     """`eval.py run` on one of the demo's benchmarks; -> its metrics (eval.py prints them as a table)."""
-    import eval as evaluation
+    from minillava import eval as evaluation
 
     argv = ["run", name, "--model", model_dir, "--data", data_dir, "--out", out, "--batch-size", "50",
             "--threads", str(torch.get_num_threads())]
@@ -192,5 +193,11 @@ def main(argv=None) -> dict:
             "stage1_loss": loss1, "stage2_loss": loss2, "benchmarks": bench, "seconds": time.time() - t0}
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The command line (`python demo.py`, `minillava-demo`)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

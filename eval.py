@@ -741,7 +741,7 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
            template="vicuna_v1"):
     """Answer every question not yet in answers_path; under torchrun each rank answers a contiguous chunk into
     its own file and rank 0 merges them in question order. Returns generate.main's exit status."""
-    import generate  # here, not at the top: `score` imports neither torch nor the model
+    from minillava import generate  # here, not at the top: `score` imports neither torch nor the model
     bench = benchmark(name, question_file)
     check_files(bench, data, for_answering=True)
     questions = questions_for_generate(bench, data, all_rounds, protocol)

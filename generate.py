@@ -44,8 +44,8 @@ from minillava.engine import Engine, GenerationStats, Request
 from minillava.llama import KVCache
 from minillava.templates import TEMPLATES, build_prompt, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tokenize_with_images
-from weights import load_llava
-from weights.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_CHOICES, Quantization
+from minillava.weights import load_llava
+from minillava.weights.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_CHOICES, Quantization
 
 
 @dataclass

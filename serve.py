@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from PIL import Image
 
-import generate
+from minillava import generate
 from minillava.cli import add_config_args, set_threads
 from minillava.engine import Engine, Request
 from minillava.image import model_pixels

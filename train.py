@@ -14,8 +14,9 @@ by `python train.py --help`.
     torchrun --nproc_per_node 8 train.py --stage 2 ...
     # CPU, seconds: a tiny random LLaVA (layout C) and the synthetic dataset (what demo.py does, larger)
     python -c "import dataclasses as d; from minillava import synthetic as s; from minillava.config import \
-    get_preset; from weights import write_random_checkpoint as w; p = s.write_dataset('runs/data', n_train=200); \
-    c = get_preset('tiny'); w('runs/tiny', c.replace(text=d.replace(c.text, vocab_size=512)), 'C', \
+    get_preset; from minillava.weights import write_random_checkpoint as w; \
+    p = s.write_dataset('runs/data', n_train=200); c = get_preset('tiny'); \
+    w('runs/tiny', c.replace(text=d.replace(c.text, vocab_size=512)), 'C', \
     tokenizer=s.train_tokenizer(p['corpus'], 'runs/tok', 512))"
     python train.py --stage 1 --model runs/tiny/llama --vision runs/tiny/clip --data runs/data/pretrain.json \
         --image-folder runs/data --out runs/stage1 --global-batch 16 --micro-batch 8 --max-length 256 \
@@ -59,8 +60,8 @@ from minillava.cli import add_config_args, optional_bool, set_threads
 from minillava.llava import Llava
 from minillava.lora import apply_lora, merge_lora
 from minillava.tokenizer import Tokenizer
-from weights import load_llava, save_llava, save_projector
-from weights.save import atomic_file, fsync
+from minillava.weights import load_llava, save_llava, save_projector
+from minillava.weights.save import atomic_file, fsync
 
 
 @dataclass
@@ -724,13 +725,19 @@ def interrupted(argv) -> str:
     return f"interrupted; the last checkpoint is {ckpts[-1]}. Continue from it with:\n  {again}"
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The command line (`python train.py`, `minillava-train`): a user's mistake is one line, not a traceback."""
     try:
         main()
     except (TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print(f"\n{interrupted(sys.argv[1:])}", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import bench_common as common
-from kernels.attention import AttentionFunction
+from minillava.kernels.attention import AttentionFunction
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 import bench_common as common
-from kernels.cross_entropy import CrossEntropyFunction, cross_entropy_reference
+from minillava.kernels.cross_entropy import CrossEntropyFunction, cross_entropy_reference
 
 
 @dataclass

@@ -31,7 +31,7 @@ from benchmarks.bench_common import (DTYPES, fraction, header, parse_args, peak_
                                      require_cuda)
 from minillava.config import get_preset  # noqa: E402
 from minillava.engine import Engine, GenerationStats, Request  # noqa: E402
-from weights import random_llava  # noqa: E402
+from minillava.weights import random_llava  # noqa: E402
 
 TARGET = 0.75  # of the roofline, one slot in a CUDA graph
 

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import generate as G  # noqa: E402
+from minillava import generate as G  # noqa: E402
 from minillava.engine import Engine, Request  # noqa: E402
 from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
@@ -86,7 +86,7 @@ def main():
     from PIL import Image
     from transformers import GenerationConfig, LlavaForConditionalGeneration
     from tests.spm_util import train_tiny_spm
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
 
     root = args.dir or tempfile.mkdtemp(prefix="bench_generate_")
     ckpt = os.path.join(root, "llava-134m")

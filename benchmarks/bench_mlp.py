@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import bench_common as common
-from kernels.mlp import (LinearQuickGELUFunction, SwiGLUFunction, linear_quick_gelu, linear_quick_gelu_reference,
-                         swiglu_reference)
+from minillava.kernels.mlp import (LinearQuickGELUFunction, SwiGLUFunction, linear_quick_gelu,
+                                   linear_quick_gelu_reference, swiglu_reference)
 
 
 @dataclass

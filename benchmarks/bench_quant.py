@@ -57,7 +57,7 @@ def peak_rss_gb() -> float:
 def child(args):
     """One setting in this (fresh) process: prints one JSON line."""
     import torch
-    import generate as G
+    from minillava import generate as G
     from minillava.engine import Engine, Request
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def write_checkpoint(root) -> str:
     import torch
     from PIL import Image
     from tests.spm_util import train_tiny_spm
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     ckpt = os.path.join(root, "llava-1.1b-bf16")
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def sizes():
     import torch
     from minillava.config import get_preset
     from minillava.llava import Llava
-    from weights.quantize import Quantization, replace_linears
+    from minillava.weights.quantize import Quantization, replace_linears
     print("what fits where (GB of weights; the KV cache comes on top, per slot: 1.05 MB per position at 7B in "
           "fp32, 1.64 MB at 13B, halved in bf16: 2.1 / 3.4 GB for a full 2048-position fp32 slot)")
     print(f"{'model':14s} {'fp32':>6s} {'bf16':>6s} {'int8+fp32':>10s} {'int8+bf16':>10s} {'int4+fp32':>10s} "
@@ -132,7 +132,7 @@ LLAMA_CPP = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # o
 
 def llama_cpp_rates(tree, ckpt, root, threads, new_tokens) -> dict:
     """llama.cpp's decode tokens/s on the same LLM weights: {(setting, threads): tokens/s}."""
-    from weights import load_llava, write_layout
+    from minillava.weights import load_llava, write_layout
     llama_dir = os.path.join(root, "layout-c", "llama")
     if not os.path.exists(os.path.join(llama_dir, "config.json")):
         write_layout(load_llava(ckpt, dtype=None), os.path.join(root, "layout-c"), "C",

@@ -31,7 +31,7 @@ class Config:
 def main():
     cfg = parse_args(Config, __doc__.split("\n")[0])
     require_cuda("bench_quant_gpu.py")
-    from kernels.quant import QuantLinear, quant_linear_reference
+    from minillava.kernels.quant import QuantLinear, quant_linear_reference
     header("bench_quant_gpu.py", cfg)
     rows = []
     for name, (N, K) in SHAPES.items():

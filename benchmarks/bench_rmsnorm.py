@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 import bench_common as common
-from kernels.rmsnorm import RMSNormFunction, rms_norm_reference
+from minillava.kernels.rmsnorm import RMSNormFunction, rms_norm_reference
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 import bench_common as common
-from kernels.rope import RoPEFunction, apply_rope_reference
+from minillava.kernels.rope import RoPEFunction, apply_rope_reference
 from minillava.llama import rope_cos_sin
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import serve  # noqa: E402
+from minillava import serve  # noqa: E402
 from benchmarks.bench_engine import CONFIG  # noqa: E402
 from minillava.llava import Llava  # noqa: E402
 from minillava.tokenizer import Tokenizer  # noqa: E402

@@ -86,8 +86,8 @@ def main():
     a = common.parse_args(Defaults, __doc__)
     torch.set_num_threads(a.threads)
     from transformers import LlavaForConditionalGeneration
-    import train
-    from weights import load_llava, write_random_checkpoint
+    from minillava import train
+    from minillava.weights import load_llava, write_random_checkpoint
 
     root = a.dir or tempfile.mkdtemp(prefix="bench_train_")
     ckpt = os.path.join(root, "llava-51m")

@@ -26,7 +26,7 @@ from benchmarks.bench_common import fail, parse_args  # noqa: E402
 from minillava.config import get_preset  # noqa: E402
 from minillava.engine import Engine, Request  # noqa: E402
 from minillava.llava import IGNORE_INDEX  # noqa: E402
-from weights import random_llava  # noqa: E402
+from minillava.weights import random_llava  # noqa: E402
 
 
 @dataclass

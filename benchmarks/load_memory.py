@@ -50,9 +50,9 @@ def child(cfg: Config):
     """Runs in the measured process: prints one JSON line."""
     import torch
     import minillava  # noqa: F401  (imported before the baseline: it is part of any program that loads)
-    import generate  # (imported before the baseline, as minillava)
-    from weights import load_llava
-    from weights.quantize import Quantization
+    from minillava import generate  # (imported before the baseline, as minillava)
+    from minillava.weights import load_llava
+    from minillava.weights.quantize import Quantization
     base = rss_kb()["VmRSS"]
     t0 = time.perf_counter()
     model = load_llava(cfg.checkpoint, vision_path=cfg.vision or None, projector_path=cfg.projector or None,
@@ -78,7 +78,7 @@ def child(cfg: Config):
 def tensor_bytes(paths, select=lambda key: True) -> int:
     """Bytes of the tensors `select` keeps in the checkpoint's weight files (headers excluded; ignored keys
     included)."""
-    from weights.load import read_safetensors_header
+    from minillava.weights.load import read_safetensors_header
     total = 0
     for p in paths:
         p = Path(p)
@@ -92,7 +92,7 @@ def tensor_bytes(paths, select=lambda key: True) -> int:
 def write_checkpoint(cfg: Config) -> Config:
     import torch
     from minillava.config import LlavaConfig, TextConfig
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     config = LlavaConfig(text=TextConfig(vocab_size=32064, num_hidden_layers=cfg.text_layers))  # 7B widths
     out = Path(cfg.out) / f"{cfg.layout.replace(chr(39), 'p')}-{cfg.dtype}-{cfg.text_layers}"
     if not (out / "done").exists():

@@ -10,7 +10,6 @@ single-threaded); the table prints as it goes.
 """
 import argparse
 import contextlib
-import importlib
 import io
 import os
 import re
@@ -26,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-A = importlib.import_module("kernels.attention")  # the module (kernels.attention is also the function's name)
+import minillava.kernels.attention as A  # noqa: E402
 
 KERNELS = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
 POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # of the dtype measured

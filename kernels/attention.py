@@ -31,7 +31,7 @@ For GQA, dk/dv of a kv head also sum over its nh // n_kv query heads (inside one
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import COMPILE, enabled, sm_count, tl, triton
+from minillava.kernels.dispatch import COMPILE, enabled, sm_count, tl, triton
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): e^x = 2^(x * LOG2E)
 HEAD_SIZES = (16, 32, 64, 128)  # hs must be a power of two >= 16 (tl.dot and tl.arange need it)

@@ -13,7 +13,7 @@ only (N, V) allocation is the gradient, in the logits' dtype (N*V*2 bytes for bf
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import COMPILE, enabled, tl, triton
+from minillava.kernels.dispatch import COMPILE, enabled, tl, triton
 
 
 def cross_entropy_reference(logits, labels, ignore_index: int = -100, reduction: str = "mean"):

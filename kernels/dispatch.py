@@ -1,5 +1,14 @@
 """Which path runs, Triton kernels or plain PyTorch: decided here and only here, by `enabled`.
 
+kernels/ (imported as `minillava.kernels`) holds the fused Triton kernels of minillava's GPU hot paths. Every op
+lives in its own module with four layers (Triton kernel, launcher, autograd Function, functional alias) plus a
+plain-torch ``*_reference`` with the same signature: the reference is the CPU path, the test oracle and the
+documentation of the math. Attention is the one exception on the CPU path: it runs PyTorch's fused
+``scaled_dot_product_attention`` (``attention_torch``), held to the reference by the tests, because the reference's
+explicit fp32 score matrix makes CPU training and decoding several times slower. The folder has no __init__.py on
+purpose: from the repository's root a folder `kernels` with one would be the `kernels` that every `import kernels`
+finds first, and transformers imports Hugging Face's package of that name (setup.py says how the folders map).
+
     MINILLAVA_KERNELS=0      plain PyTorch everywhere
     MINILLAVA_KERNELS=auto   (the default) plain PyTorch everywhere until a GPU check has passed and is recorded
                              in benchmarks/RESULTS.md (GPU_VALIDATED below); from then on, Triton for CUDA tensors

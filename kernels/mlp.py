@@ -15,8 +15,8 @@ gate, up and silu(gate): three (M, F) tensors per layer). The backward pass reco
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import COMPILE, enabled, tl, triton
-from kernels.linear import linear
+from minillava.kernels.dispatch import COMPILE, enabled, tl, triton
+from minillava.kernels.linear import linear
 
 QUICK_GELU_ALPHA = tl.constexpr(1.702)  # CLIP's quick_gelu: y * sigmoid(1.702 y), a cheap approximation of GELU
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dispatch import COMPILE, enabled, tl, triton
+from minillava.kernels.dispatch import COMPILE, enabled, tl, triton
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)  # int4 groups PyTorch's CPU kernel and the Triton kernel's BLOCK_K both accept
@@ -261,7 +261,7 @@ class QuantLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.cpu_packed:
             raise RuntimeError(f"{prefix}: int4 codes packed for the CPU kernel cannot be saved; quantize the "
-                               "source checkpoint again (python -m weights.quantize)")
+                               "source checkpoint again (python -m minillava.weights.quantize)")
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x):

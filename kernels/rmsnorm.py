@@ -10,7 +10,7 @@ where cast_x rounds to x's dtype. Autograd saves x, w and r (one fp32 per row), 
 """
 import torch
 
-from kernels.dispatch import COMPILE, enabled, sm_count, tl, triton
+from minillava.kernels.dispatch import COMPILE, enabled, sm_count, tl, triton
 
 
 def rms_norm_reference(x, weight, eps: float):

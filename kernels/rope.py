@@ -11,7 +11,7 @@ One Triton program per (b, t) token loads cos/sin once and rotates every q and k
 """
 import torch
 
-from kernels.dispatch import COMPILE, enabled, tl, triton
+from minillava.kernels.dispatch import COMPILE, enabled, tl, triton
 
 
 def rotate_half(x):

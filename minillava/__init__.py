@@ -1,14 +1,25 @@
 """minillava: LLaVA (v1, 1.5 and 1.6) from scratch in plain PyTorch: the model, its tokenizer, templates, images, data
-and sampling. It imports `kernels` and nothing above it: checkpoint files are the `weights` package's.
+and sampling. It imports `minillava.kernels` and nothing above it: checkpoint files are `minillava.weights`'.
 
-    import minillava, weights
-    model = weights.load_llava(path, vision_path=None, dtype=torch.float32, device="cpu")  # any official layout
+    import minillava, minillava.weights
+    model = minillava.weights.load_llava(path, dtype=torch.float32, device="cpu")  # any official layout
     tok = minillava.Tokenizer(path)                                 # its tokenizer.model + tokenizer_config.json
     prompt = minillava.build_prompt([("human", "<image>\nWhat is this?")], "vicuna_v1")
     input_ids = torch.tensor([minillava.tokenize_with_images(prompt, tok, model.config.image_token_id)])
     pixels = minillava.preprocess_image("photo.jpg", size=model.config.vision.image_size)  # (3, S, S)
     logits = model(input_ids, pixel_values=pixels[None])  # ONE image_token_id per image in input_ids
+
+One name for everything: the repository's kernels/, weights/ and scripts (train.py, generate.py, eval.py, serve.py,
+demo.py) are `minillava.kernels`, `minillava.weights`, `minillava.train`, ... In a checkout they stay where they
+are and the root is one more folder this package's modules are found in (below); an installed copy has them inside
+(setup.py).
 """
+import os as _os
+
+_ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(_os.path.join(_ROOT, "setup.py")):
+    __path__.append(_ROOT)  # a checkout: minillava.kernels is <root>/kernels, minillava.train is <root>/train.py
+
 from minillava.config import LlavaConfig, TextConfig, VisionConfig, from_hf_config, get_preset, to_hf_config
 from minillava.llava import Llava
 from minillava.templates import build_prompt

@@ -6,7 +6,8 @@ so the weights load with no key mapping. Shapes: B images, Np patches, T = Np + 
 import torch
 import torch.nn as nn
 
-import kernels
+from minillava.kernels.attention import attention
+from minillava.kernels.mlp import linear_quick_gelu
 from minillava.config import VisionConfig
 
 
@@ -40,7 +41,7 @@ class CLIPAttention(nn.Module):
         q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        y = kernels.attention(q, k, v, causal=False)  # (B, nh, T, hs)
+        y = attention(q, k, v, causal=False)  # (B, nh, T, hs)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -52,7 +53,7 @@ class CLIPMLP(nn.Module):
 
     def forward(self, x):
         # quick_gelu(y) = y * sigmoid(1.702 y): CLIP was trained with this approximation, not exact GELU.
-        return self.fc2(kernels.linear_quick_gelu(x, self.fc1.weight, self.fc1.bias))
+        return self.fc2(linear_quick_gelu(x, self.fc1.weight, self.fc1.bias))
 
 
 class CLIPEncoderLayer(nn.Module):

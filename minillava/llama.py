@@ -9,8 +9,11 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-import kernels
-from kernels import Linear  # nn.Linear; a CPU decoding step's few rows read its weight faster (kernels/linear.py)
+from minillava.kernels.attention import attention
+from minillava.kernels.linear import Linear  # nn.Linear; a CPU decoding step's few rows read its weight faster
+from minillava.kernels.mlp import swiglu
+from minillava.kernels.rmsnorm import rms_norm
+from minillava.kernels.rope import apply_rope
 from minillava.config import TextConfig
 
 
@@ -21,7 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps)  # fp32 inside, see kernels/rmsnorm.py
+        return rms_norm(x, self.weight, self.eps)  # fp32 inside, see kernels/rmsnorm.py
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
@@ -93,15 +96,15 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        q, k = kernels.apply_rope(q, k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin)
         key_lengths = None
         if cache is not None:
             k, v, key_lengths = self.kv_cache.update(cache, k, v)  # (B, n_kv, Tk, hs)
         # Causal with the cache offset: new token i (position start + i) sees positions j <= start + i, i.e. the
         # mask is aligned to the bottom-right corner of the (T, Tk) score matrix (one slot: Tk = start + T; a
         # decode step's single query sees every key its padding mask lets through).
-        y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                              key_lengths=key_lengths)  # (B, nh, T, hs)
+        y = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                      key_lengths=key_lengths)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
 
 
@@ -117,7 +120,7 @@ class LlamaMLP(nn.Module):
         # SwiGLU: down(silu(gate(x)) * up(x)). With plain weights the fused kernel computes it (it never writes
         # gate(x) and up(x) to memory); any other module there (LoRA, a quantized linear) is called as a module.
         if isinstance(self.gate_proj, nn.Linear) and isinstance(self.up_proj, nn.Linear):
-            return self.down_proj(kernels.swiglu(x, self.gate_proj.weight, self.up_proj.weight))
+            return self.down_proj(swiglu(x, self.gate_proj.weight, self.up_proj.weight))
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -11,7 +11,7 @@ Generation with a KV cache: minillava/engine.py.
 import torch
 import torch.nn as nn
 
-import kernels
+from minillava.kernels.cross_entropy import cross_entropy
 from minillava.clip import CLIPVisionTower
 from minillava.config import LlavaConfig
 from minillava.llama import LlamaForCausalLM, RMSNorm
@@ -191,5 +191,5 @@ class Llava(nn.Module):
         # The head runs only where there is a label: most positions are image or prompt tokens (576 per image),
         # and a (B, L, V) logits tensor would dominate the step's time and memory.
         logits = self.language_model.lm_head(hidden[:, :-1][keep])  # (N, V), N supervised positions
-        loss = kernels.cross_entropy(logits, targets[keep], IGNORE_INDEX, reduction="sum")
+        loss = cross_entropy(logits, targets[keep], IGNORE_INDEX, reduction="sum")
         return loss, logits.shape[0]

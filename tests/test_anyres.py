@@ -16,8 +16,8 @@ from minillava import anyres
 from minillava.config import PRESETS, from_hf_config, get_preset, to_hf_config
 from minillava.engine import Engine, Request
 from minillava.image import model_pixels
-from weights import load_llava, random_llava, write_layout
-from weights.random_checkpoint import clip_config, original_llava_config
+from minillava.weights import load_llava, random_llava, write_layout
+from minillava.weights.random_checkpoint import clip_config, original_llava_config
 
 TINY = get_preset("tiny-anyres")  # 32 px tiles of 4x4 patches; pinpoints 1x2, 2x1, 2x2 tiles
 MISTRAL = TINY.replace(text=dataclasses.replace(TINY.text, model_type="mistral", rope_theta=1e6))
@@ -314,9 +314,9 @@ def test_cached_decoding_equals_a_full_forward_and_chats_reuse_the_image():
 def test_generate_py_answers_with_a_1_6_checkpoint(tmp_path, capsys):
     """One-shot, a batch file (positions counted from each image's header) and a chat, on a llava_next
     checkpoint with the mistral_instruct template: each answer equals the engine's on the same inputs."""
-    import generate as G
+    from minillava import generate as G
     from tests.spm_util import train_tiny_spm
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     cfg = MISTRAL.replace(text=dataclasses.replace(MISTRAL.text, vocab_size=832), image_token_id=768,
                           pad_token_id=769)
     ckpt = str(write_random_checkpoint(tmp_path / "next", cfg, "A", seed=2,
@@ -349,7 +349,7 @@ def test_generate_py_answers_with_a_1_6_checkpoint(tmp_path, capsys):
 
 
 def test_an_aspect_ratio_override_on_a_1_6_model_is_refused(tmp_path, capsys):
-    import generate as G
+    from minillava import generate as G
     from tests.spm_util import train_tiny_spm
     cfg = TINY.replace(text=dataclasses.replace(TINY.text, vocab_size=832), image_token_id=768, pad_token_id=769)
     ckpt = str(write_layout(random_llava(cfg), tmp_path / "next", "A", tokenizer=train_tiny_spm(tmp_path / "spm"))[

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import demo
-import generate
-import train
+from minillava import demo
+from minillava import generate
+from minillava import train
 from minillava.cli import default_threads, field_help
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def test_default_threads(monkeypatch):
 
 def test_saved_files_respect_the_umask(tmp_path):
     from minillava.config import get_preset
-    from weights import random_llava, save_llava, save_projector
+    from minillava.weights import random_llava, save_llava, save_projector
     model = random_llava(get_preset("tiny"))
     old = os.umask(0o022)
     try:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import demo
+from minillava import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""kernels.dispatch: which path runs, and minillava without the triton package."""
+"""minillava.kernels.dispatch: which path runs, and minillava without the triton package."""
 import subprocess
 import sys
 import types
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import dispatch
+from minillava.kernels import dispatch
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU, CUDA = types.SimpleNamespace(is_cuda=False), types.SimpleNamespace(is_cuda=True)
@@ -39,8 +39,8 @@ def test_minillava_runs_without_triton():
     code = """
 import sys; sys.modules["triton"] = None  # `import triton` now raises ImportError
 import torch, kernels, minillava
-from kernels.dispatch import HAVE_TRITON
-from weights import random_llava
+from minillava.kernels.dispatch import HAVE_TRITON
+from minillava.weights import random_llava
 cfg = minillava.get_preset("tiny")
 model = random_llava(cfg)
 S = cfg.vision.image_size

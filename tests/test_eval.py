@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import eval as E
+from minillava import eval as E
 
 # ----------------------------------------------------------------------------------------------------------
 # Small benchmark folders in eval.zip's layout
@@ -257,7 +257,7 @@ def tiny_pope(tmp_path_factory):
 
     from minillava.config import get_preset
     from tests.spm_util import train_tiny_spm
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     root = tmp_path_factory.mktemp("eval")
     t = get_preset("tiny")
     cfg = t.replace(text=dataclasses.replace(t.text, vocab_size=832), image_token_id=768, pad_token_id=769)
@@ -513,10 +513,10 @@ def test_run_on_a_llava_1_6_checkpoint_with_its_template(tiny_pope, tmp_path):
     template (image positions from each image's size), scored."""
     import dataclasses
 
-    import generate
+    from minillava import generate
     from minillava.config import get_preset
     from tests.spm_util import train_tiny_spm
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     _, data = tiny_pope
     t = get_preset("tiny-anyres")
     cfg = t.replace(text=dataclasses.replace(t.text, vocab_size=832, model_type="mistral"), image_token_id=768,

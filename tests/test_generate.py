@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import generate as G
+from minillava import generate as G
 from minillava.config import get_preset
 from minillava.engine import Engine, Request
 from tests.spm_util import train_tiny_spm
@@ -25,7 +25,7 @@ GREEDY = dict(temperature=0.0, max_new_tokens=10)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     root = tmp_path_factory.mktemp("gen")
     tok = train_tiny_spm(root / "spm")
     return str(write_random_checkpoint(root / "llava-tiny", CFG, "A", seed=1, tokenizer=tok)["model"])
@@ -200,7 +200,7 @@ def test_one_shot_streams_the_answer_and_prints_speed(ckpt, loaded, images, caps
 def test_original_layout_with_separate_clip_gives_the_same_answer(ckpt, loaded, images, tmp_path, capsys):
     """Layout B (original LLaVA: the -200 image sentinel, CLIP in its own directory, --vision) from the same seed
     answers exactly as the layout-A directory."""
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     model, tok = loaded
     paths = write_random_checkpoint(tmp_path / "b", CFG, "B", seed=1, tokenizer=tok.path)
     want = G.answer(model, tok, [(images[0], "What is in the picture?")], **GREEDY)[0]

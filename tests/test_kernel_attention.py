@@ -4,20 +4,20 @@ On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTE
 odd, so that every case spans ragged blocks of the interpreter's 16x16 tiles. GPU-only tests at the end run
 bf16 and larger shapes; they need CUDA and TRITON_INTERPRET=0.
 """
-import importlib
 import os
 
 import pytest
 import torch
 
-from kernels.attention import AttentionFunction, attention, attention_decode, attention_reference, attention_torch
+from minillava.kernels.attention import (AttentionFunction, attention, attention_decode, attention_reference,
+                                         attention_torch)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # CPU tensors reach Triton only through the interpreter; with TRITON_INTERPRET=0 (the GPU run) these tests skip
 interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests need TRITON_INTERPRET=1")
 
 # the module itself (kernels/__init__.py re-exports the function `attention`, which shadows the submodule name)
-A = importlib.import_module("kernels.attention")
+import minillava.kernels.attention as A
 
 # Tightest per-dtype tolerances that pass (atol, rtol). fp32: the kernels accumulate in fp32 like the reference,
 # only the summation order differs. fp16: the output/gradients are rounded to fp16 (ulp 1e-3 near 1) and the
@@ -313,7 +313,7 @@ def test_gpu_decode_matches_reference(Tk, dtype):
 
 def test_offsets_past_int32_go_to_the_torch_path():
     """The kernels index with int32 offsets: a tensor whose last element lies past 2**31 - 1 is not theirs."""
-    from kernels.attention import MAX_ELEMENTS, _kernel_supports
+    from minillava.kernels.attention import MAX_ELEMENTS, _kernel_supports
     small = torch.zeros(1, 2, 4, 16)
     assert _kernel_supports(small, small, small)
     far = torch.empty_strided((1, 2, 2, 16), (0, 0, MAX_ELEMENTS, 1), device="meta")  # shape only, no memory
@@ -357,7 +357,7 @@ def test_autotune_key_and_spilling_configs():
 
 def test_every_kernel_launch_states_its_compile_options():
     """Triton 3.9 warns that the FP-fusion default flips in 3.10: every launch (kernel[grid](...)) passes
-    kernels.dispatch.COMPILE, so the kernels compute the same under both."""
+    minillava.kernels.dispatch.COMPILE, so the kernels compute the same under both."""
     import ast
     import pathlib
     launches = 0

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from kernels.cross_entropy import CrossEntropyFunction, cross_entropy, cross_entropy_reference
+from minillava.kernels.cross_entropy import CrossEntropyFunction, cross_entropy, cross_entropy_reference
 from tests.kernel_util import HALF_ULP, run_with_grads
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

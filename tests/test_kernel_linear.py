@@ -1,13 +1,9 @@
-"""kernels.linear: the CPU decoding path (a batched GEMM over blocks of W's rows) equals F.linear."""
-import importlib
-
+"""kernels/linear.py: the CPU decoding path (a batched GEMM over blocks of W's rows) equals F.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-
-L = importlib.import_module("kernels.linear")  # the module (kernels.linear is also the function's name)
+import minillava.kernels.linear as L
 
 
 @pytest.mark.parametrize("lead", [(1,), (3,), (4, 1), (2, 2), (1, 1, 1), (5,), (2, 7)])
@@ -18,7 +14,7 @@ def test_linear_equals_f_linear(lead, N, bias):
     x = torch.randn(*lead, K, generator=g)
     w = torch.randn(N, K, generator=g)
     b = torch.randn(N, generator=g) if bias else None
-    y = kernels.linear(x, w, b)
+    y = L.linear(x, w, b)
     assert y.shape == (*lead, N)
     # fp32 accumulation in both; only MKL's order of additions differs
     torch.testing.assert_close(y, F.linear(x, w, b), atol=2e-5, rtol=1e-5)
@@ -29,18 +25,18 @@ def test_fast_path_runs_for_decoding_rows_only(monkeypatch):
     bmm = torch.bmm
     monkeypatch.setattr(L.torch, "bmm", lambda *a: (calls.append(a[0].shape), bmm(*a))[1])
     w = torch.randn(64, 16)
-    kernels.linear(torch.randn(2, 1, 16), w)  # two sequences, one token each: the blocked path
+    L.linear(torch.randn(2, 1, 16), w)  # two sequences, one token each: the blocked path
     assert calls == [(L.CHUNKS, 64 // L.CHUNKS, 16)]
-    kernels.linear(torch.randn(1, L.MAX_ROWS + 1, 16), w)  # a prompt: F.linear
-    kernels.linear(torch.randn(1, 16), w.t().contiguous().t())  # a strided weight: F.linear
-    kernels.linear(torch.randn(1, 16, dtype=torch.float64), w.double()[:63])  # N not divisible: F.linear
+    L.linear(torch.randn(1, L.MAX_ROWS + 1, 16), w)  # a prompt: F.linear
+    L.linear(torch.randn(1, 16), w.t().contiguous().t())  # a strided weight: F.linear
+    L.linear(torch.randn(1, 16, dtype=torch.float64), w.double()[:63])  # N not divisible: F.linear
     assert len(calls) == 1
 
 
 def test_gradients_flow_through_the_fast_path():
     x = torch.randn(1, 16, requires_grad=True)
     w = torch.randn(64, 16, requires_grad=True)
-    gx, gw = torch.autograd.grad(kernels.linear(x, w).square().sum(), (x, w))
+    gx, gw = torch.autograd.grad(L.linear(x, w).square().sum(), (x, w))
     rx, rw = torch.autograd.grad(F.linear(x, w).square().sum(), (x, w))
     torch.testing.assert_close(gx, rx, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-5)

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from kernels.mlp import (LinearQuickGELUFunction, SwiGLUFunction, linear_quick_gelu, linear_quick_gelu_reference,
-                         swiglu, swiglu_reference)
+from minillava.kernels.mlp import (LinearQuickGELUFunction, SwiGLUFunction, linear_quick_gelu,
+                                   linear_quick_gelu_reference, swiglu, swiglu_reference)
 from tests.kernel_util import HALF_ULP, as_fp64, assert_no_worse_than_eager, run_with_grads
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

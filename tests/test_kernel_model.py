@@ -4,7 +4,6 @@ decoding, on padded batches with images. Also checks that each kernel really ran
 graph, the decode launcher was called) and that the switch is read at call time.
 """
 import copy
-import importlib
 import os
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from minillava.llava import IGNORE_INDEX
 from tests.test_model import tiny_model
 
-A = importlib.import_module("kernels.attention")  # the module (kernels.attention is also a function's name)
+import minillava.kernels.attention as A
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU kernel tests need TRITON_INTERPRET=1")
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
+from minillava.kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 from tests.kernel_util import as_fp64, assert_no_worse_than_eager, run_with_grads
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

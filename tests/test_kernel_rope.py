@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from kernels.rope import RoPEFunction, apply_rope, apply_rope_reference
+from minillava.kernels.rope import RoPEFunction, apply_rope, apply_rope_reference
 from minillava.llama import rope_cos_sin
 from tests.kernel_util import HALF_ULP, as_fp64, run_with_grads
 

@@ -1,6 +1,8 @@
-"""The packages depend one way: kernels <- minillava <- weights <- the scripts (train, generate, eval, demo) and
-the tests. Checked twice: every import statement of each package's files, function-local ones included (a
-deferred import hides a cycle, it does not remove it), and each package imported alone in a fresh interpreter."""
+"""The layers depend one way: minillava.kernels <- minillava (the model package) <- minillava.weights <- the scripts
+(minillava.train, .generate, .eval, .serve, .demo), the benchmarks and the tests. Checked twice: every import
+statement of each layer's files, function-local ones included (a deferred import hides a cycle, it does not remove
+it), and each layer imported alone in a fresh interpreter. Nothing of ours is imported by a top-level name of its
+folder (`kernels`, `weights`, `generate`...): installed, only `minillava` exists (setup.py)."""
 import ast
 import json
 import subprocess
@@ -8,37 +10,61 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"kernels": set(), "minillava": {"kernels"}, "weights": {"kernels", "minillava"}}  # package: may import
-ABOVE = {"train", "generate", "eval", "demo", "serve", "benchmarks", "tests"}
-OURS = set(LAYERS) | ABOVE
+SCRIPTS = {"train", "generate", "eval", "serve", "demo"}
+FILES = {"kernels": ROOT.glob("kernels/*.py"), "minillava": ROOT.glob("minillava/*.py"),
+         "weights": ROOT.glob("weights/*.py"), "scripts": (ROOT / f"{s}.py" for s in SCRIPTS)}
+MAY_IMPORT = {"kernels": set(), "minillava": {"kernels"}, "weights": {"kernels", "minillava"},
+              "scripts": {"kernels", "minillava", "weights", "scripts"}}
+OLD_NAMES = {"kernels", "weights"} | SCRIPTS  # the folders' and scripts' own names, not import names
+
+
+def layer(module: str):
+    """'minillava.kernels.rope' -> 'kernels', 'minillava.llama' -> 'minillava', 'minillava.train' -> 'scripts';
+    None for another library's module."""
+    parts = module.split(".")
+    if parts[0] != "minillava":
+        return None
+    if len(parts) > 1 and parts[1] in ("kernels", "weights"):
+        return parts[1]
+    return "scripts" if len(parts) > 1 and parts[1] in SCRIPTS else "minillava"
 
 
 def imports(path: Path):
-    """(top-level module name, line) of every absolute import in the file, at any depth."""
+    """(module, line) of every absolute import in the file, at any depth; `from a import b` gives 'a.b', which is
+    the module b where b is one (`from minillava import generate`) and a name in module a otherwise."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            yield from ((alias.name.split(".")[0], node.lineno) for alias in node.names)
+            yield from ((alias.name, node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            yield node.module.split(".")[0], node.lineno
+            yield from ((f"{node.module}.{alias.name}", node.lineno) for alias in node.names)
 
 
 def test_every_import_points_down():
     checked = 0
-    for package, allowed in LAYERS.items():
-        for path in sorted((ROOT / package).glob("*.py")):
-            for name, line in imports(path):
-                if name in OURS:
+    for own, files in FILES.items():
+        for path in sorted(files):
+            for module, line in imports(path):
+                where = f"{path.relative_to(ROOT)}:{line}"
+                assert module.split(".")[0] not in OLD_NAMES, f"{where} imports {module}: it is minillava.{module}"
+                if layer(module):
                     checked += 1
-                    assert name == package or name in allowed, \
-                        f"{path.relative_to(ROOT)}:{line} imports {name}, a layer above {package}"
-    assert checked > 20
+                    assert layer(module) in MAY_IMPORT[own] | {own}, f"{where} imports {module}, a layer above {own}"
+    assert checked > 100
 
 
-def test_each_package_imports_alone():
-    for package, allowed in LAYERS.items():
-        code = (f"import sys, json, {package}; "
-                f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(OURS)!r}))))")
+def test_tests_and_benchmarks_use_the_one_name():
+    for path in sorted([*ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]):
+        for module, line in imports(path):
+            assert module.split(".")[0] not in OLD_NAMES, \
+                f"{path.relative_to(ROOT)}:{line} imports {module}: it is minillava.{module}"
+
+
+def test_each_layer_imports_alone():
+    for module, allowed in (("minillava", {"minillava", "kernels"}),
+                            ("minillava.weights", {"minillava", "kernels", "weights"})):
+        code = (f"import sys, json, {module}; "
+                f"print(json.dumps(sorted({{m for m in sys.modules if m.startswith('minillava')}})))")
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        loaded = set(json.loads(out.stdout))
-        assert package in loaded and loaded <= allowed | {package}, (package, loaded)
+        loaded = {layer(m) for m in json.loads(out.stdout)}
+        assert layer(module) in loaded and loaded <= allowed, (module, loaded)

@@ -196,7 +196,7 @@ def test_tokenizer_equals_slow_llama_tokenizer(tokenizers):
 def test_evalai_normalization_equals_m4c_evaluator():
     import random
 
-    import eval as E
+    from minillava import eval as E
     from llava.eval.m4c_evaluator import EvalAIAnswerProcessor
     original = EvalAIAnswerProcessor()
     rng = random.Random(0)
@@ -214,7 +214,7 @@ def test_pope_sqa_textvqa_scores_equal_the_original_scripts(tmp_path, capsys):
     import subprocess
     import sys
 
-    import eval as E
+    from minillava import eval as E
     from llava.eval import eval_pope, eval_textvqa
     from tests import test_eval as T
 
@@ -283,7 +283,7 @@ def test_mmbench_prompts_and_submission_equal_the_originals(tmp_path, monkeypatc
     pytest.importorskip("openpyxl")
     from llava.eval import model_vqa_mmbench as original
 
-    import eval as E
+    from minillava import eval as E
     from tests import test_eval as T
 
     data = T.write_mmbench(tmp_path, T.MMB_ROWS)
@@ -339,7 +339,7 @@ def test_anyres_pixels_and_counts_equal_the_originals(name):
 
     from minillava.config import PRESETS, from_hf_config
     from minillava.image import model_pixels, to_rgb
-    from weights.random_checkpoint import clip_config, original_llava_config
+    from minillava.weights.random_checkpoint import clip_config, original_llava_config
     d = original_llava_config(PRESETS[name], torch.float32)  # pinpoints as the original lists them: (w, h)
     cfg = from_hf_config(d, vision=clip_config(PRESETS[name].vision))
     S, p = cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size
@@ -368,7 +368,7 @@ def test_llava_1_6_logits_equal_the_original_model(tmp_path):
 
     from minillava.config import get_preset
     from minillava.image import model_pixels
-    from weights import load_llava, random_llava, write_layout
+    from minillava.weights import load_llava, random_llava, write_layout
     from tests.test_anyres import image
     paths = write_layout(random_llava(get_preset("tiny-anyres"), seed=4), tmp_path / "ckpt", "B")
     config = paths["model"] / "config.json"

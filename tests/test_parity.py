@@ -17,11 +17,11 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import (CLIPVisionModel, LlamaForCausalLM, LlavaConfig as HFLlavaConfig,  # noqa: E402
                           LlavaForConditionalGeneration)
-from weights import keymaps  # noqa: E402
-from weights.random_checkpoint import LAYOUTS  # noqa: E402
+from minillava.weights import keymaps  # noqa: E402
+from minillava.weights.random_checkpoint import LAYOUTS  # noqa: E402
 
 from minillava.config import get_preset  # noqa: E402
-from weights import load_llava, random_llava, save_llava, write_layout  # noqa: E402
+from minillava.weights import load_llava, random_llava, save_llava, write_layout  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TINY = get_preset("tiny")
@@ -230,7 +230,7 @@ def test_transformers_own_save_loads(written, tmp_path, shard):
     """A model built from a config and saved by the installed transformers (what conversion scripts and
     trainers that start from_config write: layout A-flat since 5.6) loads strictly, sharded or not, with the
     same logits; its keys are exactly the layout keymaps.py names for this version."""
-    from weights.load import TensorFiles
+    from minillava.weights.load import TensorFiles
     cfg, paths = written("gqa", "mlp2x_gelu")
     src = LlavaForConditionalGeneration.from_pretrained(paths["A"]["model"]).eval()
     fresh = LlavaForConditionalGeneration(src.config).eval()

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-import kernels.quant as Q
+import minillava.kernels.quant as Q
 from minillava.config import get_preset
-from weights import CheckpointError, load_llava, save_llava, write_random_checkpoint
-from weights import quantize as wq
-from weights.quantize import QUANT_KEY, Quantization
+from minillava.weights import CheckpointError, load_llava, save_llava, write_random_checkpoint
+from minillava.weights import quantize as wq
+from minillava.weights.quantize import QUANT_KEY, Quantization
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = get_preset("tiny")  # LLM widths 64 / 96: int4 groups of 32 divide them, 64 does not divide 96

@@ -49,7 +49,7 @@ def files(tmp_path_factory):
 
     from minillava import synthetic
     from minillava.config import get_preset
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     root = tmp_path_factory.mktemp("readme")
     cfg = get_preset("tiny")
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=576), image_token_id=512, pad_token_id=513)

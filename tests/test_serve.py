@@ -15,12 +15,12 @@ import urllib.request
 import pytest
 from PIL import Image
 
-import generate as G
-import serve
+from minillava import generate as G
+from minillava import serve
 from minillava.engine import Engine, Request
 from minillava.templates import build_prompt, get_template
 from minillava.tokenizer import tokenize_with_images
-from demo import model_config
+from minillava.demo import model_config
 from tests.spm_util import train_tiny_spm
 
 # The demo's model shape (4-layer LLaMA of width 128, 9 image positions) with room for the tiny tokenizer's 768
@@ -30,7 +30,7 @@ CFG = model_config(vocab_size=832, image_size=48).replace(image_token_id=768, pa
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from weights import write_random_checkpoint
+    from minillava.weights import write_random_checkpoint
     root = tmp_path_factory.mktemp("serve")
     tok = train_tiny_spm(root / "spm")
     return str(write_random_checkpoint(root / "llava-tiny", CFG, "A", seed=1, tokenizer=tok)["model"])

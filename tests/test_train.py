@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
+from minillava import train
 from minillava import synthetic
 from minillava.config import get_preset
-from weights import load_llava, write_random_checkpoint
+from minillava.weights import load_llava, write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = get_preset("tiny")
@@ -174,7 +174,7 @@ def test_stage2_keeps_clip_and_writes_layout_a(env, stage2):
         elif k.startswith(("multi_modal_projector.", "language_model.model.layers.")):
             assert not torch.equal(saved[k], v), k  # trained
     assert torch.equal(saved["language_model.lm_head.weight"][:V], result["model"].language_model.lm_head.weight)
-    import generate  # ... and generate.py answers with it (the tokenizer came along)
+    from minillava import generate  # ... and generate.py answers with it (the tokenizer came along)
     model, tok = generate.load(str(out), dtype="fp32", device="cpu")
     image = env["data"] / json.load(open(env["instruct"]))[0]["image"]
     [reply] = generate.answer(model, tok, [(str(image), "What color is the circle?")], max_new_tokens=3)
@@ -203,7 +203,7 @@ def test_stage2_with_anyres_trains_the_newline_and_writes_a_llava_next_model(env
     # a 32x32 image: 1x2 tiles, a 4x8 map of which the middle 4x4 is image: 16 + 4 x (4 + 1) positions
     assert model.config.image_positions((32, 32)) == 36
     records = json.load(open(env["instruct"]))
-    import generate
+    from minillava import generate
     m, tok = generate.load(str(out), dtype="fp32", device="cpu")
     image = env["data"] / records[0]["image"]
     [reply] = generate.answer(m, tok, [(str(image), "What color is the circle?")], template="mistral_instruct",

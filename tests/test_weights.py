@@ -12,14 +12,14 @@ from safetensors.torch import load_file, save_file
 
 from minillava.config import IMAGE_TOKEN_INDEX, get_preset
 from minillava.tokenizer import Tokenizer
-from weights import (CheckpointError, load_llava, random_llava, save_llava, save_projector, write_layout,
+from minillava.weights import (CheckpointError, load_llava, random_llava, save_llava, save_projector, write_layout,
                      write_random_checkpoint)
-from weights import keymaps
-from weights import save as save_module
+from minillava.weights import keymaps
+from minillava.weights import save as save_module
 from tests.spm_util import train_tiny_spm
 
 TINY = get_preset("tiny")
-from weights.random_checkpoint import LAYOUTS  # noqa: E402  (every layout the loader claims)
+from minillava.weights.random_checkpoint import LAYOUTS  # noqa: E402  (every layout the loader claims)
 
 
 def load(paths, **kwargs):

@@ -47,8 +47,8 @@ def hf_save(out):
 
 def mini_load(dirs):
     sys.path.insert(0, ROOT)
-    from weights import keymaps, load_llava
-    from weights.load import TensorFiles
+    from minillava.weights import keymaps, load_llava
+    from minillava.weights.load import TensorFiles
     for d in dirs:
         ref = torch.load(os.path.join(d, "ref.pt"))
         model = load_llava(d)
@@ -64,7 +64,7 @@ def mini_load(dirs):
 def mini_save(out):
     sys.path.insert(0, ROOT)
     from minillava.config import get_preset
-    from weights import random_llava, save_llava
+    from minillava.weights import random_llava, save_llava
     cfg = get_preset("tiny")
     model = random_llava(cfg, seed=3)
     save_llava(model, out)

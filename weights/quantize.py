@@ -1,7 +1,8 @@
 """Weight-only quantized checkpoints: the LLM's linear layers in int8 or int4 (formats: kernels/quant.py).
+The command line, `minillava-quantize` (or `python -m minillava.weights.quantize`):
 
-    python -m weights.quantize llava-1.5-7b-hf llava-1.5-7b-int4 --bits 4 --group-size 64
-    python -m weights.quantize llava-v1.5-7b OUT --bits 8 --vision clip-vit-large-patch14-336    # layouts B, C too
+    minillava-quantize llava-1.5-7b-hf llava-1.5-7b-int4 --bits 4 --group-size 64
+    minillava-quantize llava-v1.5-7b OUT --bits 8 --vision clip-vit-large-patch14-336    # layouts B, C too
 
 or quantize while loading, from the original files (generate.py, eval.py, serve.py: --quantize int8 | int4):
 
@@ -19,11 +20,12 @@ re-quantization and checks every tensor's shape and dtype, and that scales are f
 """
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch.nn as nn
 
-from kernels.quant import BITS, GROUP_SIZES, QuantLinear, check_shape, quantize
+from minillava.kernels.quant import BITS, GROUP_SIZES, QuantLinear, check_shape, quantize
 
 QUANT_KEY = "minillava_quantization"  # config.json's entry (transformers would misread "quantization_config")
 DEFAULT_GROUP_SIZE = 64
@@ -102,8 +104,8 @@ def replace_linears(model, q: Quantization):
 
 
 def main(argv=None):
-    from weights.load import Progress, load_llava, read_json
-    from weights.save import llava_hf_state, write_checkpoint
+    from minillava.weights.load import Progress, load_llava, read_json
+    from minillava.weights.save import llava_hf_state, write_checkpoint
     p = argparse.ArgumentParser(description="Write a weight-only int8 / int4 copy of a LLaVA checkpoint (any "
                                             "official layout in; layout A with quantized layers out).")
     p.add_argument("src", help="checkpoint directory (layout A, B or C)")
@@ -136,5 +138,11 @@ def main(argv=None):
     return out
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The command line (`python -m minillava.weights.quantize`, `minillava-quantize`)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

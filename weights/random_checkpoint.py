@@ -22,8 +22,9 @@ import torch
 
 from minillava.config import VisionConfig, TextConfig, LlavaConfig
 from minillava.llava import Llava
-from weights import keymaps
-from weights.save import atomic_dir, copy_tokenizer, llava_hf_state, save_projector, write_json, write_safetensors
+from minillava.weights import keymaps
+from minillava.weights.save import (atomic_dir, copy_tokenizer, llava_hf_state, save_projector, write_json,
+                                    write_safetensors)
 
 LAYOUTS = (*keymaps.LLAVA_HF, "B", "C")
 CLIP_NAME = "openai/clip-vit-large-patch14-336"  # what original LLaVA-1.5 configs name as mm_vision_tower

@@ -1,4 +1,4 @@
-"""Save a model in layout A (llava-hf: what transformers' LlavaForConditionalGeneration and weights.load_llava
+"""Save a model in layout A (llava-hf: what transformers' LlavaForConditionalGeneration and minillava.weights.load_llava
 read), or its projector alone in layout C (a stage-1 `mm_projector` file).
 
 Every write is atomic: files go to a temporary sibling, are fsynced, and are renamed into place at the end, so
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minillava.config import to_hf_config
-from weights import keymaps
+from minillava.weights import keymaps
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size ("5GB")
 VOCAB_MULTIPLE = 64  # llava-hf padded its vocabulary (32000 + <image> + <pad>) to 32064
@@ -147,7 +147,7 @@ def llava_hf_state(model) -> tuple[dict, dict]:
     if cfg.image_token_id < 0 and quantization is not None:
         raise ValueError("a quantized model with the original -200 image sentinel cannot be saved in layout A "
                          "(its quantized lm_head cannot grow the <image> and <pad> rows): quantize the dense "
-                         "checkpoint with python -m weights.quantize, which pads the vocabulary first")
+                         "checkpoint with python -m minillava.weights.quantize, which pads the vocabulary first")
     if cfg.image_token_id < 0:
         new_v = math.ceil((V + 2) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         for key in (keymaps.EMBED_KEY, keymaps.LM_HEAD_KEY):
@@ -161,7 +161,7 @@ def llava_hf_state(model) -> tuple[dict, dict]:
     hf = to_hf_config(cfg)
     hf["torch_dtype"] = str(model.language_model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     if quantization is not None:
-        from weights.quantize import QUANT_KEY
+        from minillava.weights.quantize import QUANT_KEY
         hf[QUANT_KEY] = quantization.to_json()
     return state, hf
 
