@@ -178,19 +178,30 @@ class TrainingError(RuntimeError):
 class LossModel(torch.nn.Module):
     """DDP and FSDP run their communication hooks around forward(): route Llava.loss through it.
 
-    A batch without images leaves the projector out of the graph, so that rank would produce no projector
-    gradient while the others do (DDP and FSDP need the same set on every rank); adding 0 * its weights keeps
-    it in, with a gradient of exactly 0, and makes one process behave like many."""
+    Every rank must run the same modules, forward and backward, in each micro-step: FSDP2 all-gathers a sharded
+    block when it runs either way (a collective every rank joins), and DDP and FSDP reduce the gradients of the
+    same parameters on every rank. A micro-batch without images (LLaVA-1.5's mix holds 40K text-only records
+    among 665K) would skip the tower and the projector on its rank alone, and in stage 1 even the LLM's
+    backward. So, as the original gives a text-only sample a zero image, such a micro-batch encodes one black
+    image and adds 0 x its features to the LLM's input (Llava.embed_inputs): the same collectives in the same
+    order, gradients of exactly 0 where the image path was unused, the same loss. One process runs the same
+    code, so it computes what many do."""
 
     def __init__(self, llava):
         super().__init__()
         self.llava = llava
 
     def forward(self, input_ids, labels, attention_mask, pixel_values, image_sizes):
-        loss, _ = self.llava.loss(input_ids, labels, pixel_values, attention_mask, image_sizes)  # summed over tokens
-        if pixel_values is None:
-            loss = loss + 0.0 * sum(p.sum() for p in self.llava.multi_modal_projector.parameters())
+        zero_image = self.zero_image_features(input_ids.device) if pixel_values is None else None
+        loss, _ = self.llava.loss(input_ids, labels, pixel_values, attention_mask, image_sizes,
+                                  image_features=zero_image)  # summed over tokens
         return loss
+
+    def zero_image_features(self, device) -> list:
+        """The features of one all-zero image at the tower's size (AnyRes: with its tiles and image_newline)."""
+        S = self.llava.config.vision.image_size
+        pixels = torch.zeros(self.llava.config.image_tiles((S, S)), 3, S, S, device=device)  # (N_tiles, 3, S, S)
+        return self.llava.encode_images(pixels, [(S, S)])
 
 
 def load_model(cfg: TrainConfig):
@@ -550,6 +561,8 @@ class Run:
     warmup: int
     steps_per_epoch: int
     accum: int  # micro-batches per step on each rank
+    cfg: TrainConfig
+    cpu_group: object  # torchrun: a gloo group over every rank, for agreeing without a GPU sync; else None
 
 
 def setup(cfg: TrainConfig, rank: int, world: int, device, log) -> Run:
@@ -616,8 +629,35 @@ def setup(cfg: TrainConfig, rank: int, world: int, device, log) -> Run:
         data.LlavaDataset(records, dcfg), batch_sampler=schedule, num_workers=workers,
         collate_fn=partial(data.collate, pad_id=tokenizer.pad_id), pin_memory=device.type == "cuda",
         generator=torch.Generator())  # its own: iter(loader) must not draw from the restored RNG stream
+    cpu_group = dist.new_group(backend="gloo") if world > 1 else None
     return Run(llava, model, opt, tokenizer, schedule, iter(loader), {s.index: s for s in samples}, meta, start,
-               total, warmup, spe, accum)
+               total, warmup, spe, accum, cfg, cpu_group)
+
+
+def next_micro_batch(run, step: int, world: int) -> dict:
+    """This rank's next micro-batch, once every rank holds one. A rank that cannot load its own (an image changed
+    or gone since the data check) would leave the others waiting in the step's first collective (with NCCL, for
+    ever), so the ranks first agree, over a CPU group, and all stop with the same message."""
+    try:
+        batch, problem = next(run.batches), ""
+    except (OSError, ValueError) as e:  # what reading a record raises (minillava.data)
+        batch, problem = None, f"{type(e).__name__}: {e}"
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, (step, problem), group=run.cpu_group)
+        steps = sorted({s for s, _ in states})
+        if len(steps) > 1:
+            raise TrainingError(f"the ranks are at different steps ({steps}): each rank must read the same "
+                                "--data and settings")
+        failed = [(r, p) for r, (_, p) in enumerate(states) if p]
+    else:
+        failed = [(0, problem)] if problem else []
+    if failed:
+        kept = list_checkpoints(run.cfg.out)
+        raise TrainingError(f"step {step + 1}: " + "; ".join(f"rank {r} could not load its micro-batch ({p})"
+                                                              for r, p in failed)
+                            + f". Every rank stops here; the last checkpoint is {kept[-1] if kept else 'none'}")
+    return batch
 
 
 class Window:
@@ -663,7 +703,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device):
         n_sup = sum(samples[i].n_supervised for i in gb)  # supervised tokens of the whole global batch (all ranks)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            batch = {k: v if v is None else v.to(device, non_blocking=True) for k, v in next(run.batches).items()}
+            batch = next_micro_batch(run, step, world)
+            batch = {k: v if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
             with accumulation_context(model, cfg, world, sync=micro == accum - 1), autocast:
                 loss = model(**batch)
             # DDP and FSDP average gradients over ranks: * world turns that into the global-batch sum

@@ -119,6 +119,8 @@ class Llava(nn.Module):
 
         input_ids (B, T); attention_mask (B, T), 1 = real token; labels (B, T) or None; image_sizes (N, 2) or None;
         image_features: encode_images(pixel_values, image_sizes) when the caller ran it already (the engine times it).
+        A batch without image tokens given image_features (train.py's zero image, as the original gives a text-only
+        sample) adds 0 x them to its embeddings: unchanged numbers, but the image path is in the graph.
         Returns inputs_embeds (B, L, C), attention_mask (B, L) bool, position_ids (B, L), labels (B, L) or None.
         Sequences that come out shorter than L are padded on the side the input was padded on (left when some
         row of attention_mask starts with padding, else right)."""
@@ -136,6 +138,8 @@ class Llava(nn.Module):
         attention_mask = attention_mask.bool()
         embed = self.language_model.model.embed_tokens
         text = embed(input_ids.masked_fill(is_img, 0))  # (B, T, C); image slots are overwritten below
+        if n_img == 0 and image_features:
+            text = text + 0.0 * sum(f.sum() for f in image_features).to(text.dtype)
         if n_img == 0:
             position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
             return text, attention_mask, position_ids, labels
@@ -171,9 +175,10 @@ class Llava(nn.Module):
             new_labels[tb, start[tb, tt]] = labels[tb, tt]  # image slots stay ignored
         return out, new_mask, position_ids, new_labels
 
-    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_sizes=None):
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_sizes=None,
+                      image_features=None):
         embeds, mask, position_ids, labels = self.embed_inputs(input_ids, pixel_values, attention_mask, labels,
-                                                               image_sizes)
+                                                               image_sizes, image_features)
         key_padding_mask = None if bool(mask.all()) else mask
         return self.language_model.model(embeds, position_ids, key_padding_mask), labels
 
@@ -182,10 +187,11 @@ class Llava(nn.Module):
         hidden, _ = self.hidden_states(input_ids, pixel_values, attention_mask, image_sizes=image_sizes)
         return self.language_model.lm_head(hidden)
 
-    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None, image_sizes=None):
+    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None, image_sizes=None, image_features=None):
         """Summed next-token cross-entropy over supervised tokens, and their count: (loss_sum, n_tokens).
         Returning the sum lets a training loop normalise by the tokens of the whole global batch."""
-        hidden, labels = self.hidden_states(input_ids, pixel_values, attention_mask, labels, image_sizes)
+        hidden, labels = self.hidden_states(input_ids, pixel_values, attention_mask, labels, image_sizes,
+                                            image_features)
         targets = labels[:, 1:]  # (B, L-1): position t predicts token t+1
         keep = targets != IGNORE_INDEX  # (B, L-1); image, prompt and padding positions carry no label
         # The head runs only where there is a label: most positions are image or prompt tokens (576 per image),

@@ -96,6 +96,39 @@ def tensors(path) -> dict:
     return load_file(path / "model.safetensors" if path.is_dir() else path)
 
 
+@pytest.mark.parametrize("anyres", [False, True])
+def test_a_text_only_batch_runs_the_image_path_and_changes_no_number(anyres):
+    """LossModel gives a micro-batch without images a zero image (so every rank runs the same collectives): the loss
+    and the LLM's gradients are bitwise those of the text alone; the image path gets gradients of exactly 0."""
+    from minillava.weights import random_llava
+    model = random_llava(CFG, seed=0)
+    if anyres:
+        model.use_anyres()
+    train.set_trainable(model, types.SimpleNamespace(stage=2, lora=0))
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(9) < 4, -100)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 7:] = False
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = model.loss(ids, labels, attention_mask=mask)[0]
+    g_plain = grads(plain)
+    zeroed = train.LossModel(model)(ids, labels, mask, None, None)
+    g_zeroed = grads(zeroed)
+    assert torch.equal(zeroed, plain)
+    image_path = [n for n in g_zeroed if n.startswith("multi_modal_projector.") or n == "image_newline"]
+    assert len(image_path) == 4 + anyres
+    for n, g in g_zeroed.items():
+        if n in image_path:
+            assert g_plain[n] is None and torch.count_nonzero(g) == 0, n
+        else:
+            assert torch.equal(g, g_plain[n]), n
+
+
 def test_lr_schedule_warmup_then_cosine():
     total, warmup = 10, 3
     s = [train.lr_scale(i, total, warmup) for i in range(total)]
@@ -316,6 +349,103 @@ def test_torchrun_two_processes_match_one(env, tmp_path, mode):
     a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def write_mixed_data(env, path, n_image, n_text):
+    """LLaVA-1.5's mix in miniature: multi-turn image records and text-only ones (ShareGPT-like: no "image" key,
+    no <image>), in the official JSON list."""
+    records = [r for r in json.load(open(env["instruct"])) if "image" in r]
+    assert n_image + n_text <= len(records)
+    text = [{"id": f"text_{r['id']}", "conversations": [dict(t, value=t["value"].replace("<image>", "").strip())
+                                                        for t in r["conversations"]]}
+            for r in records[n_image:n_image + n_text]]
+    mixed = [r for pair in zip(records[:n_image], text) for r in pair] + records[len(text):n_image]
+    path.write_text(json.dumps(mixed))
+    return path
+
+
+def ranks_see_different_modalities(env, data_path, args, world=2) -> list:
+    """The steps (1-based) of a run of `args` in which one rank's micro-batch holds an image and another's none,
+    from the same schedule train.py follows."""
+    from minillava import data
+    from minillava.tokenizer import Tokenizer
+    cfg = train.resolve(train.parse_args(args))
+    model = load_llava(env["llama"], vision_path=env["clip"], projector_path=env["projector"])
+    if cfg.image_aspect_ratio == "anyres":
+        model.use_anyres()
+    dcfg = data.DataConfig(image_folder=cfg.image_folder, template=cfg.template, tokenizer=Tokenizer(env["llama"]),
+                           model=model.config, max_length=cfg.max_length)
+    records = data.read_records(str(data_path))
+    samples = data.check_records(records, dcfg, range(len(records)), 0)
+    image = {c.index: c.has_image for c in samples}
+    batches = data.global_batches(samples, cfg.global_batch, cfg.seed, 0, cfg.group_by_modality_length)
+    return [step + 1 for step, gb in enumerate(batches[:cfg.max_steps])
+            if len({any(image[i] for i in micro) for micro in data.micro_batches(gb, world, 0, cfg.micro_batch)}
+                   | {any(image[i] for i in micro) for micro in data.micro_batches(gb, world, 1, cfg.micro_batch)})
+            > 1]
+
+
+ONE_PROCESS = {}  # (stage, extra) -> the one-process run's out dir, shared by FSDP2 and DDP
+
+
+@pytest.mark.parametrize("stage, extra, mode", [
+    (2, (), "fsdp"), (2, (), "ddp"),  # full fine-tuning, batches of mixed modality
+    # LoRA, grouped by modality (the last batch mixes); no dropout: its masks come from each rank's own stream
+    (2, ("--lora", "4", "--lora-dropout", "0", "--group-by-modality-length"), "fsdp"),
+    (2, ("--lora", "4", "--lora-dropout", "0", "--group-by-modality-length"), "ddp"),
+    (2, ("--image-aspect-ratio", "anyres", "--template", "mistral_instruct"), "ddp"),  # image_newline trains too
+    (1, ("--template", "vicuna_v1"), "fsdp"),  # stage 1 on the mix: only the projector trains
+])
+def test_torchrun_ranks_with_different_modalities_match_one(env, tmp_path, stage, extra, mode):
+    """Ranks whose micro-batches differ in modality in the same step (one text-only, one with images) run the
+    same collectives: the run finishes and its losses and weights equal one process's on the same batches."""
+    grouped = "--group-by-modality-length" in extra
+    data_path = write_mixed_data(env, tmp_path / "mix.json", 9, 7) if grouped else \
+        write_mixed_data(env, tmp_path / "mix.json", 8, 8)
+    extra = [*extra, "--data", str(data_path)] + ([] if grouped else ["--no-group-by-modality-length"])
+    one = ONE_PROCESS.get((stage, tuple(extra)))
+    args = argv(env, stage, "OUT", *extra, steps=4)
+    assert ranks_see_different_modalities(env, data_path, args), "the data does not test what it should"
+    if one is None:
+        one = ONE_PROCESS[(stage, tuple(extra))] = tmp_path / "one"
+        finish(run_script([str(one) if a == "OUT" else a for a in args]))
+    two = tmp_path / "two"
+    finish(run_script([str(two) if a == "OUT" else a for a in args] + (["--ddp"] if mode == "ddp" else []),
+                      launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")))
+    l1, l2 = log_lines(one), log_lines(two)
+    assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4]
+    for r1, r2 in zip(l1, l2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+    name = "mm_projector.safetensors" if stage == 1 else ""
+    a, b = tensors(one / name), tensors(two / name)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_torchrun_rank_that_cannot_load_its_batch_stops_every_rank_with_its_reason(env, tmp_path):
+    """An image that changes after the data check (here: truncated while the run starts) fails on one rank; every
+    rank stops at that step with the same message naming the rank and the file, instead of waiting for it."""
+    records = json.load(open(write_mixed_data(env, tmp_path / "mix.json", 8, 8)))
+    for r in records:  # each image its own copy, so that breaking one breaks no other test
+        if "image" in r:
+            shutil.copy(env["data"] / r["image"], tmp_path / Path(r["image"]).name)
+            r["image"] = Path(r["image"]).name
+    (tmp_path / "mix.json").write_text(json.dumps(records))
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in argv(
+        env, 2, "OUT", "--data", str(tmp_path / "mix.json"), "--image-folder", str(tmp_path),
+        "--no-group-by-modality-length", steps=4)]
+    proc = run_script(args, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    victims = [tmp_path / r["image"] for r in records if "image" in r]
+    for line in proc.stdout:  # once the data check has passed, every image breaks
+        if line.startswith("data: "):
+            for v in victims:
+                v.write_bytes(v.read_bytes()[:60])
+            break
+    out = finish(proc, expect=1)
+    assert out.count("could not load its micro-batch") >= 2, out[-3000:]  # both ranks say it
+    assert "step 1: rank" in out and ".png" in out
 
 
 def write_bad_data(env, tmp_path):
