@@ -738,7 +738,7 @@ def _is_anyres(model_dir) -> bool:
 
 def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0, device="auto", dtype="auto",
            question_file=None, all_rounds=False, protocol="llava", quantize="none", group_size=64,
-           template="vicuna_v1"):
+           template="vicuna_v1", projector=None, model_base=None):
     """Answer every question not yet in answers_path; under torchrun each rank answers a contiguous chunk into
     its own file and rank 0 merges them in question order. Returns generate.main's exit status."""
     from minillava import generate  # here, not at the top: `score` imports neither torch nor the model
@@ -762,6 +762,7 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
             "--threads", str(threads), "--device", device, "--dtype", dtype,
             "--quantize", quantize, "--group-size", str(group_size),
             "--num-chunks", str(world), "--chunk-idx", str(rank)] + (["--vision", vision] if vision else []) + (
+            ["--projector", projector] if projector else []) + (["--model-base", model_base] if model_base else []) + (
             ["--image-aspect-ratio", "square"] if protocol == "lmms-eval" and name in LMMS_EVAL_NO_PAD
             and not _is_anyres(model) else [])  # AnyRes (1.6) never pads to square: nothing to turn off
     rc = generate.main(argv)
@@ -787,6 +788,21 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
 
 # ----------------------------------------------------------------------------------------------------------
 
+def benchmark_folder(parser, a) -> str:
+    """--data, or the folder eval_pope.py's --annotation-dir implies (playground/data/eval/pope/coco -> .../pope)."""
+    if a.annotation_dir is None:
+        if a.data is None:
+            parser.error("--data is required (the benchmark's folder)")
+        return a.data
+    expected = os.path.dirname(BENCHMARKS["pope"].ground_truth[0])  # coco
+    folder, name = os.path.split(os.path.normpath(a.annotation_dir))
+    if a.bench != "pope" or name != expected or (a.data and os.path.normpath(a.data) != folder):
+        parser.error(f"--annotation-dir is POPE's folder of coco_pope_*.json, named {expected}/ inside the benchmark's "
+                     f"folder; got {a.annotation_dir} for {a.bench}: give --data (the folder holding "
+                     f"{BENCHMARKS[a.bench].questions})")
+    return folder
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -795,14 +811,19 @@ def main(argv=None) -> int:
     for cmd in ("answer", "score", "run"):
         s = sub.add_parser(cmd)
         s.add_argument("bench", choices=list(BENCHMARKS))
-        s.add_argument("--data", required=True, help="the benchmark's folder (playground/data/eval/<bench>)")
-        s.add_argument("--question-file", help="another question file in --data (MMBench's test TSV, say)")
+        s.add_argument("--data", help="the benchmark's folder (playground/data/eval/<bench>)")
+        s.add_argument("--annotation-dir", help="POPE, as eval_pope.py takes it: the folder of coco_pope_*.json "
+                       "(the benchmark's folder is then the one above it)")
+        s.add_argument("--question-file", help="another question file in --data (MMBench's test TSV, say), or a "
+                       "path to one")
         s.add_argument("--protocol", choices=("llava", "lmms-eval"), default="llava",
                        help="llava: the original's scripts (default); lmms-eval: its documented differences "
                        "(TextVQA without OCR tokens, POPE pooled with exact yes/no, SQA and MMBench not padded)")
         if cmd in ("answer", "run"):
             s.add_argument("--model", "--model-path", required=True, help="checkpoint directory (any layout)")
             s.add_argument("--vision", help="CLIP directory, for layouts B and C")
+            s.add_argument("--projector", help="layout C: the stage-1 projector file (or the dir holding it)")
+            s.add_argument("--model-base", help="the original's: the LLM dir, when --model is a stage-1 output")
             s.add_argument("--batch-size", type=int, default=8, help="questions answered together (default: 8)")
             s.add_argument("--template", "--conv-mode", default="vicuna_v1", help="the conversation template "
                            "(default: vicuna_v1, the paper's; LLaVA-1.6 Mistral: mistral_instruct, 34B: chatml_direct)")
@@ -815,10 +836,15 @@ def main(argv=None) -> int:
                            help="the LLM's linear layers, quantized while loading (default: none)")
             s.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
                            help="int4: inputs per scale (default: 64)")
+            s.add_argument("--load-8bit", dest="quantize", action="store_const", const="int8",
+                           help="the original's flag: --quantize int8")
+            s.add_argument("--load-4bit", dest="quantize", action="store_const", const="int4",
+                           help="the original's flag: --quantize int4")
             s.add_argument("--all-rounds", action="store_true", help="MMBench: ask once per option, the options "
                            "rotated (model_vqa_mmbench --all-rounds); scoring finds the rounds by itself")
         if cmd in ("answer", "score"):
-            s.add_argument("--answers", "--answers-file", required=True, help="the answers file (jsonl)")
+            s.add_argument("--answers", "--answers-file", "--result-file", required=True,
+                           help="the answers file (jsonl)")
         if cmd == "score":
             s.add_argument("--output", help="write the metrics here as JSON")
         if cmd in ("score", "run"):
@@ -826,6 +852,11 @@ def main(argv=None) -> int:
         if cmd == "run":
             s.add_argument("--out", required=True, help="writes answers.jsonl and metrics.json here")
     a = p.parse_args(argv)
+    if a.cmd != "list":
+        a.data = benchmark_folder(p, a)
+        if a.question_file and not os.path.isfile(os.path.join(a.data, a.question_file)) \
+                and os.path.isfile(a.question_file):
+            a.question_file = os.path.abspath(a.question_file)  # a path from here, as the original's scripts take it
     try:
         if a.cmd == "list":
             for b in BENCHMARKS.values():
@@ -841,7 +872,8 @@ def main(argv=None) -> int:
             check_files(benchmark(a.bench, a.question_file), a.data, for_answering=False)  # before any model
         if a.cmd in ("answer", "run"):
             rc = answer(a.bench, a.model, a.data, a.answers, a.vision, a.batch_size, a.threads, a.device, a.dtype,
-                        a.question_file, a.all_rounds, a.protocol, a.quantize, a.group_size, a.template)
+                        a.question_file, a.all_rounds, a.protocol, a.quantize, a.group_size, a.template,
+                        a.projector, a.model_base)
             if rc != 0 or a.cmd == "answer" or int(os.environ.get("RANK", 0)) != 0:
                 return rc
         result = score(a.bench, a.data, a.answers, a.output_submission, a.question_file, a.protocol)

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minillava.cli import add_config_args, optional_bool, set_threads
+from minillava.cli import (add_config_args, add_load_bits_flags, device_from_flag, first_lines, optional_bool,
+                           set_threads)
 from minillava.image import image_size, load_image, model_pixels
 from minillava.engine import Engine, GenerationStats, Request
 from minillava.llama import KVCache
@@ -53,10 +54,12 @@ class GenerateConfig:
     # what to load
     model: str = None         # checkpoint dir: llava-hf (layout A), original LLaVA (B, with --vision), LLaMA (C)
     vision: str = None        # CLIP directory, for layouts B and C
+    projector: str = None     # layout C: the stage-1 projector file (train.py's OUT/mm_projector.safetensors) or dir
+    model_base: str = None    # the original's: the LLM dir, when --model is a stage-1 output (its mm_projector file)
     tokenizer: str = None     # tokenizer.model, or a directory holding one (default: the model directory's)
     tokenizer_legacy: str = None  # true | false: overrides the "legacy" of the tokenizer_config.json beside it
     # what to ask: --image + --prompt (one-shot), --image + --chat, or --questions + --answers (batch)
-    image: str = None         # the image to ask about (one-shot and chat)
+    image: str = None         # the image to ask about (one-shot and chat): a file, or an http(s) URL to download
     prompt: str = None        # one-shot: the question; the answer is streamed to stdout
     chat: bool = False        # interactive conversation about --image (the image is encoded once)
     questions: str = None     # batch: jsonl, {"question_id", "image", "text"} per line
@@ -97,7 +100,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 # --- loading ------------------------------------------------------------------------------------------------
 def resolve_device_dtype(device="auto", dtype="auto"):
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = device if isinstance(device, torch.device) else device_from_flag(device)
     if dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
@@ -127,11 +130,13 @@ def weights_line(model) -> str:
 
 
 def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", tokenizer_legacy=None,
-         quantize="none", group_size=DEFAULT_GROUP_SIZE):
+         quantize="none", group_size=DEFAULT_GROUP_SIZE, projector=None, model_base=None):
     """A checkpoint directory (any official layout) -> (Llava in eval mode, Tokenizer). The tokenizer follows
     its tokenizer_config.json (legacy, add_bos_token, add_eos_token); tokenizer_legacy (bool) overrides.
-    quantize: none | int8 | int4 (groups of group_size), done while loading; a quantized checkpoint needs none."""
-    model_dir = os.fspath(model_dir)
+    quantize: none | int8 | int4 (groups of group_size), done while loading; a quantized checkpoint needs none.
+    Layout C (a stage-1 result): model_dir the LLaMA dir, vision the CLIP dir, projector the stage-1 file (or the
+    dir holding it); or, as the original's --model-base, model_base the LLaMA dir and model_dir the stage-1 output."""
+    model_dir, projector = checkpoint_paths(os.fspath(model_dir), projector, model_base)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -142,7 +147,7 @@ def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", to
         raise ValueError(f"{model_dir} has no tokenizer.model: pass --tokenizer PATH")
     tok = Tokenizer(tok_path, legacy=tokenizer_legacy)
     device, dtype = resolve_device_dtype(device, dtype)
-    model = load_llava(model_dir, vision_path=vision, dtype=dtype, device=device,
+    model = load_llava(model_dir, vision_path=vision, projector_path=projector, dtype=dtype, device=device,
                        quantize=Quantization.parse(quantize, group_size)).eval()
     cfg = model.config
     if tok.vocab_size > cfg.text.vocab_size:
@@ -154,10 +159,48 @@ def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", to
     return model, tok
 
 
+def checkpoint_paths(model_dir, projector=None, model_base=None) -> tuple:
+    """(--model, --projector, --model-base) -> (the checkpoint dir to load, the stage-1 projector or None). The
+    original's --model-base names the LLM a projector-only --model-path was trained on (its stage 1)."""
+    if model_base is None:
+        return model_dir, projector
+    if projector is not None:
+        raise ValueError("give --projector FILE (with --model the LLaMA dir) or --model-base DIR (with --model the "
+                         "stage-1 output), not both")
+    if os.path.isfile(os.path.join(model_dir, "adapter_config.json")):
+        raise ValueError(f"{model_dir} holds LoRA adapters: minillava reads no separate LoRA files (its train.py "
+                         "merges LoRA into the model it saves); merge them into the base model first")
+    return os.fspath(model_base), model_dir
+
+
 def load_pixels(image, config) -> tuple[torch.Tensor, tuple[int, int]]:
     """A path or PIL image -> (pixels (n, 3, S, S), its size (h, w)) as the checkpoint's model takes it: one tile
     at the tower's size, padded to square when the config says so, or LLaVA-1.6's AnyRes tiles."""
     return model_pixels(image, config)
+
+
+MAX_DOWNLOAD_MB = 50  # --image URL: at most this much is read
+DOWNLOAD_TIMEOUT = 30.0  # --image URL: seconds without progress before giving up
+
+
+def open_image(path_or_url: str):
+    """--image: a local file, or an http(s) URL fetched with the standard library (a timeout, a size cap) and
+    decoded from memory. Only here: serve.py never fetches a remote URL for a client."""
+    if not path_or_url.startswith(("http://", "https://")):
+        return load_image(path_or_url)
+    import io
+    import urllib.error
+    import urllib.request
+    limit = int(MAX_DOWNLOAD_MB * 2**20)
+    try:
+        request = urllib.request.Request(path_or_url, headers={"User-Agent": "minillava"})
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as r:
+            data = r.read(limit + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError, timeouts and refused connections too
+        raise ValueError(f"--image {path_or_url}: cannot download it ({getattr(e, 'reason', e)})") from None
+    if len(data) > limit:
+        raise ValueError(f"--image {path_or_url}: larger than {MAX_DOWNLOAD_MB} MB; download it and give the file")
+    return load_image(io.BytesIO(data), name=path_or_url)
 
 
 # --- prompts ------------------------------------------------------------------------------------------------
@@ -454,6 +497,7 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
     written and flushed as soon as it ends (so the file is in the order answers finish; resuming finds them by
     their key). -> (stats, errors): malformed lines and questions that could not be answered, each named."""
     questions, errors = read_questions(cfg.questions)
+    n_malformed = len(errors)
     if cfg.num_chunks > 1:  # the original's get_chunk: contiguous chunks of ceil(n / num_chunks)
         size = -(-len(questions) // cfg.num_chunks)
         questions = questions[cfg.chunk_idx * size:(cfg.chunk_idx + 1) * size]
@@ -472,9 +516,16 @@ def run_batch(model, tokenizer, cfg: GenerateConfig) -> tuple[GenerationStats, l
             continue
         todo.append((n, q))
         lengths.append(model.config.llm_length(ids, sizes))
+    unanswerable = len(errors) - n_malformed
     print(f"{len(questions)} questions, {n_done} already answered in {cfg.answers}, {len(todo)} to go"
-          + (f"; {len(errors)} malformed line(s), listed at the end" if errors else ""),
-          file=sys.stderr)
+          + (f"; {n_malformed} malformed line(s)" if n_malformed else "")
+          + (f"; {unanswerable} question(s) whose image or prompt does not work" if unanswerable else "")
+          + ("; listed at the end" if errors else ""), file=sys.stderr)
+    missing = sum("image file not found" in e for e in errors)
+    if missing and missing * 2 > missing + len(todo):  # most images missing: the folder, not the questions
+        raise ValueError(f"no image found for {missing} of {missing + len(todo)} questions with --image-folder "
+                         f"{os.path.abspath(cfg.image_folder or '.')}: check --image-folder (the questions' "
+                         "\"image\" paths are relative to it)")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.answers)), exist_ok=True)
     open(cfg.answers, "a").close()  # the file exists afterwards, answers or not (torchrun's merge reads each rank's)
     if not todo:
@@ -542,11 +593,14 @@ def parse_args(argv=None) -> GenerateConfig:
                     choices={"template": list(TEMPLATES), "tokenizer_legacy": ["true", "false"],
                              "quantize": QUANTIZE_CHOICES, "group_size": list(GROUP_SIZES),
                              "image_aspect_ratio": ["pad", "square"]})
+    add_load_bits_flags(p)
     cfg = GenerateConfig(**vars(p.parse_args(argv)))
     if cfg.model is None:
         p.error("--model is required")
     modes = [cfg.questions is not None, cfg.chat, cfg.prompt is not None]
-    if sum(modes) != 1:
+    if sum(modes) == 0 and cfg.image is not None:  # --model-path X --image-file Y: a chat, as the original's cli.py
+        cfg.chat = True
+    elif sum(modes) != 1:
         p.error("choose one mode: --prompt TEXT (one-shot), --chat, or --questions FILE --answers FILE")
     if cfg.questions is not None and cfg.answers is None:
         p.error("--questions needs --answers OUT.jsonl")
@@ -565,11 +619,12 @@ def main(argv=None) -> int:
     threads = set_threads(cfg.threads)
     try:
         # fail on a bad image before loading gigabytes of weights
-        image = None if cfg.image is None else load_image(cfg.image)
+        image = None if cfg.image is None else open_image(cfg.image)
         if cfg.questions is not None and not os.path.isfile(cfg.questions):
             raise FileNotFoundError(f"questions file not found: {cfg.questions}")
         model, tokenizer = load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device,
-                                optional_bool(cfg.tokenizer_legacy), cfg.quantize, cfg.group_size)
+                                optional_bool(cfg.tokenizer_legacy), cfg.quantize, cfg.group_size, cfg.projector,
+                                cfg.model_base)
         if cfg.image_aspect_ratio and model.config.anyres:
             raise ValueError(f"{cfg.model} is a LLaVA-1.6 (anyres) model: --image-aspect-ratio "
                              f"{cfg.image_aspect_ratio} would drop its tiles and image_newline")
@@ -597,7 +652,11 @@ def main(argv=None) -> int:
         return 130
     print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
     print_stats(stats, model)
-    for e in errors:
+    shown = first_lines(errors, f"{cfg.answers}.errors")
+    if shown != errors:  # too many for the screen: all of them in a file
+        with open(cfg.answers + ".errors", "w", encoding="utf-8") as f:
+            f.writelines(e + "\n" for e in errors)
+    for e in shown:
         print(f"error: {e}", file=sys.stderr)
     if errors:
         print(f"error: {len(errors)} question(s) not answered (see above); the others are in {cfg.answers}",

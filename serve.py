@@ -2,6 +2,7 @@
 
     python serve.py --model llava-1.5-7b-hf                     # http://127.0.0.1:8000/ (the page), /v1/...
     python serve.py --model llava-v1.5-7b --vision clip-vit-large-patch14-336 --slots 16 --api-key KEY
+    python serve.py --model vicuna-7b-v1.5 --vision clip-vit-large-patch14-336 --projector OUT/mm_projector.safetensors
 
     from openai import OpenAI                                   # any OpenAI client
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -18,8 +19,9 @@ disconnects mid-stream frees its slot at the next token.
 Mapping onto LLaVA: messages become the template's turns (default vicuna_v1); a system message replaces the
 template's system prompt; the image (a data URL, or a path under --image-root) goes with its message as
 "<image>\\n" first, as the original code does. Defaults are OpenAI's: temperature 1, top_p 1, no token limit but
-the context. Safety: binds to 127.0.0.1 unless --host says otherwise; never fetches a remote URL; bounded body,
-image bytes and pixels; socket timeouts.
+the context. Errors are OpenAI's {"error": {...}} with "param" naming the field at fault. Safety: binds to
+127.0.0.1 unless --host says otherwise; never fetches a remote URL; bounded body (Content-Length or chunked), image
+bytes and pixels; a text too long for the context is refused before it is tokenized; socket timeouts.
 """
 import argparse
 import base64
@@ -28,6 +30,7 @@ import io
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -39,7 +42,7 @@ import torch
 from PIL import Image
 
 from minillava import generate
-from minillava.cli import add_config_args, set_threads
+from minillava.cli import add_config_args, add_load_bits_flags, set_threads
 from minillava.engine import Engine, Request
 from minillava.image import model_pixels
 from minillava.templates import TEMPLATES, build_prompt, get_template, stop_strings
@@ -50,6 +53,8 @@ from minillava.tokenizer import IMAGE_PLACEHOLDER, tokenize_with_images
 class ServeConfig:
     model: str = None         # checkpoint dir (any official layout)
     vision: str = None        # CLIP directory, for layouts B and C
+    projector: str = None     # layout C: the stage-1 projector file (train.py's OUT/mm_projector.safetensors) or dir
+    model_base: str = None    # the original's: the LLM dir, when --model is a stage-1 output (its mm_projector file)
     host: str = "127.0.0.1"   # 0.0.0.0 to listen on every interface (then set --api-key)
     port: int = 8000
     api_key: str = None       # clients must send "Authorization: Bearer KEY"
@@ -89,6 +94,8 @@ class APIError(Exception):
 FIELDS = {"model": str, "messages": list, "temperature": (int, float), "top_p": (int, float), "top_k": int,
           "max_tokens": int, "max_completion_tokens": int, "stop": (str, list), "seed": int, "n": int,
           "stream": bool, "stream_options": dict}
+# JSON integers have no size; OpenAI's integer fields are 64-bit, and torch's seeds and sizes overflow beyond
+INT_MIN, INT_MAX = -2**63, 2**63 - 1
 
 
 def check_fields(body):
@@ -99,6 +106,8 @@ def check_fields(body):
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
             names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise APIError(400, f"'{name}' must be {names}, got {type(value).__name__}", param=name)
+        if kind is int and value is not None and not INT_MIN <= value <= INT_MAX:
+            raise APIError(400, f"'{name}' must be an integer from {INT_MIN} to {INT_MAX}, got {value}", param=name)
     if body.get("n", 1) != 1:
         raise APIError(400, "only n = 1 is supported", param="n")
     if not body.get("messages"):
@@ -112,6 +121,10 @@ class Server:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.name = cfg.model_name or os.path.basename(os.path.normpath(cfg.model or "minillava"))
         self.engine = Engine(model, slots=cfg.slots, max_seq_len=cfg.max_seq_len or None, compile=cfg.compile)
+        # No token covers more characters of the text than its piece has ("▁the" is " the", "</s>" is itself, a
+        # byte piece less than one), as LLaMA's tokenizer keeps every character (identity normalization, spaces
+        # kept, byte fallback): a text longer than the context times this cannot fit, however it tokenizes.
+        self.max_piece = max(len(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size))
         self.waiting = queue.Queue()  # requests for the engine thread, in arrival order
         self.capacity = threading.Semaphore(cfg.slots + cfg.queue)  # requests in flight: running or waiting
         self.stopping = False
@@ -150,44 +163,53 @@ class Server:
         self.thread.join(timeout=5)
 
     # one request ---------------------------------------------------------------------------------------------
-    def load_image(self, url: str):
+    def image(self, url: str, where: str) -> tuple:
+        """An image_url's url -> (pixels (n, 3, S, S) as the model takes them, its size (h, w)). `where` is the
+        part's place in the request (messages[0].content[1].image_url): errors name it."""
         if url.startswith("data:"):
             head, _, data = url.partition(",")
             if ";base64" not in head:
-                raise APIError(400, "an image data URL must be base64 (data:image/png;base64,...)", "messages")
+                raise APIError(400, f"{where}: an image data URL must be base64 (data:image/png;base64,...)", where)
             try:
                 raw = base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError) as e:
-                raise APIError(400, f"the image's base64 data is not valid: {e}", "messages") from None
+                raise APIError(400, f"{where}: the image's base64 data is not valid: {e}", where) from None
             source = io.BytesIO(raw)
         elif url.startswith(("http://", "https://")):
-            raise APIError(400, "this server never fetches remote URLs: send the image as a data URL "
-                                "(data:image/jpeg;base64,...)", "messages", "remote_url")
+            raise APIError(400, f"{where}: this server never fetches remote URLs: send the image as a data URL "
+                                "(data:image/jpeg;base64,...)", where, "remote_url")
         else:
-            source = self._local_path(url[len("file://"):] if url.startswith("file://") else url)
+            source = self._local_path(url[len("file://"):] if url.startswith("file://") else url, where)
         try:
             im = Image.open(source)
             w, h = im.size
             if w * h > self.cfg.max_image_pixels:
-                raise APIError(400, f"the image has {w} x {h} = {w * h} pixels, more than the limit of "
-                                    f"{self.cfg.max_image_pixels}", "messages", "image_too_large")
+                raise APIError(400, f"{where}: the image has {w} x {h} = {w * h} pixels, more than the limit of "
+                                    f"{self.cfg.max_image_pixels}", where, "image_too_large")
             im.load()
         except APIError:
             raise
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise APIError(400, f"the image could not be decoded: {e}", "messages", "invalid_image") from None
-        return im
+        except Image.UnidentifiedImageError:  # its message is "cannot identify image file <_io.BytesIO ...>"
+            raise APIError(400, f"{where}: the image could not be decoded: its data is not in an image format "
+                                "PIL reads (PNG, JPEG, GIF, BMP, ...)", where, "invalid_image") from None
+        except Exception as e:  # noqa: BLE001  PIL's plugins raise OSError, SyntaxError, struct.error... on bad data
+            raise APIError(400, f"{where}: the image could not be decoded: {str(e) or type(e).__name__}", where,
+                           "invalid_image") from None
+        try:
+            return model_pixels(im, self.model.config)
+        except ValueError as e:  # a mode that does not convert to RGB
+            raise APIError(400, f"{where}: the image could not be decoded: {e}", where, "invalid_image") from None
 
-    def _local_path(self, path: str):
+    def _local_path(self, path: str, where: str):
         root = self.cfg.image_root
         if not root:
-            raise APIError(400, "local image paths are not served (start the server with --image-root DIR); "
-                                "send the image as a data URL", "messages")
+            raise APIError(400, f"{where}: local image paths are not served (start the server with --image-root "
+                                "DIR); send the image as a data URL", where)
         real, base = os.path.realpath(os.path.join(root, path)), os.path.realpath(root)
         if os.path.commonpath([real, base]) != base:
-            raise APIError(400, f"image path {path!r} is outside --image-root", "messages")
+            raise APIError(400, f"{where}: image path {path!r} is outside --image-root", where)
         if not os.path.isfile(real):
-            raise APIError(400, f"image file not found under --image-root: {path!r}", "messages")
+            raise APIError(400, f"{where}: image file not found under --image-root: {path!r}", where)
         return real
 
     def parse(self, body) -> tuple:
@@ -196,6 +218,22 @@ class Server:
         if body.get("model") not in (None, self.name):
             raise APIError(404, f"model {body['model']!r} does not exist; this server serves {self.name!r}",
                            "model", "model_not_found")
+        # the cheap checks first: nothing is decoded or tokenized for a request that fails them
+        temperature, top_p, top_k = body.get("temperature"), body.get("top_p"), body.get("top_k")
+        if temperature is not None and not 0 <= temperature <= 2:
+            raise APIError(400, f"need 0 <= temperature <= 2, got {temperature}", "temperature")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise APIError(400, f"need 0 < top_p <= 1, got {top_p}", "top_p")
+        if top_k is not None and top_k < 1:
+            raise APIError(400, f"need top_k >= 1, got {top_k}", "top_k")
+        limit_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        limit = body.get(limit_field)
+        if limit is not None and limit < 1:
+            raise APIError(400, f"{limit_field} must be >= 1, got {limit}", limit_field)
+        stops = body.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+            raise APIError(400, "'stop' is a string or a list of up to 4 strings", "stop")
         template, history, images = get_template(self.cfg.template), [], []
         for i, m in enumerate(body["messages"]):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -211,59 +249,55 @@ class Server:
                             + text))
         if not history or history[-1][0] != "human":
             raise APIError(400, "the last message must be the user's", "messages")
+        cfg, S = self.model.config, self.engine.S
+        prompt = build_prompt(history, template)
+        chars = len(prompt) - len(IMAGE_PLACEHOLDER) * len(images)  # an image takes one position or more
+        if chars > S * self.max_piece:  # tokenizing megabytes takes seconds: refuse what cannot fit at once
+            raise APIError(400, f"the prompt has {chars} characters of text: more than the context of {S} positions "
+                                f"can hold (a token covers at most {self.max_piece} characters)", "messages",
+                           "context_length_exceeded")
         try:
-            ids = tokenize_with_images(build_prompt(history, template), self.tokenizer,
-                                       self.model.config.image_token_id)
+            ids = tokenize_with_images(prompt, self.tokenizer, cfg.image_token_id)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
-        cfg, S = self.model.config, self.engine.S
-        sizes = [(im.height, im.width) for im in images]
+        sizes = [size for _, size in images]
         L = cfg.llm_length(ids, sizes)
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        if limit is not None and limit < 1:
-            raise APIError(400, "max_tokens must be >= 1", "max_tokens")
         if L + (limit or 1) > S:
             raise APIError(400, f"the prompt takes {L} positions ({len(images)} image(s): {L - len(ids) + len(images)})"
-                                f"{f' and max_tokens is {limit}' if limit else ''}: {L + (limit or 1)} > the "
+                                f"{f' and {limit_field} is {limit}' if limit else ''}: {L + (limit or 1)} > the "
                                 f"context of {S}", "messages", "context_length_exceeded")
-        temperature, top_p = float(body.get("temperature", 1.0)), body.get("top_p")
-        if not 0 <= temperature <= 2 or top_p is not None and not 0 < top_p <= 1:
-            raise APIError(400, "need 0 <= temperature <= 2 and 0 < top_p <= 1", "temperature")
-        stops = body.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else stops
-        if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-            raise APIError(400, "'stop' is a string or a list of up to 4 strings", "stop")
-        pixels = None
-        if images:  # (N_tiles, 3, S, S) at the tower's size, as the checkpoint prepares images (image.model_pixels)
-            pixels = torch.cat([model_pixels(im, cfg)[0] for im in images])
+        # (N_tiles, 3, S, S) at the tower's size, as the checkpoint prepares images (image.model_pixels)
+        pixels = torch.cat([p for p, _ in images]) if images else None
         reply = generate.Reply(self.tokenizer, stop_strings(self.cfg.template) + stops)
         # no max_tokens: until the slot is full, as generate.py (the engine ends the answer there)
-        req = Request(ids, pixels, max_new_tokens=limit or S, temperature=temperature, top_p=top_p,
-                      top_k=body.get("top_k"), seed=body.get("seed"), stop_ids=(self.tokenizer.eos_id,),
-                      image_sizes=sizes if cfg.anyres else None)
+        req = Request(ids, pixels, max_new_tokens=limit or S, temperature=1.0 if temperature is None else
+                      float(temperature), top_p=top_p, top_k=top_k, seed=body.get("seed"),
+                      stop_ids=(self.tokenizer.eos_id,), image_sizes=sizes if cfg.anyres else None)
         return req, reply, L
 
     def _content(self, content, i, images) -> tuple:
-        """A message's content (a string, or a list of text and image_url parts) -> (text, number of images)."""
+        """A message's content (a string, or a list of text and image_url parts) -> (text, number of images).
+        Each image is appended to `images` as (pixels, size), the result of `image`."""
         if isinstance(content, str):
             return content, 0
         if not isinstance(content, list):
-            raise APIError(400, f"messages[{i}].content must be a string or a list of parts", f"messages[{i}]")
+            raise APIError(400, f"messages[{i}].content must be a string or a list of parts", f"messages[{i}].content")
         texts, n = [], 0
-        for part in content:
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind == "image_url" and isinstance(part.get("image_url"), dict) \
                     and isinstance(part["image_url"].get("url"), str):
                 if len(images) >= self.cfg.max_images:
-                    raise APIError(400, f"too many images: this server takes at most {self.cfg.max_images} per "
-                                        "request", f"messages[{i}]", "too_many_images")
-                images.append(self.load_image(part["image_url"]["url"]))
+                    raise APIError(400, f"{where}: too many images: this server takes at most {self.cfg.max_images} "
+                                        "per request", where, "too_many_images")
+                images.append(self.image(part["image_url"]["url"], where + ".image_url"))
                 n += 1
             else:
-                raise APIError(400, f"messages[{i}]: each part is {{'type': 'text', 'text': ...}} or "
-                                    "{'type': 'image_url', 'image_url': {'url': ...}}", f"messages[{i}]")
+                raise APIError(400, f"{where}: each part is {{'type': 'text', 'text': ...}} or "
+                                    "{'type': 'image_url', 'image_url': {'url': ...}}", where)
         return "\n".join(texts), n
 
 
@@ -309,9 +343,17 @@ class Handler(BaseHTTPRequestHandler):
         self.timeout = self.app.cfg.timeout  # socket timeout: a slow client cannot hold its thread forever
         super().setup()
 
-    def log_message(self, fmt, *args):  # one line per request on stderr, as the stdlib does, without the noise
+    # Errors (log_error: a timed-out or lost connection) always get their line on stderr; the stdlib's line per
+    # request only off 127.0.0.1 or with MINILLAVA_SERVE_LOG set: on one's own machine it is noise.
+    def log_request(self, code="-", size="-"):
         if self.app.cfg.host != "127.0.0.1" or os.environ.get("MINILLAVA_SERVE_LOG"):
-            super().log_message(fmt, *args)
+            super().log_request(code, size)
+
+    def handle(self):
+        try:
+            super().handle()
+        except ConnectionError as e:  # the client reset or left: nothing to answer, and one line says it, where
+            self.log_error("connection lost: %s", e)  # socketserver would print a traceback
 
     def _send_json(self, status: int, obj, headers=()):
         data = json.dumps(obj).encode()
@@ -386,6 +428,21 @@ class Handler(BaseHTTPRequestHandler):
             self.app.capacity.release()
 
     def _read_body(self) -> bytes:
+        """The body: Content-Length bytes, or chunks (Transfer-Encoding: chunked); at most --max-body-mb (413).
+        A body not read to its end leaves the connection unusable: every error here closes it."""
+        limit = self.app.cfg.max_body_mb * 2**20
+        coding = ", ".join(self.headers.get_all("Transfer-Encoding", []))
+        if coding:
+            if "Content-Length" in self.headers:  # the two disagree about where this request ends: answer, then
+                self.close_connection = True       # close (RFC 9112 6.3)
+            try:
+                if coding.strip().lower() != "chunked":
+                    raise APIError(400, f"Transfer-Encoding {coding!r} is not supported: send the body as it is, "
+                                        "or chunked")
+                return self._read_chunked(limit)
+            except APIError:
+                self.close_connection = True
+                raise
         try:
             n = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -393,13 +450,63 @@ class Handler(BaseHTTPRequestHandler):
         if n < 0:
             self.close_connection = True
             raise APIError(400, "Content-Length is not a number")
-        if n > self.app.cfg.max_body_mb * 2**20:
+        if n > limit:
             self.close_connection = True
-            left = min(n, DRAIN_BYTES)  # read (a bounded part of) it: a client still sending would get a reset
-            while left > 0:             # instead of this answer
-                left -= len(self.rfile.read(min(left, 2**20)) or b"\0" * left)
+            self._skip(min(n, DRAIN_BYTES))  # read (a bounded part of) it: a client still sending would get a reset
             raise APIError(413, f"the body is {n} bytes, over the limit of {self.app.cfg.max_body_mb} MB")
-        return self.rfile.read(n)
+        body = self.rfile.read(n)  # up to a timeout while the client is silent: TimeoutError, one log line
+        if len(body) < n:
+            self.close_connection = True
+            raise APIError(400, f"the body ended after {len(body)} of the {n} bytes its Content-Length announced: "
+                                "the client closed the connection before sending all of it")
+        return body
+
+    def _read_chunked(self, limit) -> bytes:
+        """A chunked body (RFC 9112 7.1): chunks of a line "SIZE in hex[;extensions]", SIZE bytes and a line end, up
+        to one of size 0, then trailer lines up to an empty one. Past `limit` the chunks are read and dropped, as a
+        Content-Length body over it, before the 413."""
+        chunks, total = [], 0
+        while True:
+            line = self._chunk_line()
+            m = re.fullmatch(rb"([0-9a-fA-F]{1,15})[ \t]*(;.*)?\r?\n", line)
+            if m is None:
+                raise APIError(400, f"malformed chunked body: a chunk starts with {line[:40]!r}, not its size in hex")
+            size = int(m.group(1), 16)
+            total += size
+            if size == 0 or total > limit + DRAIN_BYTES:
+                break
+            if total > limit:
+                self._skip(size)
+            else:
+                chunks.append(self.rfile.read(size))
+                if len(chunks[-1]) < size:
+                    raise APIError(400, "the chunked body ended inside a chunk: the client closed the connection")
+            if self._chunk_line() not in (b"\r\n", b"\n"):
+                raise APIError(400, "malformed chunked body: a chunk is longer than its size says")
+        if total > limit:
+            raise APIError(413, f"the chunked body is over {int(limit)} bytes, the limit of "
+                                f"{self.app.cfg.max_body_mb} MB")
+        for _ in range(64):  # trailer fields, up to an empty line: none is used
+            if self._chunk_line() in (b"\r\n", b"\n"):
+                return b"".join(chunks)
+        raise APIError(400, "malformed chunked body: more than 64 trailer lines")
+
+    def _chunk_line(self) -> bytes:
+        line = self.rfile.readline(1024)
+        if len(line) == 1024 and not line.endswith(b"\n"):
+            raise APIError(400, "malformed chunked body: a line longer than 1024 bytes")
+        if not line.endswith(b"\n"):
+            raise APIError(400, "the chunked body ended before its last (empty) chunk: the client closed the "
+                                "connection")
+        return line
+
+    def _skip(self, n: int):
+        """Read and drop n bytes of the body (fewer if the client closes the connection first)."""
+        while n > 0:
+            got = len(self.rfile.read(min(n, 2**20)))
+            if not got:
+                return
+            n -= got
 
     def _chunk(self, cid, created, delta, finish=None):
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.app.name,
@@ -480,7 +587,8 @@ def start(cfg: ServeConfig, model=None, tokenizer=None) -> HTTPServer:
     """Load (unless given) and bind; -> the server (serve_forever() to run it; port 0 picks a free port)."""
     if model is None:
         model, tokenizer = generate.load(cfg.model, cfg.vision, dtype=cfg.dtype, device=cfg.device,
-                                         quantize=cfg.quantize, group_size=cfg.group_size)
+                                         quantize=cfg.quantize, group_size=cfg.group_size, projector=cfg.projector,
+                                         model_base=cfg.model_base)
     if cfg.template not in TEMPLATES:
         raise ValueError(f"unknown template {cfg.template!r}")
     return HTTPServer((cfg.host, cfg.port), Server(cfg, model, tokenizer))
@@ -542,20 +650,27 @@ $("send").onclick = async () => {
 """
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> ServeConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, ServeConfig, choices={"template": list(TEMPLATES), "quantize": generate.QUANTIZE_CHOICES,
-                                             "group_size": list(generate.GROUP_SIZES)})
+    add_config_args(p, ServeConfig, aliases={"model": ["--model-path"]},  # the original LLaVA's flag names too
+                    choices={"template": list(TEMPLATES), "quantize": generate.QUANTIZE_CHOICES,
+                             "group_size": list(generate.GROUP_SIZES)})
+    add_load_bits_flags(p)
     cfg = ServeConfig(**vars(p.parse_args(argv)))
     if cfg.model is None:
         p.error("--model is required")
     if cfg.slots < 1 or cfg.queue < 0:
         p.error("--slots must be >= 1 and --queue >= 0")
+    return cfg
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
     print(set_threads(cfg.threads), file=sys.stderr)
     try:
         server = start(cfg)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # a missing file, --device cuda without CUDA...: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     host, port = server.server_address[:2]

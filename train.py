@@ -47,6 +47,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -56,11 +57,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillava import data
-from minillava.cli import add_config_args, optional_bool, set_threads
+from minillava.cli import add_config_args, device_from_flag, first_lines, optional_bool, set_threads
 from minillava.llava import Llava
 from minillava.lora import apply_lora, merge_lora
 from minillava.tokenizer import Tokenizer
 from minillava.weights import load_llava, save_llava, save_projector
+from minillava.weights.load import read_json
 from minillava.weights.save import atomic_file, fsync
 
 
@@ -77,6 +79,8 @@ class TrainConfig:
     out: str = "out"  # output dir: model files, checkpoints/, log.jsonl, data_report.json
     template: str = ""  # plain, vicuna_v1, llava_v1, llava_hf, mistral_instruct (default: plain / vicuna_v1)
     image_aspect_ratio: str = ""  # pad | square | anyres (LLaVA-1.6: a 1.5 model gains a fresh image_newline)
+    mm_projector_type: str = ""  # stage 1's fresh projector: mlp2x_gelu (1.5, default), linear (LLaVA v1), mlpNx_gelu
+    mm_vision_select_layer: int = None  # the CLIP layer the projector reads (default: the checkpoint's; 1.5: -2)
     # optimisation; 0 means "the recipe's value for this stage" (RECIPES)
     lr: float = 0.0  # peak learning rate, cosine decay after a linear warmup (0: 1e-3 stage 1, 2e-5 stage 2, 2e-4 LoRA)
     projector_lr: float = 0.0  # the projector's lr; LoRA recipe 2e-5, else = lr
@@ -145,7 +149,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 def setup_distributed(cfg: TrainConfig):
     """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_from_flag(cfg.device)
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -205,11 +209,21 @@ class LossModel(torch.nn.Module):
 
 
 def load_model(cfg: TrainConfig):
-    if cfg.stage == 1:
-        model = load_llava(cfg.model, vision_path=cfg.vision or None, new_projector=not cfg.projector,
-                           projector_path=cfg.projector or None)
-    else:
-        model = load_llava(cfg.model, vision_path=cfg.vision or None, projector_path=cfg.projector or None)
+    fresh = cfg.stage == 1 and not cfg.projector
+    if fresh and os.path.isdir(cfg.model) and read_json(Path(cfg.model) / "config.json").get("model_type") != "llama":
+        raise ValueError(f"stage 1 without --projector trains a fresh projector on CLIP + a plain LLaMA (--model: an "
+                         f"LLM dir, layout C); {cfg.model} is a LLaVA checkpoint with its own projector")
+    if cfg.mm_projector_type and not fresh:
+        raise ValueError("--mm-projector-type chooses stage 1's fresh projector; a projector that is loaded keeps "
+                         "its own type")
+    model = load_llava(cfg.model, vision_path=cfg.vision or None, new_projector=fresh,
+                       projector_path=cfg.projector or None, projector_type=cfg.mm_projector_type or None)
+    if cfg.mm_vision_select_layer is not None:
+        n = model.config.vision.num_hidden_layers
+        if not -n - 1 <= cfg.mm_vision_select_layer <= n:
+            raise ValueError(f"--mm-vision-select-layer {cfg.mm_vision_select_layer}: the tower has {n} layers "
+                             f"(hidden states {-n - 1}..{n}, the embeddings first; LLaVA-1.5 takes -2)")
+        model.config = model.config.replace(vision_feature_layer=cfg.mm_vision_select_layer)
     if cfg.image_aspect_ratio == "anyres" and not model.config.anyres:
         model.use_anyres(seed=cfg.seed)
     elif cfg.image_aspect_ratio and cfg.image_aspect_ratio != model.config.image_aspect_ratio:
@@ -452,10 +466,17 @@ def prepare_data(cfg, model, tokenizer, rank, world, workers):
                   "original_masks_all": [c.id for c in checked if c.original_masks_all]}
         with open(os.path.join(cfg.out, "data_report.json"), "w") as f:
             json.dump(report, f, indent=1)
-        for c in excluded:
-            print(f"  left out {c.id}: {c.excluded}", flush=True)
-        for c in bad:
-            print(f"  {'skipped' if cfg.skip_bad_records else 'bad'} {c.id}: {c.problem}", flush=True)
+        for line in first_lines([f"left out {c.id}: {c.excluded}" for c in excluded], "data_report.json"):
+            print(f"  {line}", flush=True)
+        for line in first_lines([f"{'skipped' if cfg.skip_bad_records else 'bad'} {c.id}: {c.problem}"
+                                 for c in bad], "data_report.json"):
+            print(f"  {line}", flush=True)
+    missing = data.images_not_found(checked)
+    if missing:  # most image records have no file: a wrong folder, not bad records
+        with_image = missing + sum(c.has_image for c in checked)
+        raise TrainingError(f"no image found for {missing} of {with_image} records with an image under "
+                            f"--image-folder {os.path.abspath(cfg.image_folder or '.')}: check --image-folder "
+                            "(the records' \"image\" paths are relative to it)")
     if bad and not cfg.skip_bad_records:
         raise TrainingError(f"{len(bad)} bad record(s) in {cfg.data} (listed above and in "
                             f"{os.path.join(cfg.out, 'data_report.json')}); fix them, or pass --skip-bad-records "
@@ -591,7 +612,9 @@ def setup(cfg: TrainConfig, rank: int, world: int, device, log) -> Run:
     records, dcfg, samples = prepare_data(cfg, llava, tokenizer, rank, world, workers)
     spe = data.steps_per_epoch(samples, cfg.global_batch, cfg.group_by_modality_length)
     if spe == 0:
-        raise TrainingError(f"{len(samples)} usable records do not fill one global batch of {cfg.global_batch}")
+        raise TrainingError(f"{len(samples)} usable records do not fill one global batch of {cfg.global_batch} "
+                            f"sequences (the recipe's for stage {cfg.stage}): pass a smaller --global-batch, a "
+                            f"multiple of --micro-batch {cfg.micro_batch} x {world} process(es)")
     total = cfg.max_steps or max(1, round(cfg.epochs * spe))
     warmup = math.ceil(cfg.warmup_ratio * total)
 

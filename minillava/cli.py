@@ -1,6 +1,6 @@
 """What the scripts (train.py, generate.py, demo.py, benchmarks/) share on the command line: flags built from a config
-dataclass, each flag's help the comment written beside its field (one source for both), and the CPU thread
-count.
+dataclass, each flag's help the comment written beside its field (one source for both), --device, and the CPU
+thread count.
 
     @dataclass
     class GenerateConfig:
@@ -77,3 +77,40 @@ def set_threads(n: int = 0) -> str:
     why = "--threads" if n else ("OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else "the cores this process "
                                  "may use")
     return f"threads: {chosen} ({why}; change with --threads N)"
+
+
+def device_from_flag(name: str = "auto"):
+    """--device -> a torch.device: "auto" (or empty) is cuda when there is one, else cpu. A device this machine
+    does not have is a one-line error naming the flag, not torch's assertion from deep inside the first copy."""
+    import torch
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:N, auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch {torch.__version__} can use "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: minillava runs on cpu or cuda")
+    return device
+
+
+def add_load_bits_flags(parser: argparse.ArgumentParser):
+    """The original LLaVA's --load-8bit / --load-4bit, as --quantize int8 / int4 (the field `quantize`). Not its
+    formats (bitsandbytes' LLM.int8 and NF4): minillava's weight-only int8 per channel and int4 in groups."""
+    parser.add_argument("--load-8bit", dest="quantize", action="store_const", const="int8",
+                        help="the original's flag: --quantize int8")
+    parser.add_argument("--load-4bit", dest="quantize", action="store_const", const="int4",
+                        help="the original's flag: --quantize int4")
+
+
+def first_lines(lines: list[str], where: str, limit: int = 20) -> list[str]:
+    """At most `limit` of the lines, and then how many more there are (all of them are in `where`): a data file
+    with a systematic problem must not print one line per record."""
+    more = len(lines) - limit
+    return lines if more <= 1 else lines[:limit] + [f"... and {more} more (all in {where})"]

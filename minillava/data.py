@@ -47,14 +47,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class Checked:
     """What `check_records` learned about one record."""
-    index: int  # position in the JSON list
-    id: str  # record_name: "#12 (id 000000033471)"
+    index: int  # position in the JSON list, from 0
+    id: str  # record_name: "#13 (id 000000033471)", counted from 1
     problem: str | None = None  # bad data: the record cannot be used as it is
     excluded: str | None = None  # good data with nothing to train on after truncation
     length: int = 0  # LLM positions after truncation (an image counts its positions: Np, AnyRes more)
     n_supervised: int = 0  # positions with a label after truncation
     has_image: bool = False
     original_masks_all: bool = False  # the original train.py would mask every label (templates.original_masks_all)
+    image_not_found: bool = False  # the record names an image file that is not there
 
 
 def read_records(path) -> list:
@@ -65,7 +66,11 @@ def read_records(path) -> list:
             records = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"data file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
+        hint = (": training data is one JSON list of records ([{...}, {...}]), as LLaVA's; this looks like JSON "
+                "Lines (one record per line)") if e.msg == "Extra data" else ""
+        raise ValueError(f"{path}: not valid JSON ({e}){hint}") from e
+    except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(records).__name__}")
@@ -75,9 +80,10 @@ def read_records(path) -> list:
 
 
 def record_name(rec, index: int) -> str:
-    """'#12 (id 000000033471)': the position in the list, and the id when the record has a usable one."""
+    """'#13 (id 000000033471)': the position in the list counted from 1 (as people and editors count; `index` is
+    Python's, from 0), and the id when the record has a usable one."""
     rid = rec.get("id") if isinstance(rec, dict) else None
-    return f"#{index}" + (f" (id {rid})" if isinstance(rid, (str, int)) and not isinstance(rid, bool) else "")
+    return f"#{index + 1}" + (f" (id {rid})" if isinstance(rid, (str, int)) and not isinstance(rid, bool) else "")
 
 
 def _shape_problem(rec) -> str | None:
@@ -146,7 +152,7 @@ def check_record(rec, index: int, cfg: DataConfig) -> Checked:
             to_rgb(img)
         ids, labels, excluded = encode(rec, cfg, size)
     except (OSError, ValueError) as e:  # an unreadable image, the template's checks (roles alternate, ...)
-        return Checked(index, rid, problem=str(e))
+        return Checked(index, rid, problem=str(e), image_not_found=isinstance(e, FileNotFoundError))
     masked = excluded is None and original_masks_all(rec["conversations"], cfg.template, cfg.tokenizer,
                                                      cfg.model.image_token_id, cfg.max_length)
     length = cfg.model.llm_length(ids, [size])
@@ -264,6 +270,14 @@ def micro_batches(batch: list[int], world_size: int, rank: int, micro_batch: int
     chunks = _chunks(batch, micro_batch)
     assert len(chunks) % world_size == 0, (len(batch), micro_batch, world_size)
     return chunks[rank::world_size]
+
+
+def images_not_found(checked: list[Checked]) -> int:
+    """How many records name an image file that is not there, when that is most of the records with an image (a
+    wrong --image-folder, not bad records); else 0."""
+    missing = sum(c.image_not_found for c in checked)
+    with_image = missing + sum(c.has_image for c in checked)
+    return missing if missing and missing * 2 > with_image else 0
 
 
 def summarize(checked: list[Checked]) -> dict:

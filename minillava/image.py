@@ -19,14 +19,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_image(path) -> Image.Image:
-    """Open and fully decode an image file (first frame of an animated GIF/WebP).
+def load_image(path, name=None) -> Image.Image:
+    """Open and fully decode an image file (first frame of an animated GIF/WebP); `path` may also be an open binary
+    file (a download, a request's bytes), then called `name` in errors.
 
     Decoding happens here, so a truncated or corrupt file fails now, with its path, not later in a batch.
     """
-    path = _image_file(path)
+    if hasattr(path, "read"):
+        source, path = path, name or "(in memory)"
+    else:
+        source = path = _image_file(path)
     try:
-        with Image.open(path) as f:  # a multi-frame file starts at frame 0
+        with Image.open(source) as f:  # a multi-frame file starts at frame 0
             f.load()
             img = f.copy()  # detached from the file: multi-frame files would keep it open
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError... depending on the plugin

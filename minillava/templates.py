@@ -49,6 +49,9 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                        "content that the user provides, and assist the user with a variety of tasks using natural "
+                        "language.")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ TEMPLATES = {
     # Nous-Hermes-2-Yi-34B (ChatML: "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n
     # <image>\nQ1<|im_end|><|im_start|>assistant\nA1<|im_end|>..."), as conv_mistral_instruct, conv_chatml_direct
     "mistral_instruct": Template("mistral_instruct", system="", sep="", style="llama_2"),
+    # LLaVA on LLaMA-2-chat (conv_llava_llama_2): "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<image>\nQ1 [/INST] A1 </s>
+    # <s>[INST] Q2 [/INST]", "<s>" (the BOS id) opening every later round
+    "llava_llama_2": Template("llava_llama_2", system=LLAVA_LLAMA_2_SYSTEM, sep="<s>", style="llama_2"),
     "chatml_direct": Template("chatml_direct", system="<|im_start|>system\nAnswer the questions.",
                               roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>",
                               sep2="<|im_end|>", style="mpt"),
@@ -145,7 +151,7 @@ def _segments(turns, t: Template, training: bool = True) -> list[tuple[str, str]
         question = _move_images_to_front(turns[k][1])
         if t.style == "llama_2":  # the system prompt goes inside the first [INST]
             system = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n" if t.system and k == 0 else ""
-            segs.append(("prompt", f"[INST] {system}{question} [/INST]"))
+            segs.append(("prompt", f"{t.sep if k else ''}[INST] {system}{question} [/INST]"))
         elif t.style == "mpt":
             segs.append(("prompt", (t.system + t.sep if k == 0 else "") + t.roles[0] + question + t.sep + t.roles[1]))
         else:

@@ -86,7 +86,7 @@ def test_every_bad_record_is_found_and_named(cfg, workers):
     for (rec, words), c in zip(BAD, checked[2:]):
         assert words in c.problem, (rec, c.problem)
         assert c.id == data.record_name(rec, c.index)
-    assert checked[3].id == "#3 (id noconv)" and checked[2].id == "#2"
+    assert checked[3].id == "#4 (id noconv)" and checked[2].id == "#3"  # counted from 1
     good = [c for c in checked if not c.problem]
     assert [c.has_image for c in good] == [True, True, False, True] and all(c.excluded is None for c in good)
     assert data.summarize(checked)["bad"] == len(BAD)

@@ -66,6 +66,25 @@ def test_pope_reads_answers_as_eval_pope(pope):
     assert r["unanswered"] == 0
 
 
+def test_score_takes_eval_pope_py_flags(pope, tmp_path, capsys, monkeypatch):
+    """eval_pope.py's command line (--annotation-dir .../pope/coco --question-file PATH --result-file PATH) scores
+    as --data does; an --annotation-dir that is not POPE's layout says what to give instead."""
+    data, pairs = pope
+    answers = answers_file(data / "a.jsonl", pairs)
+    assert E.main(["score", "pope", "--data", str(data), "--answers", answers]) == 0
+    ours = capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert E.main(["score", "pope", "--annotation-dir", os.path.relpath(data / "coco"), "--question-file",
+                   os.path.relpath(data / "llava_pope_test.jsonl"), "--result-file", answers]) == 0
+    assert capsys.readouterr().out == ours and ours.startswith("pope: f1 ")
+    with pytest.raises(SystemExit):
+        E.main(["score", "pope", "--annotation-dir", str(tmp_path), "--result-file", answers])
+    assert "POPE's folder of coco_pope_*.json, named coco/" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        E.main(["score", "pope", "--result-file", answers])
+    assert "--data is required" in capsys.readouterr().err
+
+
 def test_an_unanswered_question_is_wrong_and_counted(pope):
     data, pairs = pope
     r = E.score("pope", str(data), answers_file(data / "a.jsonl", pairs[:-1]))  # random's "no" question missing

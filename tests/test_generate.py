@@ -385,3 +385,74 @@ def test_the_image_and_pad_tokens_are_never_sampled(loaded, images, monkeypatch,
     pixels = G.load_pixels(images[0], model.config)[0]
     out = Engine(model, slots=2).run([Request(ids, pixels, max_new_tokens=6, temperature=temperature, seed=0)])
     assert len(out[0].out) == 6 and not set(out[0].out) & set(banned.tolist())
+
+
+# --- what a user of the original types, and the mistakes of a first hour ----------------------------------------
+def test_an_image_url_is_downloaded_with_a_size_cap(ckpt, loaded, images, monkeypatch, capsys):
+    """--image https://... (the original's cli.py takes URLs): fetched with the standard library from a server on
+    this machine; a missing file and a file over the cap are one-line errors naming the URL."""
+    import functools
+    import http.server
+    import threading
+    model, tok = loaded
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.path.dirname(images[1]))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        want = G.answer(model, tok, [(images[1], "What is it?")], **GREEDY)[0]
+        flags = ["--model", ckpt, "--prompt", "What is it?", "--temperature", "0", "--max-new-tokens", "10"]
+        rc, out, err = run_main(flags + ["--image", f"{base}/b.gif"], capsys)
+        assert rc == 0 and out.strip() == want
+        rc, out, err = run_main(flags + ["--image", f"{base}/nothing.png"], capsys)
+        assert rc == 1 and f"error: --image {base}/nothing.png: cannot download it (" in err and "Traceback" not in err
+        monkeypatch.setattr(G, "MAX_DOWNLOAD_MB", os.path.getsize(images[1]) / 2**20 / 2)
+        rc, out, err = run_main(flags + ["--image", f"{base}/b.gif"], capsys)
+        assert rc == 1 and "MB; download it and give the file" in err
+    finally:
+        server.shutdown()
+
+
+def test_model_and_image_alone_start_a_chat(ckpt, loaded, images, monkeypatch, capsys):
+    """`--model-path X --image-file Y` and nothing else: a chat, as the original's llava.serve.cli."""
+    model, tok = loaded
+    want = G.Chat(model, tok, images[0], **GREEDY).ask("What is it?")
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is it?\n\n"))
+    assert G.main(["--model-path", ckpt, "--image-file", images[0], "--temperature", "0",
+                   "--max-new-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("ASSISTANT: ", 1)[1].strip() for line in out.splitlines() if "ASSISTANT: " in line] == [want]
+
+
+def test_load_bits_device_and_conv_mode_flags(ckpt, images, capsys):
+    flags = ["--model", ckpt, "--image", images[0], "--prompt", "Hi?", "--temperature", "0", "--max-new-tokens", "3"]
+    rc, out, err = run_main(flags + ["--load-8bit"], capsys)
+    assert rc == 0 and "LLM linear layers int8" in err
+    rc, out, err = run_main(flags + ["--conv-mode", "llava_llama_2"], capsys)
+    assert rc == 0
+    if not torch.cuda.is_available():
+        rc, out, err = run_main(flags + ["--device", "cuda"], capsys)
+        assert rc == 1 and err.strip().splitlines()[-1].startswith("error: --device cuda: this machine has no CUDA GPU")
+        assert "Traceback" not in err
+
+
+def test_batch_with_a_wrong_image_folder_is_one_message(ckpt, images, tmp_path, capsys):
+    qs = [{"question_id": i, "image": "a.png", "text": f"Question {i}?"} for i in range(30)]
+    questions = tmp_path / "q.jsonl"
+    write_lines(questions, qs + ["{not json"])
+    argv = ["--model", ckpt, "--questions", str(questions), "--answers", str(tmp_path / "a.jsonl"),
+            "--image-folder", str(tmp_path / "elsewhere"), "--temperature", "0", "--max-new-tokens", "3"]
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 1 and len(err.splitlines()) < 10
+    assert "30 questions, 0 already answered" in err and "1 malformed line(s); 30 question(s) whose image" in err
+    assert "error: no image found for 30 of 30 questions with --image-folder" in err and "check --image-folder" in err
+    # most images there, some not: each missing one is named, the list capped on the screen and whole in a file
+    qs += [{"question_id": 100 + i, "image": f"gone{i}.png", "text": "Where?"} for i in range(25)]
+    write_lines(questions, qs)
+    argv[argv.index("--image-folder") + 1] = os.path.dirname(images[0])
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 1 and "25 question(s) whose image or prompt does not work" in err
+    assert err.count("image file not found") == 20 and f"... and 5 more (all in {tmp_path / 'a.jsonl'}.errors)" in err
+    assert len((tmp_path / "a.jsonl.errors").read_text().splitlines()) == 25
+    assert len(read_answers(tmp_path / "a.jsonl")) == 30

@@ -1,12 +1,15 @@
 """serve.py on a tiny random checkpoint: the openai client gets generate.py's greedy answer (streamed and not),
 concurrent clients get their own answers, a full queue answers 429, every bad request gets its status and
-message and the server keeps serving, a client that disconnects frees its slot."""
+message naming the field and the server keeps serving, a client that disconnects frees its slot, chunked and
+truncated bodies, a text too long to tokenize, a stage-1 checkpoint (--projector, --model-base)."""
 import base64
 import dataclasses
+import http.client
 import io
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -41,6 +44,12 @@ def data_url(seed, size=(40, 30), fmt="PNG"):
     buf = io.BytesIO()
     im.save(buf, fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode(), im
+
+
+def truncated(url):
+    """A data URL with the first half of its image's bytes."""
+    raw = base64.b64decode(url.partition(",")[2])
+    return url.partition(",")[0] + "," + base64.b64encode(raw[:len(raw) // 2]).decode()
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +177,34 @@ BAD = [  # (description, raw body or dict, status, what the message says, param)
      "last message must be the user's", "messages"),
     ("too many images", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(1)[0]}},
-        {"type": "image_url", "image_url": {"url": data_url(2)[0]}}]}]}, 400, "too many images", "messages[0]"),
+        {"type": "image_url", "image_url": {"url": data_url(2)[0]}}]}]}, 400, "too many images",
+     "messages[0].content[1]"),
     ("prompt + max_tokens beyond the context", ask("x", data_url(1)[0], max_tokens=100_000), 400,
      "> the context of", "messages"),
     ("an undecodable image", ask("x", "data:image/png;base64," + base64.b64encode(b"not a png").decode()), 400,
-     "could not be decoded", "messages"),
+     "messages[0].content[1].image_url: the image could not be decoded: its data is not in an image format",
+     "messages[0].content[1].image_url"),
+    ("a truncated image", ask("x", truncated(data_url(1)[0])), 400, "could not be decoded: image file is truncated",
+     "messages[0].content[1].image_url"),
     ("an image over the pixel limit", ask("x", data_url(1, size=(400, 300))[0]), 400, "more than the limit",
-     "messages"),
-    ("a remote URL", ask("x", "https://example.com/cat.jpg"), 400, "never fetches remote URLs", "messages"),
-    ("a local path without --image-root", ask("x", "/etc/passwd"), 400, "--image-root", "messages"),
+     "messages[0].content[1].image_url"),
+    ("a remote URL", ask("x", "https://example.com/cat.jpg"), 400, "never fetches remote URLs",
+     "messages[0].content[1].image_url"),
+    ("a local path without --image-root", ask("x", "/etc/passwd"), 400, "--image-root",
+     "messages[0].content[1].image_url"),
     ("an unknown model", ask("x", model="gpt-4"), 404, "does not exist", "model"),
     ("a body over the limit", ask("x" * 2_000_000), 413, "over the limit", None),
+    # integers beyond 64 bits (JSON's have no size), and each range check naming its own field
+    *[(f"{name} beyond 64 bits", ask("x", **{name: 99999999999999999999999}), 400,
+       "must be an integer from -9223372036854775808 to 9223372036854775807, got 99999999999999999999999", name)
+      for name in ("seed", "max_tokens", "max_completion_tokens", "n", "top_k")],
+    ("top_p 0", ask("x", top_p=0), 400, "need 0 < top_p <= 1, got 0", "top_p"),
+    ("temperature 3", ask("x", temperature=3), 400, "need 0 <= temperature <= 2, got 3", "temperature"),
+    ("top_k 0", ask("x", top_k=0, temperature=1), 400, "need top_k >= 1, got 0", "top_k"),
+    ("max_completion_tokens 0", ask("x", max_completion_tokens=0), 400, "max_completion_tokens must be >= 1",
+     "max_completion_tokens"),
+    ("a part of the wrong kind", {"messages": [{"role": "user", "content": ["hi"]}]}, 400, "each part is",
+     "messages[0].content[0]"),
 ]
 
 
@@ -190,8 +216,181 @@ def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(app, what, b
     assert got == status, err
     assert message in err["error"]["message"] and err["error"]["param"] == param
     assert set(err["error"]) == {"message", "type", "param", "code"}
+    assert " object at 0x" not in err["error"]["message"]  # no repr of a BytesIO, ...
+    if param and param.startswith("messages["):  # the message says where, as the param does
+        assert err["error"]["message"].startswith(param + ":")
     assert call(url, "/health")[0] == 200
     assert call(url, "/v1/chat/completions", ask("still there?"))[0] == 200
+
+
+def test_json_null_means_the_default(app):
+    status, r, _ = call(app[0], "/v1/chat/completions", ask("Hi?", temperature=None, top_p=None, seed=None,
+                                                             max_completion_tokens=None, stop=None))
+    assert status == 200 and r["usage"]["completion_tokens"] <= 12  # max_tokens, not a null max_completion_tokens
+
+
+def test_the_openai_client_gets_a_400_naming_the_field_not_a_500_it_retries(app):
+    openai = pytest.importorskip("openai")
+    url, server, _, _ = app
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    for kw, param, message in (({"seed": 99999999999999999999999}, "seed", "from -9223372036854775808 to "
+                                "9223372036854775807"), ({"top_p": 0}, "top_p", "0 < top_p <= 1")):
+        with pytest.raises(openai.BadRequestError) as e:  # a 500 would be an InternalServerError
+            client.chat.completions.create(model=server.app.name, **ask("x", **kw))
+        assert e.value.param == param and message in e.value.message, e.value.body
+    r = client.chat.completions.create(model=server.app.name, **ask("x", seed=2**63 - 1, temperature=1))
+    assert r.choices[0].finish_reason in ("stop", "length")  # the largest seed is fine
+    client.close()
+
+
+def post_raw(url, head: bytes, body: bytes = b"", timeout=30):
+    """A hand-written POST /v1/chat/completions on a socket (`head`: more header lines), as a misbehaving client
+    sends it -> the socket."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + head
+                 + b"\r\n" + body)
+    return sock
+
+
+def response(sock) -> tuple:
+    """The server's answer on `sock` -> (status, parsed JSON)."""
+    r = http.client.HTTPResponse(sock)
+    r.begin()
+    return r.status, json.loads(r.read())
+
+
+def test_a_chunked_body(app):
+    url, server, model, tok = app
+    host, port = url.removeprefix("http://").split(":")
+    image_url, _ = data_url(4)
+    body = json.dumps(ask("What is it?", image_url)).encode()
+    want = call(url, "/v1/chat/completions", raw=body)[1]["choices"][0]["message"]["content"]
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    for _ in range(2):  # the connection serves a second request after a chunked one
+        conn.request("POST", "/v1/chat/completions", (body[i:i + 1000] for i in range(0, len(body), 1000)),
+                     {"Content-Type": "application/json"}, encode_chunked=True)
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["choices"][0]["message"]["content"] == want
+    big = json.dumps(ask("x" * 2_000_000)).encode()  # over the 1 MB limit: read, then refused
+    conn.request("POST", "/v1/chat/completions", (big[i:i + 65536] for i in range(0, len(big), 65536)),
+                 {"Content-Type": "application/json"}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and "over 1048576 bytes, the limit of 1.0 MB" in json.loads(r.read())["error"]["message"]
+    conn.close()
+    small = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    for chunks, message in ((b"zz\r\nabc\r\n0\r\n\r\n", "malformed chunked body: a chunk starts with b'zz\\r\\n'"),
+                            (b"3\r\n" + small + b"\r\n0\r\n\r\n", "a chunk is longer than its size says"),
+                            (b"ff\r\n" + small + b"\r\n", "ended inside a chunk")):
+        sock = post_raw(url, b"Transfer-Encoding: chunked\r\n", chunks)
+        sock.shutdown(socket.SHUT_WR)
+        status, err = response(sock)
+        assert status == 400 and message in err["error"]["message"], err
+        sock.close()
+    status, err = response(post_raw(url, b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"))
+    assert status == 400 and "Transfer-Encoding 'gzip, chunked' is not supported" in err["error"]["message"]
+    assert call(url, "/health")[0] == 200
+
+
+def test_a_body_shorter_than_its_content_length(app, monkeypatch, capsys):
+    url, server, _, _ = app
+    # the client closes its side: a 400 that says so, at once (not after the 60 s socket timeout)
+    sock = post_raw(url, b"Content-Length: 100\r\n", b'{"messages"')
+    sock.shutdown(socket.SHUT_WR)
+    t0 = time.time()
+    status, err = response(sock)
+    assert status == 400 and "ended after 11 of the 100 bytes its Content-Length announced" in err["error"]["message"]
+    assert time.time() - t0 < 5
+    sock.close()
+
+    def stderr_lines(n=1):  # the server's lines on stderr (its threads write there), once there are n
+        deadline, lines = time.time() + 5, []
+        while len(lines) < n and time.time() < deadline:
+            lines += capsys.readouterr().err.splitlines()
+            time.sleep(0.05)
+        return lines
+    capsys.readouterr()
+    # the client stays silent: the socket timeout ends the connection, with one line on stderr and no traceback
+    monkeypatch.setattr(server.app.cfg, "timeout", 0.5)
+    sock = post_raw(url, b"Content-Length: 100\r\n", b'{"messages"')
+    assert sock.recv(4096) == b""
+    sock.close()
+    lines = stderr_lines()
+    assert len(lines) == 1 and "Request timed out" in lines[0], lines
+    # the client resets the connection (SO_LINGER 0: RST, not FIN) while the server reads: one line again
+    monkeypatch.setattr(server.app.cfg, "timeout", 60.0)
+    sock = post_raw(url, b"Content-Length: 100\r\n", b'{"messages"')
+    time.sleep(0.2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+    lines = stderr_lines()
+    assert len(lines) == 1 and "connection lost" in lines[0], lines
+    assert call(url, "/health")[0] == 200
+
+
+def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(app, monkeypatch):
+    url, server, _, _ = app
+    S, piece = server.app.engine.S, server.app.max_piece
+    calls = []
+    real = serve.tokenize_with_images
+    monkeypatch.setattr(serve, "tokenize_with_images", lambda *a: (calls.append(len(a[0])), real(*a))[1])
+    status, err, _ = call(url, "/v1/chat/completions", ask("word " * 150_000))  # 750 kB, under the body limit
+    assert status == 400 and err["error"]["param"] == "messages" and calls == []
+    assert err["error"]["code"] == "context_length_exceeded"
+    assert f"characters of text: more than the context of {S} positions can hold" in err["error"]["message"]
+    # a text under that bound is tokenized, and the exact count decides: here, too long as well
+    text = "word " * S
+    assert len(text) < S * piece - 1000
+    status, err, _ = call(url, "/v1/chat/completions", ask(text))
+    assert status == 400 and len(calls) == 1 and f"> the context of {S}" in err["error"]["message"]
+    assert call(url, "/v1/chat/completions", ask("still there?"))[0] == 200
+
+
+def test_a_stage_1_checkpoint_with_projector_or_model_base(ckpt, tmp_path):
+    """Layout C (a LLaMA dir, a CLIP dir, a stage-1 mm_projector file) by --projector FILE, or the original's way:
+    --model-base LLAMA --model DIR (holding mm_projector.safetensors); the openai client gets generate.py's answer."""
+    openai = pytest.importorskip("openai")
+    from minillava.weights import write_random_checkpoint
+    tok = train_tiny_spm(os.path.join(os.path.dirname(ckpt), "spm"))  # the ckpt fixture's, already trained
+    paths = write_random_checkpoint(tmp_path / "c", CFG, "C", seed=0, tokenizer=tok)
+    llama, clip, projector = (str(paths[k]) for k in ("model", "vision", "projector"))
+    model, tok = G.load(llama, clip, projector=projector, dtype="fp32", device="cpu")
+    image_url, image = data_url(0)
+    [want] = G.answer(model, tok, [(image, "What is in the picture?")], temperature=0, max_new_tokens=12)
+    for flags in (["--model", llama, "--vision", clip, "--projector", projector],
+                  ["--model-base", llama, "--model", os.path.dirname(projector), "--vision", clip]):
+        cfg = serve.parse_args(flags + ["--port", "0", "--dtype", "fp32", "--device", "cpu", "--slots", "1"])
+        server = serve.start(cfg)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                                   max_retries=0)
+            r = client.chat.completions.create(model=server.app.name, **ask("What is in the picture?", image_url))
+            assert r.choices[0].message.content == want, flags
+            client.close()
+        finally:
+            server.shutdown()
+            server.server_close()
+            server.app.close()
+
+
+def test_the_original_llavas_flags():
+    assert serve.parse_args(["--model", "m", "--load-8bit"]).quantize == "int8"
+    assert serve.parse_args(["--model", "m", "--load-4bit"]).quantize == "int4"
+    assert serve.parse_args(["--model", "m"]).quantize == "none"
+    cfg = serve.parse_args(["--model-path", "runs/stage1", "--model-base", "llama"])
+    assert (cfg.model, cfg.model_base) == ("runs/stage1", "llama")
+
+
+def test_device_cuda_without_cuda_is_one_line_and_exit_1(ckpt, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    # --threads as it is now: main sets torch's thread count for this whole process
+    assert serve.main(["--model", ckpt, "--device", "cuda", "--threads", str(torch.get_num_threads())]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --device cuda: ") and "Traceback" not in err, err
 
 
 def test_the_api_key_and_local_images_under_the_root(app, tmp_path, monkeypatch):
@@ -220,7 +419,6 @@ def test_the_api_key_and_local_images_under_the_root(app, tmp_path, monkeypatch)
 
 
 def test_a_client_that_disconnects_frees_its_slot(app, monkeypatch):
-    import socket
     url, server, model, tok = app
     slow_steps(server, monkeypatch)
     host, port = url.removeprefix("http://").split(":")
@@ -325,7 +523,6 @@ def test_the_command_line_serves_a_quantized_model_and_stops_on_ctrl_c(ckpt):
 
 
 def test_a_client_that_sends_nothing_is_cut_off_at_the_socket_timeout(app, monkeypatch):
-    import socket
     url, server, _, _ = app
     monkeypatch.setattr(server.app.cfg, "timeout", 0.5)
     host, port = url.removeprefix("http://").split(":")

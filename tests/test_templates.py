@@ -156,6 +156,21 @@ def test_prompt_strings(tok):
     assert stop_strings("vicuna_v1") == ["</s>"] and stop_strings("plain") == ["\n"]
 
 
+def test_llava_llama_2_spelled_out_as_the_original_writes_it(tok):
+    """conv_llava_llama_2 (the original's --conv-mode llava_llama_2), from its get_prompt: the system prompt inside
+    the first [INST], " reply </s>" after each answer, "<s>" (the BOS id) before every later [INST]."""
+    system = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
+              "the user provides, and assist the user with a variety of tasks using natural language.")
+    assert format_conversation(MULTI[:4], "llava_llama_2") == (
+        f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<image>\nWhat is the dog doing? [/INST] The dog is sitting near 2 "
+        "trees. </s><s>[INST] What color is it? [/INST] It is black, with a café-au-lait 🙂 spot. </s>")
+    assert build_prompt(MULTI[:3], "llava_llama_2").endswith("2 trees. </s><s>[INST] What color is it? [/INST]")
+    ids = tokenize_with_images(build_prompt(MULTI[:3], "llava_llama_2"), tok, IMG)
+    k = ids.index(tok.eos_id)
+    assert ids[k + 1] == tok.bos_id  # "<s>" is the BOS id, as the slow LlamaTokenizer reads it
+    assert stop_strings("llava_llama_2") == ["</s>"]
+
+
 def test_text_only_and_whitespace_replies(tok):
     # No image (ShareGPT records); replies with a leading space and a leading newline.
     conv = [{"from": "human", "value": "Hi  there "}, {"from": "gpt", "value": " Hello!"},

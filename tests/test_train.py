@@ -460,7 +460,7 @@ def write_bad_data(env, tmp_path):
     records = [bad.get(i, r) for i, r in enumerate(records)]
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(records))
-    return path, [f"#{i} (id {records[i]['id']})" for i in sorted(bad)]
+    return path, [f"#{i + 1} (id {records[i]['id']})" for i in sorted(bad)]
 
 
 def test_bad_records_refuse_to_start_or_are_skipped_by_name(env, tmp_path, capsys):
@@ -479,6 +479,95 @@ def test_bad_records_refuse_to_start_or_are_skipped_by_name(env, tmp_path, capsy
     printed = capsys.readouterr().out
     assert all(f"skipped {n}: " in printed for n in names) and "skipping 4 bad record(s)" in printed
     assert "8 usable" in printed
+
+
+def test_a_wrong_image_folder_is_one_message_not_one_line_per_record(env, tmp_path, capsys):
+    args = argv(env, 2, tmp_path / "out", steps=1) + ["--image-folder", str(tmp_path / "elsewhere")]
+    with pytest.raises(train.TrainingError, match=r"no image found for 24 of 24 records with an image under "
+                                                  r"--image-folder .*elsewhere: check --image-folder"):
+        train.main(args)
+    printed = capsys.readouterr().out
+    bad = [line for line in printed.splitlines() if line.startswith("  bad #")]
+    assert len(bad) == 20 and "  ... and 4 more (all in data_report.json)" in printed
+    assert bad[0].startswith("  bad #1 (id ")  # records are counted from 1
+    assert len(json.load(open(tmp_path / "out" / "data_report.json"))["bad"]) == 24
+
+
+def test_data_and_batch_mistakes_say_what_to_do(env, tmp_path):
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in json.load(open(env["instruct"]))))
+    with pytest.raises(ValueError, match="one JSON list of records.*JSON Lines"):
+        train.main(argv(env, 2, tmp_path / "a", steps=1) + ["--data", str(jsonl)])
+    with pytest.raises(train.TrainingError, match="do not fill one global batch of 256 .*smaller --global-batch"):
+        train.main(argv(env, 2, tmp_path / "b", steps=1) + ["--global-batch", "256"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^--device cuda: this machine has no CUDA GPU"):
+            train.main(argv(env, 2, tmp_path / "c", steps=1) + ["--device", "cuda"])
+    with pytest.raises(ValueError, match=r"--mm-vision-select-layer 9: the tower has 3 layers \(hidden states -4..3"):
+        train.main(argv(env, 1, tmp_path / "d", steps=1) + ["--mm-vision-select-layer", "9"])
+    with pytest.raises(ValueError, match="--mm-projector-type chooses stage 1's fresh projector"):
+        train.main(argv(env, 2, tmp_path / "e", steps=1) + ["--mm-projector-type", "linear"])
+
+
+def test_stage1_output_answers_in_generate_and_eval(env, tmp_path, capsys):
+    """Stage 1 with LLaVA v1's linear projector on CLIP's last layer: its file records both, and the stage-1 model
+    (CLIP + LLaMA + that file: layout C) answers through generate.py's --projector and the original's --model-base,
+    and eval.py passes both on to it, with the same greedy answer as the model train.py returned (serve.py: in
+    tests/test_serve.py)."""
+    from minillava import eval as evaluation
+    from minillava import generate
+    out = tmp_path / "s1"
+    result = train.main(argv(env, 1, out, "--mm-projector-type", "linear", "--mm-vision-select-layer", "-1"))
+    meta = safe_open_metadata(out / "mm_projector.safetensors")
+    assert meta["mm_projector_type"] == "linear" and meta["mm_vision_select_layer"] == "-1"
+    image = str(env["data"] / json.load(open(env["pretrain"]))[0]["image"])
+    model = result["model"].eval()
+    assert model.config.projector_type == "linear" and model.config.vision_feature_layer == -1
+    tok = generate.load(env["llama"], env["clip"], projector=str(out / "mm_projector.safetensors"))[1]
+    [expected] = generate.answer(model, tok, [(image, "Describe.")], template="plain", max_new_tokens=4)
+    capsys.readouterr()
+    common = ["--vision", env["clip"], "--image", image, "--prompt", "Describe.", "--template", "plain",
+              "--temperature", "0", "--max-new-tokens", "4", "--threads", "1"]
+    assert generate.main(["--model", env["llama"], "--projector", str(out / "mm_projector.safetensors")] + common) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
+    # the original's spelling: --model-path is the stage-1 output dir, --model-base the LLM it was trained on
+    assert generate.main(["--model-path", str(out), "--model-base", env["llama"]] + common) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
+    assert generate.main(["--model", env["llama"]] + common) == 1  # layout C without a projector: said how
+    assert "--projector" in capsys.readouterr().err
+    assert generate.main(["--model", env["llama"], "--projector", "x", "--model-base", "y"] + common) == 1
+    assert "not both" in capsys.readouterr().err
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 0, "image": os.path.basename(image), "text": "Describe."}) + "\n")
+    answers = tmp_path / "a.jsonl"
+    assert generate.main(["--model", env["llama"], "--vision", env["clip"], "--projector", str(out), "--questions",
+                          str(questions), "--answers", str(answers), "--image-folder", os.path.dirname(image),
+                          "--template", "plain", "--temperature", "0", "--max-new-tokens", "4", "--threads", "1"]) == 0
+    assert json.loads(answers.read_text())["text"].strip() == expected.strip()
+    argv_seen = []
+    real = generate.main
+    try:
+        generate.main = lambda a: (argv_seen.extend(a), 0)[1]
+        pope = tmp_path / "pope"
+        (pope / "coco").mkdir(parents=True)
+        (pope / "llava_pope_test.jsonl").write_text(json.dumps(
+            {"question_id": 0, "image": "x.jpg", "text": "Is there a dog?", "category": "random"}) + "\n")
+        (pope / "coco" / "coco_pope_random.json").write_text('{"label": "no"}\n')
+        for cat in ("adversarial", "popular"):
+            (pope / "coco" / f"coco_pope_{cat}.json").write_text("")
+        (pope / "val2014").mkdir()
+        assert evaluation.main(["answer", "pope", "--model-path", str(out), "--model-base", env["llama"], "--vision",
+                                env["clip"], "--data", str(pope), "--answers", str(tmp_path / "pa.jsonl")]) == 0
+    finally:
+        generate.main = real
+    flags = dict(zip(argv_seen[::2], argv_seen[1::2]))
+    assert flags["--model"] == str(out) and flags["--model-base"] == env["llama"]
+
+
+def safe_open_metadata(path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 def test_tokenizer_legacy_flag_is_printed_reported_and_saved(env, tmp_path, capsys):

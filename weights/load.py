@@ -296,7 +296,8 @@ def _layout(path: Path, d: dict, vision_path, projector_path, projector_type, ne
     config_file = path / "config.json"
     model_type = d.get("model_type")
     if new_projector and model_type != "llama":
-        raise ValueError(f"new_projector=True is for a plain LLaMA checkpoint (layout C); {path} is {model_type!r}")
+        raise ValueError(f"a fresh projector (stage 1 without --projector) goes on a plain LLaMA checkpoint "
+                         f"(layout C); {path} is {model_type!r}, which has its projector")
     if model_type in ("llava", "llava_next"):  # the llava-hf layouts: one directory holds everything
         return _config(config_file, d, projector_type=projector_type), [(TensorFiles(path), None)]
     if model_type not in ("llava_llama", "llava_mistral", "llama"):
@@ -317,19 +318,23 @@ def _layout(path: Path, d: dict, vision_path, projector_path, projector_type, ne
         return cfg, parts
     # C: CLIP + LLaMA + a stage-1 projector file (or a fresh projector)
     if projector_path is not None and new_projector:
-        raise ValueError("give projector_path or new_projector=True, not both")
+        raise ValueError("a projector file and a fresh projector: give one (new_projector=True is train.py's "
+                         "stage 1 without --projector)")
     if projector_path is None and not new_projector:
         raise CheckpointError(f"{path} is a plain LLaMA checkpoint: give the stage-1 projector file "
                               "(projector_path= / --projector), or new_projector=True to start stage 1 with a "
                               "freshly initialised projector")
-    proj = None
+    proj, layer = None, None
     if projector_path is not None:
         proj = TensorFiles(_existing(projector_path, "projector file", is_dir=False), PROJECTOR_FILES)
         file_type = proj.metadata().get("mm_projector_type")
         if projector_type and file_type and projector_type != file_type:
             raise CheckpointError(f"{proj.path} holds a {file_type!r} projector, not {projector_type!r}")
         projector_type = projector_type or file_type
+        layer = proj.metadata().get("mm_vision_select_layer")  # the CLIP layer it was trained on (save_projector)
     cfg = _config(config_file, d, vision=vision_d, projector_type=projector_type or "mlp2x_gelu")
+    if layer is not None:
+        cfg = cfg.replace(vision_feature_layer=int(layer))
     parts = [(TensorFiles(vision_dir), keymaps.CLIP_RULES), (llm, keymaps.LLAMA_RULES)]
     if proj is not None:
         parts.append((proj, keymaps.stage1_projector_rules(cfg.projector_type)))

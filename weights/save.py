@@ -185,12 +185,14 @@ def write_checkpoint(state: dict, hf: dict, out_dir, tokenizer=None, max_shard_b
 
 def save_projector(model, path):
     """Save the projector alone as a layout-C stage-1 file: `model.mm_projector.{0,2}.{weight,bias}`
-    (`model.mm_projector.{weight,bias}` for linear) + metadata {"mm_projector_type": ...}. Atomic."""
+    (`model.mm_projector.{weight,bias}` for linear) + metadata {"mm_projector_type", "mm_vision_select_layer"}
+    (the CLIP layer it takes features from: loading the file with its LLaMA and CLIP gives the same model). Atomic."""
     path = Path(path)
     ptype = model.config.projector_type
     rules = keymaps.projector_rules(ptype)
     state = {keymaps.to_official(keymaps.PROJECTOR + k, rules): v.detach().contiguous()
              for k, v in model.multi_modal_projector.state_dict().items()}
     with atomic_file(path) as tmp:
-        _save_file(state, tmp, {"format": "pt", "mm_projector_type": ptype})
+        _save_file(state, tmp, {"format": "pt", "mm_projector_type": ptype,
+                                "mm_vision_select_layer": str(model.config.vision_feature_layer)})
     return path
