@@ -15,7 +15,7 @@ Each step runs the code a LLaVA-1.5-7B run uses:
  4. stage 1    `train.py --stage 1`: the projector alone learns to map image features into the LLM.
  5. stage 2    `train.py --stage 2`: projector + LLM learn to follow visual instructions (CLIP frozen);
                `--image-aspect-ratio anyres` trains it the LLaVA-1.6 way (each image as tiles + image_newline).
- 6. evaluation `generate.py`'s API answers the held-out questions greedily: exact match per kind, vs chance;
+ 6. evaluation minillava.generation answers the held-out questions greedily: exact match per kind, vs chance;
                then again with the LLM's linear layers quantized to int8 and to int4 (weights/quantize.py).
  7. benchmarks `eval.py run` on the held-out images written as a POPE and a ScienceQA benchmark (LLaVA's eval
                layout): the official protocol and the official scoring, as for the paper's table. The demo
@@ -107,16 +107,16 @@ def run_stage(stage: int, cfg: DemoConfig, base: dict, data: dict, out: str, pro
 
 
 def evaluate(model_dir: str, data: dict, quantize: str = "none") -> dict:
-    """Greedy answers to every held-out question through generate.py's API; exact-match accuracy per kind.
+    """Greedy answers to every held-out question through minillava.generation; exact-match accuracy per kind.
     quantize: none | int8 | int4 (the LLM's linear layers, quantized while loading)."""
-    from minillava import generate
+    from minillava import generation
     from minillava import synthetic
 
-    model, tok = generate.load(model_dir, dtype="float32", device="cpu", quantize=quantize)
+    model, tok = generation.load(model_dir, dtype="float32", device="cpu", quantize=quantize)
     with open(data["test"]) as f:
         test = json.load(f)
     pairs = [(os.path.join(data["image_folder"], r["image"]), r["question"]) for r in test]
-    answers = generate.answer(model, tok, pairs, batch_size=50, max_new_tokens=8, temperature=0.0)
+    answers = generation.answer(model, tok, pairs, batch_size=50, max_new_tokens=8, temperature=0.0)
     right = {}
     for r, a in zip(test, answers):
         right.setdefault(r["kind"], []).append(synthetic.exact_match(a, r["answer"]))

@@ -41,8 +41,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from PIL import Image
 
-from minillava import generate
-from minillava.cli import add_config_args, add_load_bits_flags, set_threads
+from minillava import generation
+from minillava.cli import (DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_CHOICES, add_config_args, add_load_bits_flags,
+                           set_threads)
 from minillava.engine import Engine, Request
 from minillava.image import model_pixels
 from minillava.templates import TEMPLATES, build_prompt, get_template, stop_strings
@@ -70,7 +71,7 @@ class ServeConfig:
     timeout: float = 60.0     # socket timeout per connection, seconds
     dtype: str = "auto"
     quantize: str = "none"    # none | int8 | int4: the LLM's linear layers, quantized while loading
-    group_size: int = generate.DEFAULT_GROUP_SIZE  # int4: inputs per scale (32, 64, 128)
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: inputs per scale (32, 64, 128)
     device: str = "auto"
     threads: int = 0
     compile: bool = False     # torch.compile the decode step (CUDA graphs on a GPU)
@@ -268,7 +269,7 @@ class Server:
                                 f"context of {S}", "messages", "context_length_exceeded")
         # (N_tiles, 3, S, S) at the tower's size, as the checkpoint prepares images (image.model_pixels)
         pixels = torch.cat([p for p, _ in images]) if images else None
-        reply = generate.Reply(self.tokenizer, stop_strings(self.cfg.template) + stops)
+        reply = generation.Reply(self.tokenizer, stop_strings(self.cfg.template) + stops)
         # no max_tokens: until the slot is full, as generate.py (the engine ends the answer there)
         req = Request(ids, pixels, max_new_tokens=limit or S, temperature=1.0 if temperature is None else
                       float(temperature), top_p=top_p, top_k=top_k, seed=body.get("seed"),
@@ -586,7 +587,7 @@ class HTTPServer(ThreadingHTTPServer):
 def start(cfg: ServeConfig, model=None, tokenizer=None) -> HTTPServer:
     """Load (unless given) and bind; -> the server (serve_forever() to run it; port 0 picks a free port)."""
     if model is None:
-        model, tokenizer = generate.load(cfg.model, cfg.vision, dtype=cfg.dtype, device=cfg.device,
+        model, tokenizer = generation.load(cfg.model, cfg.vision, dtype=cfg.dtype, device=cfg.device,
                                          quantize=cfg.quantize, group_size=cfg.group_size, projector=cfg.projector,
                                          model_base=cfg.model_base)
     if cfg.template not in TEMPLATES:
@@ -654,8 +655,8 @@ def parse_args(argv=None) -> ServeConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, ServeConfig, aliases={"model": ["--model-path"]},  # the original LLaVA's flag names too
-                    choices={"template": list(TEMPLATES), "quantize": generate.QUANTIZE_CHOICES,
-                             "group_size": list(generate.GROUP_SIZES)})
+                    choices={"template": list(TEMPLATES), "quantize": QUANTIZE_CHOICES,
+                             "group_size": list(GROUP_SIZES)})
     add_load_bits_flags(p)
     cfg = ServeConfig(**vars(p.parse_args(argv)))
     if cfg.model is None:
@@ -674,7 +675,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     host, port = server.server_address[:2]
-    print(generate.weights_line(server.app.model), file=sys.stderr)
+    print(generation.weights_line(server.app.model), file=sys.stderr)
     print(f"serving {server.app.name} on http://{host}:{port}/ ({server.app.engine.describe()}; "
           f"{'API key required' if cfg.api_key else 'no API key'}); Ctrl-C stops", file=sys.stderr)
     try:

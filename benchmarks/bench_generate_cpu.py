@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from minillava import generate as G  # noqa: E402
+
+from minillava import generation
 from minillava.engine import Engine, Request  # noqa: E402
 from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
@@ -96,9 +97,9 @@ def main():
     Image.radial_gradient("L").convert("RGB").resize((500, 375)).save(image)
 
     # ours: generate.py's loader and prompt, the decode engine with one slot (as generate.py's one-shot), EOS ignored
-    model, tok = G.load(ckpt, dtype="fp32", device="cpu")
-    ids = G.prompt_ids([("human", G.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
-    pix = G.load_pixels(image, model.config)[0]  # (1, 3, 336, 336)
+    model, tok = generation.load(ckpt, dtype="fp32", device="cpu")
+    ids = generation.prompt_ids([("human", generation.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
+    pix = generation.load_pixels(image, model.config)[0]  # (1, 3, 336, 336)
     n_llm = sum(p.numel() for p in model.language_model.parameters())
     weight_bytes = 4 * (n_llm - model.language_model.model.embed_tokens.weight.numel())
 

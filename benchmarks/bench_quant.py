@@ -57,24 +57,24 @@ def peak_rss_gb() -> float:
 def child(args):
     """One setting in this (fresh) process: prints one JSON line."""
     import torch
-    from minillava import generate as G
+    from minillava import generation
     from minillava.engine import Engine, Request
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = G.load(args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize)
+    model, tok = generation.load(args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize)
     load_s = time.perf_counter() - t0
-    ids = G.prompt_ids([("human", G.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
-    pix = G.load_pixels(args.image, model.config)[0]
+    ids = generation.prompt_ids([("human", generation.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
+    pix = generation.load_pixels(args.image, model.config)[0]
     lm = model.language_model
     embed = lm.model.embed_tokens.weight
-    step_bytes = sum(t.numel() * t.element_size() for t in G.weight_tensors(lm) if t is not embed)
+    step_bytes = sum(t.numel() * t.element_size() for t in generation.weight_tensors(lm) if t is not embed)
     engine = Engine(model, slots=1, max_seq_len=model.config.llm_length(ids) + args.new_tokens)
     out = engine.run([Request(ids, pix, max_new_tokens=args.new_tokens)])[0].out
     s = engine.stats
     print(json.dumps({"tokens_per_s": s.decode_tokens / s.decode_s, "prefill_s": s.prefill_s, "load_s": load_s,
                       "step_gb": step_bytes / 1e9, "gbps": step_bytes * s.decode_steps / s.decode_s / 1e9,
                       "peak_rss_gb": peak_rss_gb(), "ids": out,
-                      "weights_gb": sum(t.numel() * t.element_size() for t in G.weight_tensors(model)) / 1e9}))
+                      "weights_gb": sum(t.numel() * t.element_size() for t in generation.weight_tensors(model)) / 1e9}))
 
 
 def run_setting(args, dtype, quantize, threads) -> dict:

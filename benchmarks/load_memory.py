@@ -50,7 +50,7 @@ def child(cfg: Config):
     """Runs in the measured process: prints one JSON line."""
     import torch
     import minillava  # noqa: F401  (imported before the baseline: it is part of any program that loads)
-    from minillava import generate  # (imported before the baseline, as minillava)
+    from minillava import generation  # (imported before the baseline, as minillava)
     from minillava.weights import load_llava
     from minillava.weights.quantize import Quantization
     base = rss_kb()["VmRSS"]
@@ -59,7 +59,7 @@ def child(cfg: Config):
                        dtype=getattr(torch, cfg.load_dtype or cfg.dtype), quantize=Quantization.parse(cfg.quantize))
     t_load = time.perf_counter() - t0
     after_load = rss_kb()["VmHWM"]
-    tensors = generate.weight_tensors(model)  # a quantized layer's codes and scales too; tied weights once
+    tensors = generation.weight_tensors(model)  # a quantized layer's codes and scales too; tied weights once
     t0 = time.perf_counter()
     # max over the raw bytes reads every byte and, unlike a sum, needs no wider temporary.
     checksum = sum(int(t.reshape(-1).view(torch.uint8).max()) for t in tensors)

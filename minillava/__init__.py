@@ -20,10 +20,18 @@ _ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(_os.path.join(_ROOT, "setup.py")):
     __path__.append(_ROOT)  # a checkout: minillava.kernels is <root>/kernels, minillava.train is <root>/train.py
 
-from minillava.config import LlavaConfig, TextConfig, VisionConfig, from_hf_config, get_preset, to_hf_config
-from minillava.llava import Llava
-from minillava.templates import build_prompt
-from minillava.tokenizer import Tokenizer, tokenize_with_images
+# The API, imported when first used: `import minillava.cli` or `minillava.templates` alone stays free of torch (a
+# script's --help answers at once).
+_API = {"LlavaConfig": "config", "TextConfig": "config", "VisionConfig": "config", "from_hf_config": "config",
+        "get_preset": "config", "to_hf_config": "config", "Llava": "llava", "build_prompt": "templates",
+        "Tokenizer": "tokenizer", "tokenize_with_images": "tokenizer"}
+
+
+def __getattr__(name):
+    if name not in _API:
+        raise AttributeError(f"module 'minillava' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"minillava.{_API[name]}"), name)
 
 
 def preprocess_image(image, size: int = 336, pad: bool = True):

@@ -18,6 +18,12 @@ import math
 import os
 import re
 
+# --quantize and --group-size, as the scripts offer them before torch is imported (their --help answers at once);
+# the formats are minillava.weights.quantize's and kernels/quant.py's, and tests/test_cli.py checks these agree.
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+
 
 def field_help(cls) -> dict:
     """{field name: the `# comment` on its line in the class body}."""

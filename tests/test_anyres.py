@@ -315,6 +315,7 @@ def test_generate_py_answers_with_a_1_6_checkpoint(tmp_path, capsys):
     """One-shot, a batch file (positions counted from each image's header) and a chat, on a llava_next
     checkpoint with the mistral_instruct template: each answer equals the engine's on the same inputs."""
     from minillava import generate as G
+    from minillava import generation
     from tests.spm_util import train_tiny_spm
     from minillava.weights import write_random_checkpoint
     cfg = MISTRAL.replace(text=dataclasses.replace(MISTRAL.text, vocab_size=832), image_token_id=768,
@@ -331,8 +332,8 @@ def test_generate_py_answers_with_a_1_6_checkpoint(tmp_path, capsys):
     out, err = capsys.readouterr()
     one_shot = out.strip()
     assert "vision tower: 1 image(s) as 3 tile(s) in " in err  # 40x90: the base image and 1x2 tiles
-    model, tok = G.load(ckpt)
-    expected = G.answer(model, tok, [(str(p), "What is it?") for p in paths], template="mistral_instruct",
+    model, tok = generation.load(ckpt)
+    expected = generation.answer(model, tok, [(str(p), "What is it?") for p in paths], template="mistral_instruct",
                         max_new_tokens=6)
     assert one_shot == expected[0]
     questions = tmp_path / "q.jsonl"
@@ -342,7 +343,7 @@ def test_generate_py_answers_with_a_1_6_checkpoint(tmp_path, capsys):
                    "--image-folder", str(tmp_path), "--batch-size", "2"]) == 0
     answers = {json.loads(line)["question_id"]: json.loads(line)["text"] for line in open(tmp_path / "a.jsonl")}
     assert answers == dict(enumerate(expected))
-    chat = G.Chat(model, tok, str(paths[1]), template="mistral_instruct", temperature=0, max_new_tokens=6)
+    chat = generation.Chat(model, tok, str(paths[1]), template="mistral_instruct", temperature=0, max_new_tokens=6)
     assert chat.ask("What is it?") == expected[1]
     chat.ask("And then?")  # the second turn reuses the image: prefilled once
     assert chat.stats.prefill_tokens < 2 * cfg.image_positions((70, 33))

@@ -49,3 +49,18 @@ def test_saved_files_respect_the_umask(tmp_path):
     for f in [*out.iterdir(), proj]:
         assert f.stat().st_mode & 0o777 == 0o644, f
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_generate_help_and_flags_need_no_torch():
+    """generate.py parses its flags before importing torch and the model, so `--help` and a wrong flag answer at
+    once; the --quantize / --group-size choices it offers are the formats' own."""
+    code = ("import sys; from minillava import generate; generate.parse_args(['--model', 'm', '--prompt', 'p']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    from minillava import cli
+    from minillava.kernels import quant
+    from minillava.weights import quantize
+    assert cli.GROUP_SIZES == quant.GROUP_SIZES and cli.DEFAULT_GROUP_SIZE in quant.GROUP_SIZES
+    assert quantize.QUANTIZE_CHOICES is cli.QUANTIZE_CHOICES
+    assert set(cli.QUANTIZE_CHOICES) == {"none"} | {f"int{b}" for b in quant.BITS}

@@ -528,11 +528,11 @@ def test_run_quantizes_while_loading(tiny_pope, tmp_path, capsys):
 
 
 def test_run_on_a_llava_1_6_checkpoint_with_its_template(tiny_pope, tmp_path):
-    """A llava_next (Mistral) checkpoint, --template mistral_instruct: the same answers as generate.answer on that
+    """A llava_next (Mistral) checkpoint, --template mistral_instruct: the same answers as generation.answer on that
     template (image positions from each image's size), scored."""
     import dataclasses
 
-    from minillava import generate
+    from minillava import generation
     from minillava.config import get_preset
     from tests.spm_util import train_tiny_spm
     from minillava.weights import write_random_checkpoint
@@ -546,8 +546,8 @@ def test_run_on_a_llava_1_6_checkpoint_with_its_template(tiny_pope, tmp_path):
                    "--batch-size", "3", "--template", "mistral_instruct"]) == 0
     lines = {a["question_id"]: a["text"] for a in map(json.loads, open(tmp_path / "o" / "answers.jsonl"))}
     questions = [json.loads(line) for line in open(data / "llava_pope_test.jsonl")]
-    model, tok = generate.load(ckpt)
-    expected = generate.answer(model, tok, [(str(data / "val2014" / q["image"]), q["text"]) for q in questions],
+    model, tok = generation.load(ckpt)
+    expected = generation.answer(model, tok, [(str(data / "val2014" / q["image"]), q["text"]) for q in questions],
                                template="mistral_instruct", max_new_tokens=E.BENCHMARKS["pope"].max_new_tokens)
     assert [lines[q["question_id"]] for q in questions] == expected
     assert "f1" in json.load(open(tmp_path / "o" / "metrics.json"))["metrics"]

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from minillava import generate as G
+
+from minillava import generation
 from minillava.config import get_preset
 from minillava.engine import Engine, Request
 from tests.spm_util import train_tiny_spm
@@ -33,7 +35,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    return G.load(ckpt)
+    return generation.load(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def images(tmp_path_factory):
 
 def greedy_without_cache(model, tok, ids, image, n):
     """The reference: a full forward over the prompt and everything generated so far, at every step."""
-    pix = None if image is None else G.load_pixels(image, model.config)[0]
+    pix = None if image is None else generation.load_pixels(image, model.config)[0]
     out = []
     with torch.no_grad():
         for _ in range(n):
@@ -61,7 +63,7 @@ def greedy_without_cache(model, tok, ids, image, n):
 
 
 def ask_ids(model, tok, question, n_images, template="vicuna_v1"):
-    return G.prompt_ids([("human", G.with_image_placeholder(question, n_images))], tok, model.config, template)
+    return generation.prompt_ids([("human", generation.with_image_placeholder(question, n_images))], tok, model.config, template)
 
 
 # --- prompts ------------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def test_image_placeholder_is_prepended_and_moved_to_the_front(loaded):
 def test_reply_cuts_at_stop_strings_and_holds_back_their_start(loaded):
     _, tok = loaded
     ids = tok.encode("the dog\nthe cat")
-    reply, shown, stopped_at = G.Reply(tok, ["\n"]), [], None
+    reply, shown, stopped_at = generation.Reply(tok, ["\n"]), [], None
     for n in range(1, len(ids) + 1):
         if reply.update(ids[:n]) and stopped_at is None:
             stopped_at = n
@@ -89,14 +91,14 @@ def test_reply_cuts_at_stop_strings_and_holds_back_their_start(loaded):
     assert reply.finish() == "the dog" and "".join(shown) + reply.new_text(final=True) == "the dog"
     assert tok.decode(ids[:stopped_at]).startswith("the dog\n")  # it stopped at the id that made the "\n"
     # "</s>" written as characters: its start "</" is held back until it is clearly not a stop string.
-    reply = G.Reply(tok, ["</s>"])
+    reply = generation.Reply(tok, ["</s>"])
     ids = tok.encode("a dog</")
     reply.update(ids)
     assert reply.new_text() == "a dog"
     ids = tok.encode("a dog</x cat")
     reply.update(ids)
     assert reply.new_text() == "</x cat" and reply.finish() == "a dog</x cat"
-    reply = G.Reply(tok, ["</s>"])
+    reply = generation.Reply(tok, ["</s>"])
     assert reply.update(tok.sp.encode("a dog</s> cat")) and reply.finish() == "a dog"  # (encode would give EOS)
 
 
@@ -107,7 +109,7 @@ def test_batched_answers_equal_cache_free_greedy_per_question(loaded, images):
     model, tok = loaded
     pairs = [(images[0], "What is the man holding?"), (None, "Describe a red bus."),
              (images[1], "Is there a dog near the tree in this picture?")]
-    texts, stats = G.answer_batch(model, tok, pairs, **GREEDY)
+    texts, stats = generation.answer_batch(model, tok, pairs, **GREEDY)
     assert stats.decode_steps >= 1 and stats.prefill_tokens == sum(
         len(ask_ids(model, tok, q, im is not None)) + (im is not None) * (CFG.num_image_tokens - 1) for im, q in pairs)
     for (image, question), text in zip(pairs, texts):
@@ -115,7 +117,7 @@ def test_batched_answers_equal_cache_free_greedy_per_question(loaded, images):
         want = greedy_without_cache(model, tok, ids, image, GREEDY["max_new_tokens"])
         assert len(set(want)) >= 5  # the random model writes varied text, so equality means something
         assert text == tok.decode(want).strip()
-    assert G.answer(model, tok, pairs, batch_size=2, **GREEDY) == texts
+    assert generation.answer(model, tok, pairs, batch_size=2, **GREEDY) == texts
 
 
 def test_greedy_equals_transformers_generate(ckpt, loaded, images):
@@ -129,7 +131,7 @@ def test_greedy_equals_transformers_generate(ckpt, loaded, images):
     hf.eval()
     model, tok = loaded
     ids = ask_ids(model, tok, "What is the man holding?", 1)
-    pix = G.load_pixels(images[0], model.config)[0]  # (1, 3, S, S)
+    pix = generation.load_pixels(images[0], model.config)[0]  # (1, 3, S, S)
     ours = Engine(model, slots=1).run([Request(ids, pix, max_new_tokens=32)])[0].out
     expanded = [j for i in ids for j in ([i] * CFG.num_image_tokens if i == CFG.image_token_id else [i])]
     gc = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -148,16 +150,16 @@ def test_chat_over_two_turns_equals_a_fresh_prompt_of_the_history(loaded, images
     calls = []
     original = model.encode_images
     monkeypatch.setattr(model, "encode_images", lambda *a, **kw: (calls.append(1), original(*a, **kw))[1])
-    chat = G.Chat(model, tok, images[0], **GREEDY)
+    chat = generation.Chat(model, tok, images[0], **GREEDY)
     q1, q2 = "What is the man holding?", "Why is he there?"
     r1 = chat.ask(q1)
-    first = G.prompt_ids([("human", "<image>\n" + q1)], tok, model.config, "vicuna_v1")
+    first = generation.prompt_ids([("human", "<image>\n" + q1)], tok, model.config, "vicuna_v1")
     assert chat.stats.prefill_tokens == model.config.llm_length(first)
     cached, prefilled = list(chat.engine.cached[0]), chat.stats.prefill_tokens
     r2 = chat.ask(q2)
     assert calls == [1]  # the image was encoded once
     history = [("human", "<image>\n" + q1), ("gpt", r1), ("human", q2)]
-    ids = G.prompt_ids(history, tok, model.config, "vicuna_v1")
+    ids = generation.prompt_ids(history, tok, model.config, "vicuna_v1")
     assert chat.engine.cached[0][:len(ids)] == ids  # the cache holds exactly the fresh prompt's ids (then the reply's)
     # Turn 2 ran only what the slot did not hold: the history (image included) stayed in the cache.
     shared = next(i for i, (a, b) in enumerate(zip(ids, cached + [None] * len(ids))) if a != b)
@@ -170,7 +172,7 @@ def test_chat_over_two_turns_equals_a_fresh_prompt_of_the_history(loaded, images
 
 def test_chat_command_line(ckpt, loaded, images, monkeypatch, capsys):
     model, tok = loaded
-    chat = G.Chat(model, tok, images[0], **GREEDY)
+    chat = generation.Chat(model, tok, images[0], **GREEDY)
     want = [chat.ask("What is it?"), chat.ask("And the colour?")]
     monkeypatch.setattr("sys.stdin", io.StringIO("What is it?\nAnd the colour?\n\n"))
     assert G.main(["--model", ckpt, "--image", images[0], "--chat", "--temperature", "0",
@@ -184,7 +186,7 @@ def test_chat_command_line(ckpt, loaded, images, monkeypatch, capsys):
 # --- one-shot -----------------------------------------------------------------------------------------------
 def test_one_shot_streams_the_answer_and_prints_speed(ckpt, loaded, images, capsys):
     model, tok = loaded
-    want = G.answer(model, tok, [(images[1], "What is in the picture?")], **GREEDY)[0]
+    want = generation.answer(model, tok, [(images[1], "What is in the picture?")], **GREEDY)[0]
     assert G.main(["--model", ckpt, "--image", images[1], "--prompt", "What is in the picture?",
                    "--temperature", "0", "--max-new-tokens", "10"]) == 0
     out, err = capsys.readouterr()
@@ -203,7 +205,7 @@ def test_original_layout_with_separate_clip_gives_the_same_answer(ckpt, loaded, 
     from minillava.weights import write_random_checkpoint
     model, tok = loaded
     paths = write_random_checkpoint(tmp_path / "b", CFG, "B", seed=1, tokenizer=tok.path)
-    want = G.answer(model, tok, [(images[0], "What is in the picture?")], **GREEDY)[0]
+    want = generation.answer(model, tok, [(images[0], "What is in the picture?")], **GREEDY)[0]
     assert G.main(["--model", str(paths["model"]), "--vision", str(paths["vision"]), "--image", images[0],
                    "--prompt", "What is in the picture?", "--temperature", "0", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out.strip() == want
@@ -297,7 +299,7 @@ def test_batch_answers_errors_and_resume(ckpt, loaded, images, tmp_path, capsys)
     assert "4 question(s) not answered" in err and "answered" in err
     got = read_answers(answers)
     assert [a["question_id"] for a in got] == ["q0", 1, "q2", "q3"]  # the good ones, in file order
-    want = G.answer(model, tok, [(None if "image" not in q else os.path.join(folder, q["image"]), q["text"])
+    want = generation.answer(model, tok, [(None if "image" not in q else os.path.join(folder, q["image"]), q["text"])
                                  for q in good], **GREEDY)
     for a, q, text in zip(got, good, want):
         assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
@@ -319,21 +321,21 @@ def test_batch_interrupted_loses_nothing_already_answered(ckpt, images, tmp_path
     write_lines(questions, qs)
     argv = ["--model", ckpt, "--questions", str(questions), "--answers", str(answers), "--image-folder", folder,
             "--temperature", "0", "--max-new-tokens", "6", "--batch-size", "2"]
-    real, calls = G.request_for, []
+    real, calls = generation.request_for, []
 
     def interrupted_at_the_third_question(*args, **kwargs):  # 2 slots: read when the first two have ended
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-    monkeypatch.setattr(G, "request_for", interrupted_at_the_third_question)
+    monkeypatch.setattr(generation, "request_for", interrupted_at_the_third_question)
     rc, out, err = run_main(argv, capsys)  # Ctrl-C: no traceback, says where the answers are
     assert rc == 130 and f"interrupted; the answers so far are in {answers}: run the same command" in err
     assert [a["question_id"] for a in read_answers(answers)] == [0, 1]
     # A process killed in the middle of a write leaves a partial line: the next run drops it and goes on.
     with open(answers, "a") as f:
         f.write('{"question_id": 2, "pro')
-    monkeypatch.setattr(G, "request_for", real)
+    monkeypatch.setattr(generation, "request_for", real)
     rc, out, err = run_main(argv, capsys)
     assert rc == 0 and "dropping an incomplete last line" in err
     assert [a["question_id"] for a in read_answers(answers)] == [0, 1, 2, 3, 4]
@@ -382,7 +384,7 @@ def test_the_image_and_pad_tokens_are_never_sampled(loaded, images, monkeypatch,
     real = head.forward
     monkeypatch.setattr(head, "forward", lambda h: real(h).index_fill(-1, banned, 1e4))
     ids = ask_ids(model, tok, "What is the man holding?", 1)
-    pixels = G.load_pixels(images[0], model.config)[0]
+    pixels = generation.load_pixels(images[0], model.config)[0]
     out = Engine(model, slots=2).run([Request(ids, pixels, max_new_tokens=6, temperature=temperature, seed=0)])
     assert len(out[0].out) == 6 and not set(out[0].out) & set(banned.tolist())
 
@@ -401,7 +403,7 @@ def test_an_image_url_is_downloaded_with_a_size_cap(ckpt, loaded, images, monkey
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        want = G.answer(model, tok, [(images[1], "What is it?")], **GREEDY)[0]
+        want = generation.answer(model, tok, [(images[1], "What is it?")], **GREEDY)[0]
         flags = ["--model", ckpt, "--prompt", "What is it?", "--temperature", "0", "--max-new-tokens", "10"]
         rc, out, err = run_main(flags + ["--image", f"{base}/b.gif"], capsys)
         assert rc == 0 and out.strip() == want
@@ -417,7 +419,7 @@ def test_an_image_url_is_downloaded_with_a_size_cap(ckpt, loaded, images, monkey
 def test_model_and_image_alone_start_a_chat(ckpt, loaded, images, monkeypatch, capsys):
     """`--model-path X --image-file Y` and nothing else: a chat, as the original's llava.serve.cli."""
     model, tok = loaded
-    want = G.Chat(model, tok, images[0], **GREEDY).ask("What is it?")
+    want = generation.Chat(model, tok, images[0], **GREEDY).ask("What is it?")
     monkeypatch.setattr("sys.stdin", io.StringIO("What is it?\n\n"))
     assert G.main(["--model-path", ckpt, "--image-file", images[0], "--temperature", "0",
                    "--max-new-tokens", "10"]) == 0

@@ -18,7 +18,8 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from minillava import generate as G
+
+from minillava import generation
 from minillava import serve
 from minillava.engine import Engine, Request
 from minillava.templates import build_prompt, get_template
@@ -54,7 +55,7 @@ def truncated(url):
 
 @pytest.fixture(scope="module")
 def app(ckpt):
-    model, tok = G.load(ckpt, dtype="fp32", device="cpu")
+    model, tok = generation.load(ckpt, dtype="fp32", device="cpu")
     cfg = serve.ServeConfig(model=ckpt, port=0, slots=4, queue=12, max_body_mb=1.0, max_image_pixels=100_000)
     server = serve.start(cfg, model, tok)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -114,7 +115,7 @@ def test_the_openai_client_gets_generate_pys_answer(app):
     openai = pytest.importorskip("openai")
     url, server, model, tok = app
     image_url, image = data_url(0)
-    want = G.answer(model, tok, [(image, "What is in the picture?")], temperature=0, max_new_tokens=12)[0]
+    want = generation.answer(model, tok, [(image, "What is in the picture?")], temperature=0, max_new_tokens=12)[0]
     assert len(set(want.split())) >= 2  # the random model writes varied text: equality means something
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [server.app.name]
@@ -132,7 +133,7 @@ def test_the_openai_client_gets_generate_pys_answer(app):
     template = dataclasses.replace(get_template("vicuna_v1"), system="Answer briefly.")
     ids = tokenize_with_images(build_prompt([("human", "Hi there"), ("gpt", "Hello"), ("human", "Name a colour.")],
                                             template), tok, model.config.image_token_id)
-    reply = G.Reply(tok, ["</s>"])
+    reply = generation.Reply(tok, ["</s>"])
     Engine(model, slots=1).run([Request(ids, max_new_tokens=8, stop_ids=(tok.eos_id,), on_token=reply.update)])
     assert r.choices[0].message.content == reply.finish().strip()
 
@@ -140,7 +141,7 @@ def test_the_openai_client_gets_generate_pys_answer(app):
 def test_concurrent_clients_get_their_own_answers_and_a_full_queue_gets_429(app, monkeypatch):
     url, server, model, tok = app
     questions = [(f"Question {i}: what do you see?" + " more" * (i % 5), data_url(i)) for i in range(16)]
-    want = G.answer(model, tok, [(im, q) for q, (_, im) in questions], batch_size=1, temperature=0,
+    want = generation.answer(model, tok, [(im, q) for q, (_, im) in questions], batch_size=1, temperature=0,
                     max_new_tokens=12)
     slow_steps(server, monkeypatch)  # 16 requests on 4 slots + 12 waiting: all in flight at once
     got, health = {}, []
@@ -354,9 +355,9 @@ def test_a_stage_1_checkpoint_with_projector_or_model_base(ckpt, tmp_path):
     tok = train_tiny_spm(os.path.join(os.path.dirname(ckpt), "spm"))  # the ckpt fixture's, already trained
     paths = write_random_checkpoint(tmp_path / "c", CFG, "C", seed=0, tokenizer=tok)
     llama, clip, projector = (str(paths[k]) for k in ("model", "vision", "projector"))
-    model, tok = G.load(llama, clip, projector=projector, dtype="fp32", device="cpu")
+    model, tok = generation.load(llama, clip, projector=projector, dtype="fp32", device="cpu")
     image_url, image = data_url(0)
-    [want] = G.answer(model, tok, [(image, "What is in the picture?")], temperature=0, max_new_tokens=12)
+    [want] = generation.answer(model, tok, [(image, "What is in the picture?")], temperature=0, max_new_tokens=12)
     for flags in (["--model", llama, "--vision", clip, "--projector", projector],
                   ["--model-base", llama, "--model", os.path.dirname(projector), "--vision", clip]):
         cfg = serve.parse_args(flags + ["--port", "0", "--dtype", "fp32", "--device", "cpu", "--slots", "1"])
@@ -410,7 +411,7 @@ def test_the_api_key_and_local_images_under_the_root(app, tmp_path, monkeypatch)
     monkeypatch.setattr(server.app.cfg, "image_root", str(root))
     status, r, _ = call(url, "/v1/chat/completions", ask("What is it?", "a.png"))
     assert status == 200
-    assert r["choices"][0]["message"]["content"] == G.answer(model, tok, [(image, "What is it?")], temperature=0,
+    assert r["choices"][0]["message"]["content"] == generation.answer(model, tok, [(image, "What is it?")], temperature=0,
                                                              max_new_tokens=12)[0]
     for path in ("../a.png", "out.png", str(tmp_path / "root" / ".." / "x.png")):
         status, err, _ = call(url, "/v1/chat/completions", ask("x", path))
@@ -487,7 +488,7 @@ def test_the_page_in_a_headless_browser(app):
             browser.close()
     finally:
         os.remove(path)
-    [want] = G.answer(model, tok, [(image, "What is this?")], temperature=0,
+    [want] = generation.answer(model, tok, [(image, "What is this?")], temperature=0,
                       max_new_tokens=CFG.text.max_position_embeddings)  # as the page: no limit but the context
     assert status == "" and lines == ["USER: What is this?", "ASSISTANT: " + want]
 

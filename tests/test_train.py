@@ -207,10 +207,10 @@ def test_stage2_keeps_clip_and_writes_layout_a(env, stage2):
         elif k.startswith(("multi_modal_projector.", "language_model.model.layers.")):
             assert not torch.equal(saved[k], v), k  # trained
     assert torch.equal(saved["language_model.lm_head.weight"][:V], result["model"].language_model.lm_head.weight)
-    from minillava import generate  # ... and generate.py answers with it (the tokenizer came along)
-    model, tok = generate.load(str(out), dtype="fp32", device="cpu")
+    from minillava import generation  # ... and generate.py answers with it (the tokenizer came along)
+    model, tok = generation.load(str(out), dtype="fp32", device="cpu")
     image = env["data"] / json.load(open(env["instruct"]))[0]["image"]
-    [reply] = generate.answer(model, tok, [(str(image), "What color is the circle?")], max_new_tokens=3)
+    [reply] = generation.answer(model, tok, [(str(image), "What color is the circle?")], max_new_tokens=3)
     assert isinstance(reply, str)
 
 
@@ -236,10 +236,10 @@ def test_stage2_with_anyres_trains_the_newline_and_writes_a_llava_next_model(env
     # a 32x32 image: 1x2 tiles, a 4x8 map of which the middle 4x4 is image: 16 + 4 x (4 + 1) positions
     assert model.config.image_positions((32, 32)) == 36
     records = json.load(open(env["instruct"]))
-    from minillava import generate
-    m, tok = generate.load(str(out), dtype="fp32", device="cpu")
+    from minillava import generation
+    m, tok = generation.load(str(out), dtype="fp32", device="cpu")
     image = env["data"] / records[0]["image"]
-    [reply] = generate.answer(m, tok, [(str(image), "What color is the circle?")], template="mistral_instruct",
+    [reply] = generation.answer(m, tok, [(str(image), "What color is the circle?")], template="mistral_instruct",
                               max_new_tokens=3)
     assert isinstance(reply, str)
     transformers = pytest.importorskip("transformers")
@@ -515,7 +515,7 @@ def test_stage1_output_answers_in_generate_and_eval(env, tmp_path, capsys):
     and eval.py passes both on to it, with the same greedy answer as the model train.py returned (serve.py: in
     tests/test_serve.py)."""
     from minillava import eval as evaluation
-    from minillava import generate
+    from minillava import generate, generation
     out = tmp_path / "s1"
     result = train.main(argv(env, 1, out, "--mm-projector-type", "linear", "--mm-vision-select-layer", "-1"))
     meta = safe_open_metadata(out / "mm_projector.safetensors")
@@ -523,8 +523,8 @@ def test_stage1_output_answers_in_generate_and_eval(env, tmp_path, capsys):
     image = str(env["data"] / json.load(open(env["pretrain"]))[0]["image"])
     model = result["model"].eval()
     assert model.config.projector_type == "linear" and model.config.vision_feature_layer == -1
-    tok = generate.load(env["llama"], env["clip"], projector=str(out / "mm_projector.safetensors"))[1]
-    [expected] = generate.answer(model, tok, [(image, "Describe.")], template="plain", max_new_tokens=4)
+    tok = generation.load(env["llama"], env["clip"], projector=str(out / "mm_projector.safetensors"))[1]
+    [expected] = generation.answer(model, tok, [(image, "Describe.")], template="plain", max_new_tokens=4)
     capsys.readouterr()
     common = ["--vision", env["clip"], "--image", image, "--prompt", "Describe.", "--template", "plain",
               "--temperature", "0", "--max-new-tokens", "4", "--threads", "1"]

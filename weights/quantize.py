@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from minillava.cli import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES  # defined with the scripts' flags (no torch there)
 from minillava.kernels.quant import BITS, GROUP_SIZES, QuantLinear, check_shape, quantize
 
 QUANT_KEY = "minillava_quantization"  # config.json's entry (transformers would misread "quantization_config")
-DEFAULT_GROUP_SIZE = 64
-QUANTIZE_CHOICES = ["none", "int8", "int4"]  # the scripts' --quantize
 
 
 @dataclasses.dataclass(frozen=True)
