@@ -10,12 +10,13 @@
     python generate.py --model llava-1.5-7b-hf --questions q.jsonl --image-folder images --answers a.jsonl \\
         --temperature 0 --batch-size 8
 
-How it works (minillava/generation.py, the library this is a command line over): the prompt is tokenized the way the original LLaVA does (one image id per image, spliced into
-Np = 576 embeddings inside the model) and handed to the decode engine (minillava/engine.py): each question is
-prefilled alone into a slot of a fixed (slots, n_kv, S_max, hs) KV cache, then every decode step runs one token
-for every slot; a finished answer's slot takes the next question at once (continuous batching, --batch-size
-slots). At the end, prefill and decode tokens/s go to stderr, with the memory bandwidth decoding reaches (every
-step reads every LLM weight). --compile compiles the decode step (CUDA graphs on a GPU).
+How it works (minillava/generation.py, the library this is a command line over): the prompt is tokenized the way
+the original LLaVA does (one image id per image, spliced into Np = 576 embeddings inside the model) and handed to
+the decode engine (minillava/engine.py): each question is prefilled alone into a slot of a fixed (slots, n_kv,
+S_max, hs) KV cache, then every decode step runs one token for every slot; a finished answer's slot takes the next
+question at once (continuous batching, --batch-size slots). At the end, prefill and decode tokens/s go to stderr,
+with the memory bandwidth decoding reaches (every step reads every LLM weight). --compile compiles the decode step
+(CUDA graphs on a GPU).
 
 Template: vicuna_v1 by default, for every checkpoint. It is what LLaVA-1.5 was trained (stage 2) and evaluated
 with; llava-hf's checkpoints are a conversion of the same weights, and nothing in a layout-A directory says

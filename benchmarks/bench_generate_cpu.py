@@ -98,7 +98,8 @@ def main():
 
     # ours: generate.py's loader and prompt, the decode engine with one slot (as generate.py's one-shot), EOS ignored
     model, tok = generation.load(ckpt, dtype="fp32", device="cpu")
-    ids = generation.prompt_ids([("human", generation.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
+    ids = generation.prompt_ids([("human", generation.with_image_placeholder(QUESTION, 1))], tok, model.config,
+                                "vicuna_v1")
     pix = generation.load_pixels(image, model.config)[0]  # (1, 3, 336, 336)
     n_llm = sum(p.numel() for p in model.language_model.parameters())
     weight_bytes = 4 * (n_llm - model.language_model.model.embed_tokens.weight.numel())

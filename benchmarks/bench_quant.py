@@ -63,7 +63,8 @@ def child(args):
     t0 = time.perf_counter()
     model, tok = generation.load(args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize)
     load_s = time.perf_counter() - t0
-    ids = generation.prompt_ids([("human", generation.with_image_placeholder(QUESTION, 1))], tok, model.config, "vicuna_v1")
+    ids = generation.prompt_ids([("human", generation.with_image_placeholder(QUESTION, 1))], tok, model.config,
+                                "vicuna_v1")
     pix = generation.load_pixels(args.image, model.config)[0]
     lm = model.language_model
     embed = lm.model.embed_tokens.weight

@@ -63,7 +63,8 @@ def greedy_without_cache(model, tok, ids, image, n):
 
 
 def ask_ids(model, tok, question, n_images, template="vicuna_v1"):
-    return generation.prompt_ids([("human", generation.with_image_placeholder(question, n_images))], tok, model.config, template)
+    return generation.prompt_ids([("human", generation.with_image_placeholder(question, n_images))], tok,
+                                 model.config, template)
 
 
 # --- prompts ------------------------------------------------------------------------------------------------

@@ -411,8 +411,8 @@ def test_the_api_key_and_local_images_under_the_root(app, tmp_path, monkeypatch)
     monkeypatch.setattr(server.app.cfg, "image_root", str(root))
     status, r, _ = call(url, "/v1/chat/completions", ask("What is it?", "a.png"))
     assert status == 200
-    assert r["choices"][0]["message"]["content"] == generation.answer(model, tok, [(image, "What is it?")], temperature=0,
-                                                             max_new_tokens=12)[0]
+    want = generation.answer(model, tok, [(image, "What is it?")], temperature=0, max_new_tokens=12)[0]
+    assert r["choices"][0]["message"]["content"] == want
     for path in ("../a.png", "out.png", str(tmp_path / "root" / ".." / "x.png")):
         status, err, _ = call(url, "/v1/chat/completions", ask("x", path))
         assert status == 400 and "outside --image-root" in err["error"]["message"], (path, err)
