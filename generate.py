@@ -213,8 +213,8 @@ def main(argv=None) -> int:
         if cfg.questions is not None and not os.path.isfile(cfg.questions):
             raise FileNotFoundError(f"questions file not found: {cfg.questions}")
         model, tokenizer = G.load(cfg.model, cfg.vision, cfg.tokenizer, cfg.dtype, cfg.device,
-                                optional_bool(cfg.tokenizer_legacy), cfg.quantize, cfg.group_size, cfg.projector,
-                                cfg.model_base)
+                                  optional_bool(cfg.tokenizer_legacy), cfg.quantize, cfg.group_size, cfg.projector,
+                                  cfg.model_base)
         if cfg.image_aspect_ratio and model.config.anyres:
             raise ValueError(f"{cfg.model} is a LLaVA-1.6 (anyres) model: --image-aspect-ratio "
                              f"{cfg.image_aspect_ratio} would drop its tiles and image_newline")

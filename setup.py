@@ -7,7 +7,7 @@ of site-packages: Hugging Face's PyPI package `kernels`, which transformers impo
     minillava/                        -> minillava             model, tokenizer, templates, images, data, engine
     kernels/   (no __init__.py: see kernels/dispatch.py) -> minillava.kernels
     weights/                          -> minillava.weights
-    train.py, generate.py, eval.py, serve.py, demo.py -> minillava.train, minillava.generate, ...
+    train.py, generate.py, eval.py, serve.py, demo.py, quantize.py -> minillava.train, minillava.generate, ...
 
 In a checkout (`pip install -e .`) they stay where they are and minillava/__init__.py adds the root to the package's
 search path; `pip install .` copies them into the package.
@@ -17,7 +17,8 @@ import os
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-SCRIPTS = {"train": "cli", "generate": "main", "eval": "main", "serve": "main", "demo": "cli"}  # module: entry point
+SCRIPTS = {"train": "cli", "generate": "main", "eval": "main", "serve": "main", "demo": "cli",  # module: entry
+           "quantize": "cli"}
 
 
 class BuildPy(build_py):
@@ -38,8 +39,7 @@ setup(
     packages=["minillava", "minillava.kernels", "minillava.weights"],
     package_dir={"minillava.kernels": "kernels", "minillava.weights": "weights"},
     cmdclass={"build_py": BuildPy},
-    entry_points={"console_scripts": [f"minillava-{name}=minillava.{name}:{fn}" for name, fn in SCRIPTS.items()]
-                  + ["minillava-quantize=minillava.weights.quantize:cli"]},
+    entry_points={"console_scripts": [f"minillava-{name}=minillava.{name}:{fn}" for name, fn in SCRIPTS.items()]},
     # triton is not required: torch's CUDA wheels bring it; on a CPU it only serves the kernel tests (interpreter)
     install_requires=["torch>=2.5", "safetensors", "sentencepiece", "numpy", "pillow"],
     extras_require={"kernels": ["triton; platform_system == 'Linux'"],

@@ -261,7 +261,7 @@ class QuantLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.cpu_packed:
             raise RuntimeError(f"{prefix}: int4 codes packed for the CPU kernel cannot be saved; quantize the "
-                               "source checkpoint again (python -m minillava.weights.quantize)")
+                               "source checkpoint again (python quantize.py)")
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x):

@@ -80,7 +80,7 @@ def test_console_commands_run_from_anywhere(tmp_path):
 def test_a_plain_install_puts_one_name_in_site_packages(tmp_path):
     """`pip install .` (not editable): the folders and scripts are copied into the one package."""
     source, target = tmp_path / "source", tmp_path / "site"  # built from a copy: nothing is written into the repo
-    for name in ("setup.py", *(f"{s}.py" for s in ("train", "generate", "eval", "serve", "demo"))):
+    for name in ("setup.py", *(f"{s}.py" for s in ("train", "generate", "eval", "serve", "demo", "quantize"))):
         (source / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, source / name)
     for folder in ("minillava", "kernels", "weights"):
@@ -91,7 +91,7 @@ def test_a_plain_install_puts_one_name_in_site_packages(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     top = {p.name for p in target.iterdir()} - {"bin"}
     assert {p for p in top if not p.endswith(".dist-info")} == {"minillava"}, top
-    assert {"train.py", "generate.py", "eval.py", "serve.py", "demo.py", "kernels", "weights"} <= \
+    assert {"train.py", "generate.py", "eval.py", "serve.py", "demo.py", "quantize.py", "kernels", "weights"} <= \
         {p.name for p in (target / "minillava").iterdir()}
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", REPORT.format(first="", second="")], cwd=tmp_path, env=env,

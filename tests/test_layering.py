@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"train", "generate", "eval", "serve", "demo"}
+SCRIPTS = {"train", "generate", "eval", "serve", "demo", "quantize"}
 FILES = {"kernels": ROOT.glob("kernels/*.py"),
          "minillava": (p for p in ROOT.glob("minillava/*.py") if p.name != "generation.py"),
          "weights": ROOT.glob("weights/*.py"), "generation": [ROOT / "minillava" / "generation.py"],
@@ -74,3 +74,34 @@ def test_each_layer_imports_alone():
         assert out.returncode == 0, out.stderr
         loaded = {layer(m) for m in json.loads(out.stdout)}
         assert layer(module) in loaded and loaded <= allowed, (module, loaded)
+
+
+def test_no_cycle_inside_a_package():
+    """Inside kernels/, minillava/ and weights/, the modules import one another one way too (function-local imports
+    included): a cycle there is as hard to read as one between packages."""
+    for folder, prefix in (("kernels", "minillava.kernels."), ("minillava", "minillava."),
+                           ("weights", "minillava.weights.")):
+        names = {p.stem for p in ROOT.glob(f"{folder}/*.py")} - {"__init__"}
+        graph = {}
+        for name in names:
+            found = set()
+            for module, _ in imports(ROOT / folder / f"{name}.py"):
+                rest = module[len(prefix):] if module.startswith(prefix) else ""
+                parts = rest.split(".")
+                # 'minillava.weights.quantize.QUANT_KEY' -> quantize; 'minillava.weights.quantize' -> quantize
+                found |= {p for p in parts[:2] if p in names and p != name}
+            graph[name] = found
+        seen, done = [], set()
+
+        def visit(n):
+            assert n not in seen, f"{folder}/: import cycle {' -> '.join(seen[seen.index(n):] + [n])}"
+            if n in done:
+                return
+            seen.append(n)
+            for m in sorted(graph[n]):
+                visit(m)
+            seen.pop()
+            done.add(n)
+        for n in sorted(graph):
+            visit(n)
+        assert done == names

@@ -237,7 +237,7 @@ def test_int8_model_equals_its_dequantized_reference(ckpt):
 
 
 def run_quantize(src, out, *args):
-    return subprocess.run([sys.executable, "-m", "weights.quantize", str(src), str(out), *args], cwd=ROOT,
+    return subprocess.run([sys.executable, str(ROOT / "quantize.py"), str(src), str(out), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -135,14 +135,14 @@ def test_llava_1_6_commands_run_as_written(files):
 
 
 def test_quantization_commands_run_as_written(files, tmp_path):
-    """The laptop block: generate.py --quantize int8, weights.quantize to int4 (groups of 32 here: the tiny
+    """The laptop block: generate.py --quantize int8, quantize.py to int4 (groups of 32 here: the tiny
     model's MLP is 96 wide) and an answer from what it wrote, and serve.py until it says it serves."""
     import signal
     block = _blocks("bash")[1]
     files = {**files, "llava-1.5-7b-int4": str(tmp_path / "int4")}
     commands = [shlex.split(_substitute(c.split("  #")[0], files)) for c in block.splitlines()
                 if c.strip() and not c.startswith("#")]
-    assert [c[1] for c in commands] == ["generate.py", "-m", "serve.py"]
+    assert [c[1] for c in commands] == ["generate.py", "quantize.py", "serve.py"]
     commands[1] = ["32" if prev == "--group-size" else a for prev, a in zip([""] + commands[1], commands[1])]
     assert "LLM linear layers int8" in _run([sys.executable] + commands[0][1:]).stderr
     _run([sys.executable] + commands[1][1:])

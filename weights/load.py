@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 
 from minillava.config import from_hf_config
+from minillava.kernels.quant import QuantLinear
 from minillava.llava import Llava
 from minillava.projector import Projector
 from minillava.weights import keymaps
+from minillava.weights import quantize as wq  # as wq: `quantize` is load_llava's argument
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Weight files looked for in a checkpoint directory, in this order.
@@ -428,8 +430,6 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     quantize:       a weights.quantize.Quantization: quantize the LLM's linear layers while loading. A quantized
                     checkpoint (its config.json says so) loads quantized without it.
     """
-    from minillava.kernels.quant import QuantLinear
-    from minillava.weights import quantize as wq  # here, not at the top: weights/quantize.py imports this module
     if dtype not in DTYPES + (None,):
         raise ValueError(f"dtype {dtype} not supported: use one of {DTYPES}")
     path = _existing(path, "checkpoint directory", is_dir=True)
@@ -484,7 +484,6 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
 
 
 def _quantized_model(model, q, config_file):
-    from minillava.weights import quantize as wq
     try:
         wq.check_targets(model, q, str(config_file))
     except ValueError as e:

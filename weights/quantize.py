@@ -1,10 +1,6 @@
 """Weight-only quantized checkpoints: the LLM's linear layers in int8 or int4 (formats: kernels/quant.py).
-The command line, `minillava-quantize` (or `python -m minillava.weights.quantize`):
-
-    minillava-quantize llava-1.5-7b-hf llava-1.5-7b-int4 --bits 4 --group-size 64
-    minillava-quantize llava-v1.5-7b OUT --bits 8 --vision clip-vit-large-patch14-336    # layouts B, C too
-
-or quantize while loading, from the original files (generate.py, eval.py, serve.py: --quantize int8 | int4):
+Written once by quantize.py (the command line: `python quantize.py SRC OUT --bits 4`, `minillava-quantize`),
+or quantized while loading, from the original files (generate.py, eval.py, serve.py: --quantize int8 | int4):
 
     model = load_llava("llava-1.5-7b-hf", quantize=Quantization(bits=4, group_size=64))
 
@@ -18,10 +14,7 @@ A quantized checkpoint is layout A (weights/save.py) whose quantized layers hold
 `offsets`) instead of `weight`, with its settings in config.json under QUANT_KEY; load_llava reads it with no
 re-quantization and checks every tensor's shape and dtype, and that scales are finite and not negative.
 """
-import argparse
 import dataclasses
-import sys
-from pathlib import Path
 
 import torch.nn as nn
 
@@ -100,48 +93,3 @@ def replace_linears(model, q: Quantization):
                             device=m.weight.device, dtype=m.weight.dtype))
     model.quantization = q
     return model
-
-
-def main(argv=None):
-    from minillava.weights.load import Progress, load_llava, read_json
-    from minillava.weights.save import llava_hf_state, write_checkpoint
-    p = argparse.ArgumentParser(description="Write a weight-only int8 / int4 copy of a LLaVA checkpoint (any "
-                                            "official layout in; layout A with quantized layers out).")
-    p.add_argument("src", help="checkpoint directory (layout A, B or C)")
-    p.add_argument("out", help="directory to write (atomically: nothing is left half-written)")
-    p.add_argument("--bits", type=int, choices=BITS, required=True)
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
-                   help=f"int4: inputs per scale and offset (default: {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--vision", default=None, help="the CLIP directory (layouts B and C)")
-    p.add_argument("--projector", default=None, help="the stage-1 projector file (layout C)")
-    args = p.parse_args(argv)
-    q = Quantization(args.bits, args.group_size if args.bits == 4 else None)
-    src = Path(args.src)
-    if Quantization.from_config(read_json(src / "config.json"), src / "config.json"):
-        raise SystemExit(f"{src} is already quantized; quantize its dense source instead")
-    model = load_llava(src, vision_path=args.vision, projector_path=args.projector, dtype=None)  # no copy
-    check_targets(model, q, str(src))
-    state, hf = llava_hf_state(model)
-    names = targets(model)
-    progress = Progress(len(names), "quantizing")
-    for name in names:
-        dense = state.pop(f"{name}.weight")
-        state.update({f"{name}.{k}": v for k, v in q.tensors(dense).items()})
-        progress.step()
-    hf[QUANT_KEY] = q.to_json()
-    tokenizer = src / "tokenizer.model"
-    out = write_checkpoint(state, hf, args.out, tokenizer if tokenizer.is_file() else None)
-    dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    q_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"{out}: {q}, {q_bytes / 1e9:.3f} GB of tensors (the source: {dense_bytes / 1e9:.3f} GB)")
-    return out
-
-
-def cli() -> int:
-    """The command line (`python -m minillava.weights.quantize`, `minillava-quantize`)."""
-    main()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -17,6 +17,7 @@ import torch
 
 from minillava.config import to_hf_config
 from minillava.weights import keymaps
+from minillava.weights.quantize import QUANT_KEY
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size ("5GB")
 VOCAB_MULTIPLE = 64  # llava-hf padded its vocabulary (32000 + <image> + <pad>) to 32064
@@ -147,7 +148,7 @@ def llava_hf_state(model) -> tuple[dict, dict]:
     if cfg.image_token_id < 0 and quantization is not None:
         raise ValueError("a quantized model with the original -200 image sentinel cannot be saved in layout A "
                          "(its quantized lm_head cannot grow the <image> and <pad> rows): quantize the dense "
-                         "checkpoint with python -m minillava.weights.quantize, which pads the vocabulary first")
+                         "checkpoint with python quantize.py, which pads the vocabulary first")
     if cfg.image_token_id < 0:
         new_v = math.ceil((V + 2) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         for key in (keymaps.EMBED_KEY, keymaps.LM_HEAD_KEY):
@@ -161,7 +162,6 @@ def llava_hf_state(model) -> tuple[dict, dict]:
     hf = to_hf_config(cfg)
     hf["torch_dtype"] = str(model.language_model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     if quantization is not None:
-        from minillava.weights.quantize import QUANT_KEY
         hf[QUANT_KEY] = quantization.to_json()
     return state, hf
 
