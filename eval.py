@@ -724,48 +724,51 @@ def print_metrics(result: dict, file=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Answering (generate.py's batch mode, under the benchmark's protocol)
-
-def _is_anyres(model_dir) -> bool:
-    """Whether a checkpoint dir is LLaVA-1.6 (AnyRes), from its config.json alone (generate.py checks the rest)."""
-    try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return d.get("model_type") == "llava_next" or d.get("image_aspect_ratio") == "anyres"
-
+# Answering (minillava.generation.answer_file, generate.py's batch mode, under the benchmark's protocol)
 
 def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0, device="auto", dtype="auto",
            question_file=None, all_rounds=False, protocol="llava", quantize="none", group_size=64,
            template="vicuna_v1", projector=None, model_base=None):
     """Answer every question not yet in answers_path; under torchrun each rank answers a contiguous chunk into
-    its own file and rank 0 merges them in question order. Returns generate.main's exit status."""
-    from minillava import generate  # here, not at the top: `score` imports neither torch nor the model
+    its own file and rank 0 merges them in question order. Returns 0, or 1 when a question could not be answered
+    (each is named) or the model could not be loaded."""
+    from minillava import generation  # here, not at the top: `score` imports neither torch nor the model
+    from minillava.cli import set_threads
     bench = benchmark(name, question_file)
     check_files(bench, data, for_answering=True)
     questions = questions_for_generate(bench, data, all_rounds, protocol)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = answers_path if world == 1 else f"{answers_path}.rank{rank}-of-{world}"
-    prepared = out + ".questions.jsonl"  # the questions as generate.py reads them (the prompts it records)
+    prepared = out + ".questions.jsonl"  # the questions as generation.answer_file reads them (the prompts it records)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(prepared, "w", encoding="utf-8") as f:
         for q in questions:
             f.write(json.dumps(q, ensure_ascii=False) + "\n")
     images = os.path.join(data, bench.images)
-    if name in MMBENCH_SUFFIX:  # the TSV's images, decoded beside the answers file for generate.py
+    if name in MMBENCH_SUFFIX:  # the TSV's images, decoded beside the answers file
         images = out + ".images"
         write_mmbench_images(os.path.join(data, bench.questions), images)
-    argv = ["--model", model, "--questions", prepared, "--answers", out, "--image-folder", images,
-            "--template", template, "--temperature", "0",
-            "--max-new-tokens", str(bench.max_new_tokens), "--batch-size", str(batch_size),
-            "--threads", str(threads), "--device", device, "--dtype", dtype,
-            "--quantize", quantize, "--group-size", str(group_size),
-            "--num-chunks", str(world), "--chunk-idx", str(rank)] + (["--vision", vision] if vision else []) + (
-            ["--projector", projector] if projector else []) + (["--model-base", model_base] if model_base else []) + (
-            ["--image-aspect-ratio", "square"] if protocol == "lmms-eval" and name in LMMS_EVAL_NO_PAD
-            and not _is_anyres(model) else [])  # AnyRes (1.6) never pads to square: nothing to turn off
-    rc = generate.main(argv)
+    threads, errors, rc = set_threads(threads), [], 1
+    try:
+        model_dir, loaded = model, generation.load(model, vision, dtype=dtype, device=device, quantize=quantize,
+                                                   group_size=group_size, projector=projector, model_base=model_base)
+        model, tokenizer = loaded
+        if protocol == "lmms-eval" and name in LMMS_EVAL_NO_PAD and not model.config.anyres:
+            model.config = dataclasses.replace(model.config, image_aspect_ratio="square")  # AnyRes never pads
+        print(threads, file=sys.stderr)
+        print(generation.weights_line(model), file=sys.stderr)
+        stats, errors = generation.answer_file(
+            model, tokenizer, prepared, out, images, template, temperature=0.0, max_new_tokens=bench.max_new_tokens,
+            batch_size=batch_size, num_chunks=world, chunk_idx=rank,
+            model_id=os.path.basename(os.path.normpath(model_dir)))
+        print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
+        generation.print_stats(stats, model)
+        rc = generation.report_unanswered(errors, out)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the answers so far are in {out}: run the same command to go on", file=sys.stderr)
+        rc = 130
     os.remove(prepared)
     if name in MMBENCH_SUFFIX:
         shutil.rmtree(images)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 # Light imports only: `--help` and a wrong flag answer at once; torch and the model come in main(), after parsing.
 from minillava.cli import (DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_CHOICES, add_config_args, add_load_bits_flags,
-                           first_lines, optional_bool, set_threads)
+                           optional_bool, set_threads)
 from minillava.templates import TEMPLATES
 
 
@@ -246,17 +246,7 @@ def main(argv=None) -> int:
         return 130
     print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
     G.print_stats(stats, model)
-    shown = first_lines(errors, f"{cfg.answers}.errors")
-    if shown != errors:  # too many for the screen: all of them in a file
-        with open(cfg.answers + ".errors", "w", encoding="utf-8") as f:
-            f.writelines(e + "\n" for e in errors)
-    for e in shown:
-        print(f"error: {e}", file=sys.stderr)
-    if errors:
-        print(f"error: {len(errors)} question(s) not answered (see above); the others are in {cfg.answers}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return G.report_unanswered(errors, cfg.answers)
 
 
 if __name__ == "__main__":

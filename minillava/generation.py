@@ -21,7 +21,7 @@ import uuid
 
 import torch
 
-from minillava.cli import device_from_flag
+from minillava.cli import device_from_flag, first_lines
 from minillava.engine import Engine, GenerationStats, Request
 from minillava.image import image_size, load_image, model_pixels
 from minillava.llama import KVCache
@@ -440,3 +440,19 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
         engine.run(requests())
         os.fsync(out.fileno())
     return engine.stats, errors
+
+
+def report_unanswered(errors: list, answers_path) -> int:
+    """After answer_file: each question that could not be answered, named on stderr (the first 20; all of them in
+    ANSWERS.errors when there are more). -> the exit status: 1 if any, else 0."""
+    if not errors:
+        return 0
+    shown = first_lines(errors, f"{answers_path}.errors")
+    if shown != errors:  # too many for the screen: all of them in a file
+        with open(f"{answers_path}.errors", "w", encoding="utf-8") as f:
+            f.writelines(e + "\n" for e in errors)
+    for e in shown:
+        print(f"error: {e}", file=sys.stderr)
+    print(f"error: {len(errors)} question(s) not answered (see above); the others are in {answers_path}",
+          file=sys.stderr)
+    return 1

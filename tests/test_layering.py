@@ -105,3 +105,12 @@ def test_no_cycle_inside_a_package():
         for n in sorted(graph):
             visit(n)
         assert done == names
+
+
+def test_no_script_imports_another():
+    """The scripts are command lines over the library (minillava.generation for answering), not over each other;
+    demo.py alone runs the others' main(), as a user runs their commands."""
+    for script in sorted(SCRIPTS - {"demo"}):
+        for module, line in imports(ROOT / f"{script}.py"):
+            assert layer(module) != "scripts" or module.split(".")[1] == script, \
+                f"{script}.py:{line} imports {module}: use the library (minillava.generation, minillava.weights)"
