@@ -28,6 +28,8 @@ import sys
 import zipfile
 from xml.sax.saxutils import escape
 
+from minillava.cli import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_CHOICES, add_load_bits_flags  # no torch: `score`
+
 # ----------------------------------------------------------------------------------------------------------
 # The benchmarks
 
@@ -682,7 +684,7 @@ def score(name: str, data: str, answers_path: str, submission_path: str = None, 
 
 def write_atomic(path, data: bytes):
     """The whole file or nothing: written beside it, fsynced, renamed over it, the directory fsynced. (The same
-    steps as weights.save.atomic_file, which `score` cannot import: it would pull in torch.)"""
+    steps as minillava.weights.save.atomic_file, which `score` cannot import: it would pull in torch.)"""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -833,16 +835,11 @@ def main(argv=None) -> int:
             s.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores this process may use)")
             s.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
             s.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
-            # weights.quantize's QUANTIZE_CHOICES, GROUP_SIZES and DEFAULT_GROUP_SIZE, written out: `score` cannot
-            # import it (it would pull in torch)
-            s.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+            s.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                            help="the LLM's linear layers, quantized while loading (default: none)")
-            s.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
-                           help="int4: inputs per scale (default: 64)")
-            s.add_argument("--load-8bit", dest="quantize", action="store_const", const="int8",
-                           help="the original's flag: --quantize int8")
-            s.add_argument("--load-4bit", dest="quantize", action="store_const", const="int4",
-                           help="the original's flag: --quantize int4")
+            s.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
+                           help=f"int4: inputs per scale (default: {DEFAULT_GROUP_SIZE})")
+            add_load_bits_flags(s)
             s.add_argument("--all-rounds", action="store_true", help="MMBench: ask once per option, the options "
                            "rotated (model_vqa_mmbench --all-rounds); scoring finds the rounds by itself")
         if cmd in ("answer", "score"):

@@ -1,5 +1,5 @@
 """Write a weight-only int8 / int4 copy of a LLaVA checkpoint: any official layout in, layout A with the LLM's
-linear layers quantized out (the format: minillava/weights/quantize.py, kernels/quant.py). Loading it needs no
+linear layers quantized out (the format: weights/quantize.py, kernels/quant.py). Loading it needs no
 re-quantization; --quantize int8 | int4 on generate.py, eval.py and serve.py quantizes while loading instead.
 
     python quantize.py llava-1.5-7b-hf llava-1.5-7b-int4 --bits 4 --group-size 64      # then --model llava-1.5-7b-int4

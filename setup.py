@@ -26,7 +26,7 @@ class BuildPy(build_py):
 
     def run(self):
         super().run()
-        if not self.editable_mode:  # an editable install reads them where they are
+        if not getattr(self, "editable_mode", False):  # an editable install reads them where they are
             for name in SCRIPTS:
                 self.copy_file(f"{name}.py", os.path.join(self.build_lib, "minillava", f"{name}.py"))
 

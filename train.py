@@ -57,7 +57,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillava import data
-from minillava.cli import add_config_args, device_from_flag, first_lines, optional_bool, set_threads
+from minillava.cli import (add_config_args, device_from_flag, first_lines, optional_bool, set_threads,
+                           wrong_image_folder)
 from minillava.llava import Llava
 from minillava.lora import apply_lora, merge_lora
 from minillava.tokenizer import Tokenizer
@@ -471,12 +472,9 @@ def prepare_data(cfg, model, tokenizer, rank, world, workers):
         for line in first_lines([f"{'skipped' if cfg.skip_bad_records else 'bad'} {c.id}: {c.problem}"
                                  for c in bad], "data_report.json"):
             print(f"  {line}", flush=True)
-    missing = data.images_not_found(checked)
-    if missing:  # most image records have no file: a wrong folder, not bad records
-        with_image = missing + sum(c.has_image for c in checked)
-        raise TrainingError(f"no image found for {missing} of {with_image} records with an image under "
-                            f"--image-folder {os.path.abspath(cfg.image_folder or '.')}: check --image-folder "
-                            "(the records' \"image\" paths are relative to it)")
+    wrong = wrong_image_folder(*data.images_not_found(checked), cfg.image_folder, "records")
+    if wrong:
+        raise TrainingError(str(wrong))
     if bad and not cfg.skip_bad_records:
         raise TrainingError(f"{len(bad)} bad record(s) in {cfg.data} (listed above and in "
                             f"{os.path.join(cfg.out, 'data_report.json')}); fix them, or pass --skip-bad-records "
@@ -664,7 +662,8 @@ def next_micro_batch(run, step: int, world: int) -> dict:
     try:
         batch, problem = next(run.batches), ""
     except (OSError, ValueError) as e:  # what reading a record raises (minillava.data)
-        batch, problem = None, f"{type(e).__name__}: {e}"
+        last = str(e).strip().splitlines()[-1:] or [""]  # a loader worker's error carries its traceback: the last line
+        batch, problem = None, f"{type(e).__name__}: {last[0]}"
     if world > 1:
         states = [None] * world
         dist.all_gather_object(states, (step, problem), group=run.cpu_group)
@@ -785,7 +784,8 @@ def interrupted(argv) -> str:
     ckpts = list_checkpoints(cfg.out)
     if not ckpts:
         return f"interrupted before the first checkpoint: nothing saved in {cfg.out}/checkpoints"
-    again = " ".join(["python train.py", *map(shlex.quote, argv), *([] if cfg.resume else ["--resume"])])
+    command = "python train.py" if sys.argv[0].endswith(".py") else os.path.basename(sys.argv[0])  # minillava-train
+    again = " ".join([command, *map(shlex.quote, argv), *([] if cfg.resume else ["--resume"])])
     return f"interrupted; the last checkpoint is {ckpts[-1]}. Continue from it with:\n  {again}"
 
 

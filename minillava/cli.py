@@ -120,3 +120,13 @@ def first_lines(lines: list[str], where: str, limit: int = 20) -> list[str]:
     with a systematic problem must not print one line per record."""
     more = len(lines) - limit
     return lines if more <= 1 else lines[:limit] + [f"... and {more} more (all in {where})"]
+
+
+def wrong_image_folder(missing: int, with_image: int, folder: str, what: str):
+    """Most of the items that name an image have no file: that is the folder, not the items. -> the error that says
+    so (None otherwise), instead of one line per item."""
+    if not missing or missing * 2 <= with_image:
+        return None
+    return ValueError(f"no image found for {missing} of {with_image} {what} with an image under --image-folder "
+                      f"{os.path.abspath(folder or '.')}: check --image-folder (the \"image\" paths are relative "
+                      "to it)")

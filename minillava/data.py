@@ -272,12 +272,11 @@ def micro_batches(batch: list[int], world_size: int, rank: int, micro_batch: int
     return chunks[rank::world_size]
 
 
-def images_not_found(checked: list[Checked]) -> int:
-    """How many records name an image file that is not there, when that is most of the records with an image (a
-    wrong --image-folder, not bad records); else 0."""
+def images_not_found(checked: list[Checked]) -> tuple[int, int]:
+    """(records whose image file is not there, records that name an image), the counts a wrong --image-folder
+    shows (minillava.cli.wrong_image_folder)."""
     missing = sum(c.image_not_found for c in checked)
-    with_image = missing + sum(c.has_image for c in checked)
-    return missing if missing and missing * 2 > with_image else 0
+    return missing, missing + sum(c.has_image for c in checked)
 
 
 def summarize(checked: list[Checked]) -> dict:

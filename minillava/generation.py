@@ -21,7 +21,7 @@ import uuid
 
 import torch
 
-from minillava.cli import device_from_flag, first_lines
+from minillava.cli import device_from_flag, first_lines, wrong_image_folder
 from minillava.engine import Engine, GenerationStats, Request
 from minillava.image import image_size, load_image, model_pixels
 from minillava.llama import KVCache
@@ -395,13 +395,13 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
           + (f"; {n_malformed} malformed line(s)" if n_malformed else "")
           + (f"; {unanswerable} question(s) whose image or prompt does not work" if unanswerable else "")
           + ("; listed at the end" if errors else ""), file=sys.stderr)
-    missing = sum("image file not found" in e for e in errors)
-    if missing and missing * 2 > missing + len(todo):  # most images missing: the folder, not the questions
-        raise ValueError(f"no image found for {missing} of {missing + len(todo)} questions with --image-folder "
-                         f"{os.path.abspath(image_folder or '.')}: check --image-folder (the questions' "
-                         "\"image\" paths are relative to it)")
     os.makedirs(os.path.dirname(os.path.abspath(answers_path)), exist_ok=True)
     open(answers_path, "a").close()  # the file exists afterwards, answers or not (torchrun's merge reads each rank's)
+    missing = sum("image file not found" in e for e in errors)  # minillava.image's message for a missing file
+    wrong = wrong_image_folder(missing, missing + sum(bool(q.get("image")) for _, q in todo), image_folder,
+                               "questions")
+    if wrong:
+        raise wrong
     if not todo:
         return GenerationStats(), errors
     engine = Engine(model, slots=min(batch_size, len(todo)), compile=compile,

@@ -41,7 +41,7 @@ minillava trains on their correct spans and the data report counts them.
 """
 from dataclasses import dataclass
 
-from .tokenizer import EOS_STRING, IMAGE_PLACEHOLDER, Tokenizer, tokenize_with_images
+from minillava.tokenizer import EOS_STRING, IMAGE_PLACEHOLDER, Tokenizer, tokenize_with_images
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch cross_entropy's default ignore_index)
 

@@ -38,7 +38,9 @@ def test_minillava_runs_without_triton():
     """A CPU install without triton: everything imports and the model runs on the references."""
     code = """
 import sys; sys.modules["triton"] = None  # `import triton` now raises ImportError
-import torch, kernels, minillava
+import torch, minillava
+import minillava.kernels.attention, minillava.kernels.cross_entropy, minillava.kernels.linear, minillava.kernels.mlp
+import minillava.kernels.quant, minillava.kernels.rmsnorm, minillava.kernels.rope
 from minillava.kernels.dispatch import HAVE_TRITON
 from minillava.weights import random_llava
 cfg = minillava.get_preset("tiny")

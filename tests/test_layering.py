@@ -34,13 +34,13 @@ def layer(module: str):
 
 
 def imports(path: Path):
-    """(module, line) of every absolute import in the file, at any depth; `from a import b` gives 'a.b', which is
+    """(module, line) of every import in the file, at any depth; `from a import b` gives 'a.b', which is
     the module b where b is one (`from minillava import generate`) and a name in module a otherwise."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             yield from ((alias.name, node.lineno) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            yield from ((f"{node.module}.{alias.name}", node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):  # a relative import comes out as ".module": the tests refuse it
+            yield from ((f"{'.' * node.level}{node.module or ''}.{alias.name}", node.lineno) for alias in node.names)
 
 
 def test_every_import_points_down():
@@ -49,6 +49,7 @@ def test_every_import_points_down():
         for path in sorted(files):
             for module, line in imports(path):
                 where = f"{path.relative_to(ROOT)}:{line}"
+                assert not module.startswith("."), f"{where}: a relative import ({module}); write minillava.*"
                 assert module.split(".")[0] not in OLD_NAMES, f"{where} imports {module}: it is minillava.{module}"
                 if layer(module):
                     checked += 1

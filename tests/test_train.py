@@ -364,9 +364,9 @@ def write_mixed_data(env, path, n_image, n_text):
     return path
 
 
-def ranks_see_different_modalities(env, data_path, args, world=2) -> list:
-    """The steps (1-based) of a run of `args` in which one rank's micro-batch holds an image and another's none,
-    from the same schedule train.py follows."""
+def rank_micro_batches(env, data_path, args, world=2) -> tuple[list, dict]:
+    """The schedule train.py follows for `args`: [[rank 0's first micro-batch, rank 1's, ...] per step] of record
+    indices, and {index: has an image}."""
     from minillava import data
     from minillava.tokenizer import Tokenizer
     cfg = train.resolve(train.parse_args(args))
@@ -377,15 +377,19 @@ def ranks_see_different_modalities(env, data_path, args, world=2) -> list:
                            model=model.config, max_length=cfg.max_length)
     records = data.read_records(str(data_path))
     samples = data.check_records(records, dcfg, range(len(records)), 0)
-    image = {c.index: c.has_image for c in samples}
     batches = data.global_batches(samples, cfg.global_batch, cfg.seed, 0, cfg.group_by_modality_length)
-    return [step + 1 for step, gb in enumerate(batches[:cfg.max_steps])
-            if len({any(image[i] for i in micro) for micro in data.micro_batches(gb, world, 0, cfg.micro_batch)}
-                   | {any(image[i] for i in micro) for micro in data.micro_batches(gb, world, 1, cfg.micro_batch)})
-            > 1]
+    steps = [[data.micro_batches(gb, world, r, cfg.micro_batch)[0] for r in range(world)]
+             for gb in batches[:cfg.max_steps]]
+    return steps, {c.index: c.has_image for c in samples}
 
 
-ONE_PROCESS = {}  # (stage, extra) -> the one-process run's out dir, shared by FSDP2 and DDP
+def ranks_see_different_modalities(env, data_path, args) -> list:
+    """The steps (1-based) of a run of `args` in which one rank's micro-batch holds an image and another's none."""
+    steps, image = rank_micro_batches(env, data_path, args)
+    return [k + 1 for k, micros in enumerate(steps) if len({any(image[i] for i in m) for m in micros}) > 1]
+
+
+ONE_PROCESS = {}  # (stage, flags) -> the one-process run's out dir, shared by FSDP2 and DDP
 
 
 @pytest.mark.parametrize("stage, extra, mode", [
@@ -400,8 +404,8 @@ def test_torchrun_ranks_with_different_modalities_match_one(env, tmp_path, stage
     """Ranks whose micro-batches differ in modality in the same step (one text-only, one with images) run the
     same collectives: the run finishes and its losses and weights equal one process's on the same batches."""
     grouped = "--group-by-modality-length" in extra
-    data_path = write_mixed_data(env, tmp_path / "mix.json", 9, 7) if grouped else \
-        write_mixed_data(env, tmp_path / "mix.json", 8, 8)
+    n_image, n_text = (9, 7) if grouped else (8, 8)  # grouped: the last, mixed batch holds both kinds
+    data_path = write_mixed_data(env, env["root"] / f"mix_{n_image}_{n_text}.json", n_image, n_text)
     extra = [*extra, "--data", str(data_path)] + ([] if grouped else ["--no-group-by-modality-length"])
     one = ONE_PROCESS.get((stage, tuple(extra)))
     args = argv(env, stage, "OUT", *extra, steps=4)
@@ -425,9 +429,10 @@ def test_torchrun_ranks_with_different_modalities_match_one(env, tmp_path, stage
 
 
 def test_torchrun_rank_that_cannot_load_its_batch_stops_every_rank_with_its_reason(env, tmp_path):
-    """An image that changes after the data check (here: truncated while the run starts) fails on one rank; every
-    rank stops at that step with the same message naming the rank and the file, instead of waiting for it."""
-    records = json.load(open(write_mixed_data(env, tmp_path / "mix.json", 8, 8)))
+    """The images of rank 1's first micro-batch change after the data check (truncated while the run starts): rank
+    1 cannot load it, rank 0 can; both stop at step 1 with the same message naming rank 1 and the file, instead of
+    rank 0 waiting for rank 1 in a collective."""
+    records = json.load(open(write_mixed_data(env, tmp_path / "mix.json", 16, 0)))
     for r in records:  # each image its own copy, so that breaking one breaks no other test
         if "image" in r:
             shutil.copy(env["data"] / r["image"], tmp_path / Path(r["image"]).name)
@@ -436,16 +441,19 @@ def test_torchrun_rank_that_cannot_load_its_batch_stops_every_rank_with_its_reas
     args = [str(tmp_path / "out") if a == "OUT" else a for a in argv(
         env, 2, "OUT", "--data", str(tmp_path / "mix.json"), "--image-folder", str(tmp_path),
         "--no-group-by-modality-length", steps=4)]
+    steps, _ = rank_micro_batches(env, tmp_path / "mix.json", args)
+    victims = [tmp_path / records[i]["image"] for i in steps[0][1]]
+    assert not set(steps[0][0]) & set(steps[0][1])
     proc = run_script(args, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
-    victims = [tmp_path / r["image"] for r in records if "image" in r]
-    for line in proc.stdout:  # once the data check has passed, every image breaks
+    for line in proc.stdout:  # once the data check has passed, rank 1's first images break
         if line.startswith("data: "):
             for v in victims:
                 v.write_bytes(v.read_bytes()[:60])
             break
     out = finish(proc, expect=1)
-    assert out.count("could not load its micro-batch") >= 2, out[-3000:]  # both ranks say it
-    assert "step 1: rank" in out and ".png" in out
+    assert out.count("step 1: rank 1 could not load its micro-batch (ValueError: cannot decode image") >= 2, \
+        out[-3000:]  # both ranks say it
+    assert "rank 0 could not load" not in out
 
 
 def write_bad_data(env, tmp_path):

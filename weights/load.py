@@ -427,8 +427,8 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     new_projector:  layout C without a projector file: initialise it fresh (training stage 1).
     projector_type: override config.json's (layouts A/B) or the projector file's (C, default mlp2x_gelu).
     dtype:          of every floating-point weight; None keeps each as stored (no copy).
-    quantize:       a weights.quantize.Quantization: quantize the LLM's linear layers while loading. A quantized
-                    checkpoint (its config.json says so) loads quantized without it.
+    quantize:       a minillava.weights.quantize.Quantization: quantize the LLM's linear layers while loading.
+                    A quantized checkpoint (its config.json says so) loads quantized without it.
     """
     if dtype not in DTYPES + (None,):
         raise ValueError(f"dtype {dtype} not supported: use one of {DTYPES}")
