@@ -141,14 +141,14 @@ class Server:
                     req = self.waiting.get(block=not engine.busy, timeout=0.1)
                 except queue.Empty:
                     break
-                if req.job.cancelled:
+                if req.owner.cancelled:
                     continue
                 try:
                     engine.admit(req)
                 except Exception as e:  # noqa: BLE001  one bad request must not stop the server
-                    req.job.fail(e)
+                    req.owner.fail(e)
             for req in list(engine.running):
-                if req is not None and req.job.cancelled:
+                if req is not None and req.owner.cancelled:
                     engine.cancel(req)
             if engine.busy:
                 try:
@@ -157,7 +157,7 @@ class Server:
                     for req in list(engine.running):
                         if req is not None:
                             engine.cancel(req)
-                            req.job.fail(e)
+                            req.owner.fail(e)
 
     def close(self):
         self.stopping = True
@@ -309,7 +309,7 @@ class Job:
     def __init__(self, req: Request, reply):
         self.req, self.reply, self.pieces = req, reply, queue.Queue()
         self.cancelled = False
-        req.job = self
+        req.owner = self
         req.on_token = self._on_token
         req.on_finish = self._on_finish
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from minillava.llama import CacheWrite
-from minillava.sampling import sample
+from minillava.sampling import check_settings, sample
 
 
 @dataclass
@@ -43,9 +43,15 @@ class Request:
     on_token: Callable = None  # on_token(out) after each new id; True ends the answer (a stop string appeared)
     on_finish: Callable = None  # on_finish(request) once, as it ends
     image_sizes: list = None  # (h, w) of each image: an AnyRes (LLaVA-1.6) model needs them
+    owner: object = None  # whoever submitted it, for its callbacks (serve.py: the HTTP request's Job)
     # filled by the engine
     out: list = field(default_factory=list)  # the answer's ids
     finish_reason: str = None  # "stop" (stop id or on_token), "length" (max_new_tokens or a full slot), "abort"
+
+    def __post_init__(self):  # bad settings fail here, where the request is made, not in a decode step
+        check_settings(self.temperature, self.top_k, self.top_p)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"need max_new_tokens >= 1; got {self.max_new_tokens}")
 
 
 @dataclass
@@ -134,9 +140,6 @@ class Engine:
             raise ValueError(f"the prompt takes {L} positions ({len(req.ids) - n_img} text ids + {n_img} image(s): "
                              f"{L - len(req.ids) + n_img}), {L - self.S} more than the KV cache's {self.S} per "
                              f"sequence")
-        if req.temperature < 0 or req.max_new_tokens < 1:
-            raise ValueError(f"need temperature >= 0 and max_new_tokens >= 1; got {req.temperature}, "
-                             f"{req.max_new_tokens}")
 
     def _images(self, req: Request) -> list:
         """The request's images as [(pixels (n_tiles, 3, S, S), size (h, w) or None)], checked against its sizes."""

@@ -211,8 +211,8 @@ def request_for(model, tokenizer, image, question, template="vicuna_v1", tempera
             on_text(reply.new_text())
         return stopped
 
-    return Request(ids, pixels, max_new_tokens, temperature, top_p, top_k, seed, (tokenizer.eos_id,), on_token,
-                   image_sizes=sizes or None), reply
+    return Request(ids, pixels, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   seed=seed, stop_ids=(tokenizer.eos_id,), on_token=on_token, image_sizes=sizes or None), reply
 
 
 def cache_size(config, prompt_lengths, max_new_tokens) -> int:

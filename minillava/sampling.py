@@ -5,6 +5,12 @@ The generation loop that calls it is the decode engine, minillava/engine.py.
 import torch
 
 
+def check_settings(temperature=0.0, top_k=None, top_p=None):
+    """The one check of the sampling settings (a Request runs it when it is made, `sample` before it draws)."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+
+
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next ids (B,).
 
@@ -13,8 +19,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     and one id is drawn with `generator` (seeded: reproducible). Same order as Hugging Face: temperature,
     top-k, top-p.
     """
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    check_settings(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature  # (B, V)

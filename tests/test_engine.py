@@ -201,3 +201,13 @@ def test_the_compiled_decode_step_gives_the_same_answers():
     assert got == [r.out for r in run(make(), slots=2, max_seq_len=64)[1]]
     assert compiled.stats.compile_s > 0 and compiled.stats.decode_steps > 5
     assert "decode step compiled" in compiled.describe()
+
+
+def test_a_request_with_bad_sampling_settings_fails_where_it_is_made():
+    """One check of the sampling settings (minillava.sampling.check_settings), when the Request is built: nothing
+    is admitted, prefilled or decoded for it."""
+    for kw in (dict(temperature=-1.0), dict(temperature=1.0, top_k=0), dict(temperature=1.0, top_p=1.5)):
+        with pytest.raises(ValueError, match="need temperature >= 0, top_k >= 1, 0 < top_p <= 1"):
+            Request([1, 2, 3], **kw)
+    with pytest.raises(ValueError, match="need max_new_tokens >= 1; got 0"):
+        Request([1, 2, 3], max_new_tokens=0)
