@@ -752,9 +752,9 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
         write_mmbench_images(os.path.join(data, bench.questions), images)
     threads, errors, rc = set_threads(threads), [], 1
     try:
-        model_dir, loaded = model, generation.load(model, vision, dtype=dtype, device=device, quantize=quantize,
-                                                   group_size=group_size, projector=projector, model_base=model_base)
-        model, tokenizer = loaded
+        model_dir = model
+        model, tokenizer = generation.load(model_dir, vision, dtype=dtype, device=device, quantize=quantize,
+                                           group_size=group_size, projector=projector, model_base=model_base)
         if protocol == "lmms-eval" and name in LMMS_EVAL_NO_PAD and not model.config.anyres:
             model.config = dataclasses.replace(model.config, image_aspect_ratio="square")  # AnyRes never pads
         print(threads, file=sys.stderr)

@@ -47,7 +47,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -63,7 +62,6 @@ from minillava.llava import Llava
 from minillava.lora import apply_lora, merge_lora
 from minillava.tokenizer import Tokenizer
 from minillava.weights import load_llava, save_llava, save_projector
-from minillava.weights.load import read_json
 from minillava.weights.save import atomic_file, fsync
 
 
@@ -160,11 +158,11 @@ def setup_distributed(cfg: TrainConfig):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def gather_objects(obj, world: int) -> list:
+def gather_objects(obj, world: int, group=None) -> list:
     if world == 1:
         return [obj]
     out = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -210,10 +208,7 @@ class LossModel(torch.nn.Module):
 
 
 def load_model(cfg: TrainConfig):
-    fresh = cfg.stage == 1 and not cfg.projector
-    if fresh and os.path.isdir(cfg.model) and read_json(Path(cfg.model) / "config.json").get("model_type") != "llama":
-        raise ValueError(f"stage 1 without --projector trains a fresh projector on CLIP + a plain LLaMA (--model: an "
-                         f"LLM dir, layout C); {cfg.model} is a LLaVA checkpoint with its own projector")
+    fresh = cfg.stage == 1 and not cfg.projector  # on a LLaVA checkpoint, load_llava says it has its projector
     if cfg.mm_projector_type and not fresh:
         raise ValueError("--mm-projector-type chooses stage 1's fresh projector; a projector that is loaded keeps "
                          "its own type")
@@ -664,16 +659,12 @@ def next_micro_batch(run, step: int, world: int) -> dict:
     except (OSError, ValueError) as e:  # what reading a record raises (minillava.data)
         last = str(e).strip().splitlines()[-1:] or [""]  # a loader worker's error carries its traceback: the last line
         batch, problem = None, f"{type(e).__name__}: {last[0]}"
-    if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, (step, problem), group=run.cpu_group)
-        steps = sorted({s for s, _ in states})
-        if len(steps) > 1:
-            raise TrainingError(f"the ranks are at different steps ({steps}): each rank must read the same "
-                                "--data and settings")
-        failed = [(r, p) for r, (_, p) in enumerate(states) if p]
-    else:
-        failed = [(0, problem)] if problem else []
+    states = gather_objects((step, problem), world, run.cpu_group)
+    steps = sorted({s for s, _ in states})
+    if len(steps) > 1:
+        raise TrainingError(f"the ranks are at different steps ({steps}): each rank must read the same --data and "
+                            "settings")
+    failed = [(r, p) for r, (_, p) in enumerate(states) if p]
     if failed:
         kept = list_checkpoints(run.cfg.out)
         raise TrainingError(f"step {step + 1}: " + "; ".join(f"rank {r} could not load its micro-batch ({p})"
