@@ -5,10 +5,10 @@
         --prompt "What color are the shapes?"
 
 Each step runs the code a LLaVA-1.5-7B run uses:
- 1. data       minillava/synthetic.py draws small scenes (a row of 1-3 identical shapes) and writes them in
-               LLaVA's formats: pretrain.json (captions), instruct.json (conversations, detailed descriptions,
-               reasoning, short-answer VQA, text-only), test.json (short questions about held-out images),
-               and the held-out images as a POPE and a ScienceQA benchmark (bench/).
+ 1. data       synthetic.py (minillava.synthetic, beside this file) draws small scenes (a row of 1-3 identical
+               shapes) and writes them in LLaVA's formats: pretrain.json (captions), instruct.json (conversations,
+               detailed descriptions, reasoning, short-answer VQA, text-only), test.json (short questions about
+               held-out images), and the held-out images as a POPE and a ScienceQA benchmark (bench/).
  2. tokenizer  a LLaMA-like SentencePiece model (unk 0, bos 1, eos 2) trained on that text.
  3. base model a random CLIP-like vision tower and a random LLaMA-like decoder, written as official
                checkpoints in layout C (a CLIP dir and a LLaMA dir), as if they had been downloaded.

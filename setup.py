@@ -8,6 +8,7 @@ of site-packages: Hugging Face's PyPI package `kernels`, which transformers impo
     kernels/   (no __init__.py: see kernels/dispatch.py) -> minillava.kernels
     weights/                          -> minillava.weights
     train.py, generate.py, eval.py, serve.py, demo.py, quantize.py -> minillava.train, minillava.generate, ...
+    synthetic.py (demo.py's dataset, a module, no command)       -> minillava.synthetic
 
 In a checkout (`pip install -e .`) they stay where they are and minillava/__init__.py adds the root to the package's
 search path; `pip install .` copies them into the package.
@@ -19,15 +20,16 @@ from setuptools.command.build_py import build_py
 
 SCRIPTS = {"train": "cli", "generate": "main", "eval": "main", "serve": "main", "demo": "cli",  # module: entry
            "quantize": "cli"}
+MODULES = ("synthetic",)  # the other modules at the root: copied into the package like the scripts, no command
 
 
 class BuildPy(build_py):
-    """The scripts at the root go into the package: <root>/train.py -> minillava/train.py, ..."""
+    """The scripts and modules at the root go into the package: <root>/train.py -> minillava/train.py, ..."""
 
     def run(self):
         super().run()
         if not getattr(self, "editable_mode", False):  # an editable install reads them where they are
-            for name in SCRIPTS:
+            for name in (*SCRIPTS, *MODULES):
                 self.copy_file(f"{name}.py", os.path.join(self.build_lib, "minillava", f"{name}.py"))
 
 

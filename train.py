@@ -12,7 +12,7 @@ by `python train.py --help`.
         --out runs/stage2                        # add --lora 128 for LoRA (merged into the weights on save)
     # 8 GPUs: FSDP2 (one shard unit per decoder block; --ddp for DDP); on CPU the same line runs with gloo
     torchrun --nproc_per_node 8 train.py --stage 2 ...
-    # CPU, seconds: a tiny random LLaVA (layout C) and the synthetic dataset (what demo.py does, larger)
+    # CPU, seconds: a tiny random LLaVA (layout C) and synthetic.py's dataset (what demo.py does, larger)
     python -c "import dataclasses as d; from minillava import synthetic as s; from minillava.config import \
     get_preset; from minillava.weights import write_random_checkpoint as w; \
     p = s.write_dataset('runs/data', n_train=200); c = get_preset('tiny'); \

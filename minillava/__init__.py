@@ -10,9 +10,9 @@ and sampling. It imports `minillava.kernels` and nothing above it: checkpoint fi
     logits = model(input_ids, pixel_values=pixels[None])  # ONE image_token_id per image in input_ids
 
 One name for everything: the repository's kernels/, weights/ and scripts (train.py, generate.py, eval.py, serve.py,
-demo.py, quantize.py) are `minillava.kernels`, `minillava.weights`, `minillava.train`, ... In a checkout they stay
-where they are and the root is one more folder this package's modules are found in (below); an installed copy has
-them inside (setup.py).
+demo.py, quantize.py, and demo.py's synthetic.py) are `minillava.kernels`, `minillava.weights`, `minillava.train`,
+`minillava.synthetic`, ... In a checkout they stay where they are and the root is one more folder this package's
+modules are found in (below); an installed copy has them inside (setup.py).
 """
 import os as _os
 

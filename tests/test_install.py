@@ -78,9 +78,10 @@ def test_console_commands_run_from_anywhere(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="building a wheel needs setuptools")
 def test_a_plain_install_puts_one_name_in_site_packages(tmp_path):
-    """`pip install .` (not editable): the folders and scripts are copied into the one package."""
+    """`pip install .` (not editable): the folders, the scripts and synthetic.py are copied into the one package."""
     source, target = tmp_path / "source", tmp_path / "site"  # built from a copy: nothing is written into the repo
-    for name in ("setup.py", *(f"{s}.py" for s in ("train", "generate", "eval", "serve", "demo", "quantize"))):
+    for name in ("setup.py", *(f"{s}.py" for s in ("train", "generate", "eval", "serve", "demo", "quantize",
+                                                   "synthetic"))):
         (source / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, source / name)
     for folder in ("minillava", "kernels", "weights"):
@@ -91,8 +92,8 @@ def test_a_plain_install_puts_one_name_in_site_packages(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     top = {p.name for p in target.iterdir()} - {"bin"}
     assert {p for p in top if not p.endswith(".dist-info")} == {"minillava"}, top
-    assert {"train.py", "generate.py", "eval.py", "serve.py", "demo.py", "quantize.py", "kernels", "weights"} <= \
-        {p.name for p in (target / "minillava").iterdir()}
+    assert {"train.py", "generate.py", "eval.py", "serve.py", "demo.py", "quantize.py", "synthetic.py", "kernels",
+            "weights"} <= {p.name for p in (target / "minillava").iterdir()}
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", REPORT.format(first="", second="")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -101,3 +102,9 @@ def test_a_plain_install_puts_one_name_in_site_packages(tmp_path):
     assert Path(report["package"]).parent == target / "minillava"
     assert_ours(report)
     assert all(Path(f).is_relative_to(target) for f in report["modules"].values())
+    # synthetic.py (demo.py's dataset, a module beside the scripts, no command) is inside the package too
+    code = "import json, minillava.synthetic as s; print(json.dumps(s.__file__))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Path(json.loads(out.stdout.splitlines()[-1])) == target / "minillava" / "synthetic.py"

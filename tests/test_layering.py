@@ -1,9 +1,11 @@
 """The layers depend one way: minillava.kernels <- minillava (the model package) <- minillava.weights <-
 minillava.generation (the library the scripts answer with: it loads checkpoints) <- the scripts (minillava.train,
-.generate, .eval, .serve, .demo), the benchmarks and the tests. Checked twice: every import
-statement of each layer's files, function-local ones included (a deferred import hides a cycle, it does not remove
-it), and each layer imported alone in a fresh interpreter. Nothing of ours is imported by a top-level name of its
-folder (`kernels`, `weights`, `generate`...): installed, only `minillava` exists (setup.py)."""
+.generate, .eval, .serve, .demo, .quantize, and synthetic.py, the demo's dataset: a helper beside them at the
+root, which imports no script and which, of the scripts, demo.py alone imports), the benchmarks and the tests.
+Checked twice: every import statement of each layer's files, function-local ones included (a deferred import hides
+a cycle, it does not remove it), and each layer imported alone in a fresh interpreter. Nothing of ours is imported
+by a top-level name of its folder or file (`kernels`, `weights`, `generate`, `synthetic`...): installed, only
+`minillava` exists (setup.py)."""
 import ast
 import json
 import subprocess
@@ -12,25 +14,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"train", "generate", "eval", "serve", "demo", "quantize"}
+HELPERS = {"synthetic"}  # modules beside the scripts, for them (demo.py), not commands: the scripts' layer
 FILES = {"kernels": ROOT.glob("kernels/*.py"),
          "minillava": (p for p in ROOT.glob("minillava/*.py") if p.name != "generation.py"),
          "weights": ROOT.glob("weights/*.py"), "generation": [ROOT / "minillava" / "generation.py"],
-         "scripts": (ROOT / f"{s}.py" for s in SCRIPTS)}
+         "scripts": (ROOT / f"{s}.py" for s in SCRIPTS | HELPERS)}
 MAY_IMPORT = {"kernels": set(), "minillava": {"kernels"}, "weights": {"kernels", "minillava"},
               "generation": {"kernels", "minillava", "weights"},
               "scripts": {"kernels", "minillava", "weights", "generation", "scripts"}}
-OLD_NAMES = {"kernels", "weights"} | SCRIPTS  # the folders' and scripts' own names, not import names
+OLD_NAMES = {"kernels", "weights"} | SCRIPTS | HELPERS  # the folders' and root files' own names, not import names
 
 
 def layer(module: str):
-    """'minillava.kernels.rope' -> 'kernels', 'minillava.llama' -> 'minillava', 'minillava.train' -> 'scripts';
-    None for another library's module."""
+    """'minillava.kernels.rope' -> 'kernels', 'minillava.llama' -> 'minillava', 'minillava.train' and
+    'minillava.synthetic' -> 'scripts'; None for another library's module."""
     parts = module.split(".")
     if parts[0] != "minillava":
         return None
     if len(parts) > 1 and parts[1] in ("kernels", "weights", "generation"):
         return parts[1]
-    return "scripts" if len(parts) > 1 and parts[1] in SCRIPTS else "minillava"
+    return "scripts" if len(parts) > 1 and parts[1] in SCRIPTS | HELPERS else "minillava"
 
 
 def imports(path: Path):
@@ -110,8 +113,23 @@ def test_no_cycle_inside_a_package():
 
 def test_no_script_imports_another():
     """The scripts are command lines over the library (minillava.generation for answering), not over each other;
-    demo.py alone runs the others' main(), as a user runs their commands."""
-    for script in sorted(SCRIPTS - {"demo"}):
+    demo.py alone runs the others' main(), as a user runs their commands. A helper (synthetic.py, the demo's
+    dataset) sits at the scripts' level for demo.py's sake: demo.py alone may import it, and it imports the library,
+    never a script or another helper."""
+    for script in sorted((SCRIPTS | HELPERS) - {"demo"}):
         for module, line in imports(ROOT / f"{script}.py"):
             assert layer(module) != "scripts" or module.split(".")[1] == script, \
                 f"{script}.py:{line} imports {module}: use the library (minillava.generation, minillava.weights)"
+
+
+def test_helpers_sit_beside_the_scripts():
+    """synthetic.py is at the root, not in minillava/ (the model package): the name minillava.synthetic reaches it
+    in a checkout through the package's search path (minillava/__init__.py) and installed through setup.py's copy."""
+    for name in HELPERS:
+        assert (ROOT / f"{name}.py").is_file() and not (ROOT / "minillava" / f"{name}.py").exists(), name
+    setup = (ROOT / "setup.py").read_text()
+    assert all(f'"{name}"' in setup for name in HELPERS), "setup.py's build_py must copy the helpers into the package"
+    code = "import json, minillava.synthetic as s; print(json.dumps(s.__file__))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(json.loads(out.stdout)).resolve() == ROOT / "synthetic.py"

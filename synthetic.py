@@ -1,5 +1,9 @@
 """A synthetic visual-instruction dataset in LLaVA's own formats, for the CPU demo and the tests.
 
+It is `minillava.synthetic`, a helper of demo.py at the level of the scripts (synthetic.py sits beside them at the
+repository root; setup.py copies it into the installed package like them): it imports the library
+(minillava.templates) and no script, and of the scripts only demo.py imports it.
+
 Each image is a small scene (default 48x48) on a plain or lightly noisy background: a row of 1-3 identical
 shapes. The canvas is a 3x3 grid; the shapes fill some of the cells of one row, one shape per cell:
 
