@@ -4,7 +4,7 @@
 
 Triton compiles each config for the sm_90a target without a GPU (PTX, then its bundled ptxas, which reports
 registers and spill bytes per thread). A config that spills is slow wherever it runs, so the ones that do are
-listed in kernels/attention.py's SPILLS and the autotuner never tries them. Causal, no padding mask: the
+listed in kernels/flash_attention.py's SPILLS and the autotuner never tries them. Causal, no padding mask: the
 masked variant adds a few registers, not a different tile. One compile takes seconds to minutes (ptxas is
 single-threaded); the table prints as it goes.
 """
@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import minillava.kernels.attention as A  # noqa: E402
+import minillava.kernels.flash_attention as A  # noqa: E402
 
 KERNELS = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
 POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # of the dtype measured

@@ -1,4 +1,4 @@
-"""Triton attention (kernels/attention.py) against attention_reference: output and dq/dk/dv.
+"""Triton attention (kernels/flash_attention.py, flash_decoding.py) against attention_reference: output and dq/dk/dv.
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1): shapes are tiny but
 odd, so that every case spans ragged blocks of the interpreter's 16x16 tiles. GPU-only tests at the end run
@@ -16,8 +16,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # CPU tensors reach Triton only through the interpreter; with TRITON_INTERPRET=0 (the GPU run) these tests skip
 interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests need TRITON_INTERPRET=1")
 
-# the module itself, for its kernels and launchers
+# the modules themselves, for their kernels and launchers
 import minillava.kernels.attention as A
+import minillava.kernels.flash_attention as FA
+import minillava.kernels.flash_decoding as FD
 
 # Tightest per-dtype tolerances that pass (atol, rtol). fp32: the kernels accumulate in fp32 like the reference,
 # only the summation order differs. fp16: the output/gradients are rounded to fp16 (ulp 1e-3 near 1) and the
@@ -313,7 +315,7 @@ def test_gpu_decode_matches_reference(Tk, dtype):
 
 def test_offsets_past_int32_go_to_the_torch_path():
     """The kernels index with int32 offsets: a tensor whose last element lies past 2**31 - 1 is not theirs."""
-    from minillava.kernels.attention import MAX_ELEMENTS, _kernel_supports
+    from minillava.kernels.flash_attention import MAX_ELEMENTS, _kernel_supports
     small = torch.zeros(1, 2, 4, 16)
     assert _kernel_supports(small, small, small)
     far = torch.empty_strided((1, 2, 2, 16), (0, 0, MAX_ELEMENTS, 1), device="meta")  # shape only, no memory
@@ -325,14 +327,14 @@ def test_decode_reuses_its_scratch_and_not_its_outputs():
     """A decode step allocates only its outputs (the partial results' buffers are kept per shape, so the step
     replays in a CUDA graph); a second call must not change the first call's output."""
     q, k, v, _, kpm = _inputs(2, 4, 2, 1, 40, 16, torch.float32, "left")
-    A._DECODE_SCRATCH.clear()
+    FD._DECODE_SCRATCH.clear()
     with torch.no_grad():
         out1, _ = attention_decode(q, k, v, kpm, num_splits=3)
         kept = out1.clone()
-        scratch = [t.data_ptr() for t in next(iter(A._DECODE_SCRATCH.values()))]
+        scratch = [t.data_ptr() for t in next(iter(FD._DECODE_SCRATCH.values()))]
         out2, _ = attention_decode(q, k.flip(2), v.flip(2), kpm.flip(1), num_splits=3)
-    assert len(A._DECODE_SCRATCH) == 1 and scratch == [t.data_ptr() for t in A._DECODE_SCRATCH[
-        next(iter(A._DECODE_SCRATCH))]]
+    assert len(FD._DECODE_SCRATCH) == 1 and scratch == [t.data_ptr() for t in FD._DECODE_SCRATCH[
+        next(iter(FD._DECODE_SCRATCH))]]
     assert torch.equal(out1, kept) and out1.data_ptr() != out2.data_ptr()
     _assert_close(out2, attention_reference(q, k.flip(2), v.flip(2), True, kpm.flip(1)), TOL[torch.float32]["out"],
                   "second decode")
@@ -342,17 +344,17 @@ def test_autotune_key_and_spilling_configs():
     """The tuner keys on the sequence length's bucket too (a prompt length re-tunes only across a power of two
     >= 256), and never tries a config SPILLS lists for the head size."""
     import triton
-    assert [A._t_bucket(t, t) for t in (1, 200, 256, 257, 5000, 10**6)] == [256, 256, 256, 512, 8192, 16384]
-    assert A._t_bucket(1, 3000) == 4096  # decode-like and prefill-like calls alike: the longer side counts
-    assert "T_BUCKET" in A._TUNE_KEY and all("T_BUCKET" in fn.arg_names for fn in
-                                             (A._attn_fwd_kernel, A._attn_bwd_dkdv_kernel, A._attn_bwd_dq_kernel))
+    assert [FA._t_bucket(t, t) for t in (1, 200, 256, 257, 5000, 10**6)] == [256, 256, 256, 512, 8192, 16384]
+    assert FA._t_bucket(1, 3000) == 4096  # decode-like and prefill-like calls alike: the longer side counts
+    assert "T_BUCKET" in FA._TUNE_KEY and all("T_BUCKET" in fn.arg_names for fn in
+                                              (FA._attn_fwd_kernel, FA._attn_bwd_dkdv_kernel, FA._attn_bwd_dq_kernel))
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in
-               A.CONFIGS["fwd"]]
-    for hs, bad in A.SPILLS["fwd"].items():
-        kept = A._no_spills("fwd")(configs, {}, HS=hs)
+               FA.CONFIGS["fwd"]]
+    for hs, bad in FA.SPILLS["fwd"].items():
+        kept = FA._no_spills("fwd")(configs, {}, HS=hs)
         assert len(kept) == len(configs) - len(bad) and not any(
             (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in bad for c in kept)
-    assert A._no_spills("fwd")(configs, {}, HS=16) == configs
+    assert FA._no_spills("fwd")(configs, {}, HS=16) == configs
 
 
 def test_every_kernel_launch_states_its_compile_options():
