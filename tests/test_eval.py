@@ -9,6 +9,9 @@ import sys
 import pytest
 
 from minillava import eval as E
+from minillava.eval_files import BENCHMARKS, SQA_SUFFIX, EvalError, benchmark, questions_for_generate
+from minillava.eval_scores import (evalai_normalize, lmms_eval_yes_no, mmbench_letter, mme_yes_no, pope_yes_no,
+                                   sqa_letter, textvqa_question, vqa_soft_scores)
 
 # ----------------------------------------------------------------------------------------------------------
 # Small benchmark folders in eval.zip's layout
@@ -50,8 +53,8 @@ def pope(tmp_path):
 
 
 def test_pope_reads_answers_as_eval_pope(pope):
-    assert [E.pope_yes_no(t) for t in ["No, there is not", "Yes, no doubt", "Nope", "I cannot say.", "nothing",
-                                       "Yes. No.", "no."]] == ["no", "no", "yes", "yes", "yes", "yes", "no"]
+    assert [pope_yes_no(t) for t in ["No, there is not", "Yes, no doubt", "Nope", "I cannot say.", "nothing",
+                                     "Yes. No.", "no."]] == ["no", "no", "yes", "yes", "yes", "yes", "no"]
     data, pairs = pope
     r = E.score("pope", str(data), answers_file(data / "a.jsonl", pairs))
     m = r["metrics"]
@@ -96,11 +99,11 @@ def test_bad_answers_are_named(pope, tmp_path):
     path = answers_file(data / "a.jsonl", pairs)
     with open(path, "a") as f:
         f.write("{not json\n")
-    with pytest.raises(E.EvalError, match=r"a.jsonl:12: not JSON"):
+    with pytest.raises(EvalError, match=r"a.jsonl:12: not JSON"):
         E.score("pope", str(data), path)
     other = answers_file(data / "b.jsonl", [({"question_id": "20968379", "text": "Is it red?"}, "yes")])
-    with pytest.raises(E.EvalError, match=r"1 answer\(s\) to questions pope does not have \(first: '20968379' on "
-                                          r"line 1\); is it the answers file of another benchmark"):
+    with pytest.raises(EvalError, match=r"1 answer\(s\) to questions pope does not have \(first: '20968379' on "
+                                        r"line 1\); is it the answers file of another benchmark"):
         E.score("pope", str(data), other)
     (data / "coco" / "coco_pope_random.json").unlink()
     assert E.main(["score", "pope", "--data", str(data), "--answers", path]) == 1
@@ -121,7 +124,7 @@ def test_sqa_letters_as_eval_science_qa():
     cases = {"B": "B", "B.": "FAILED", "B. Because": "B", "The answer is C.": "C", "The answer is C!": "C",
              "The answer is C": "FAILED", "The answer is A. The answer is B.": "FAILED", "F": "FAILED",
              "b": "FAILED", "FAILED": "FAILED", "The answer is F.": "F"}
-    assert {t: E.sqa_letter(t) for t in cases} == cases
+    assert {t: sqa_letter(t) for t in cases} == cases
 
 
 def test_sqa_scores_img_accuracy(tmp_path):
@@ -139,9 +142,9 @@ def test_sqa_scores_img_accuracy(tmp_path):
         if "image" not in r:
             r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<image>\n", "")
     (tmp_path / "llava_test_CQM-A.json").write_text(json.dumps(records))
-    qs = E.questions_for_generate(E.BENCHMARKS["sqa"], str(tmp_path))
-    assert qs[0]["text"] == "<image>\nQuestion 1?\nOptions: ...\n" + E.SQA_SUFFIX and qs[0]["image"] == "i.png"
-    assert qs[2]["text"] == "Question 3?\nOptions: ...\n" + E.SQA_SUFFIX and "image" not in qs[2]
+    qs = questions_for_generate(BENCHMARKS["sqa"], str(tmp_path))
+    assert qs[0]["text"] == "<image>\nQuestion 1?\nOptions: ...\n" + SQA_SUFFIX and qs[0]["image"] == "i.png"
+    assert qs[2]["text"] == "Question 3?\nOptions: ...\n" + SQA_SUFFIX and "image" not in qs[2]
     # 1 right (B), 2 right (A), 3 (text) right, 4 wrong (C: past its 2 choices), 5 unanswered: FAILED, and counted
     # as a text question, as the original does (its prompt is "Unknown")
     path = answers_file(tmp_path / "a.jsonl", [(qs[0], "B"), (qs[1], "The answer is A."), (qs[2], "A"),
@@ -163,11 +166,11 @@ def test_sqa_scores_img_accuracy(tmp_path):
     ("e.g. this", "eg this"), ("." * 40, "." * 8), ("somebody'd", "somebodyd"), ("(a) b", "b"),
 ])
 def test_evalai_normalization(raw, normalized):
-    assert E.evalai_normalize(raw) == normalized
+    assert evalai_normalize(raw) == normalized
 
 
 def test_vqa_soft_accuracy():
-    s = E.vqa_soft_scores(["two"] * 3 + ["2"] + ["three"] * 2 + ["four"] + ["five"] * 3)
+    s = vqa_soft_scores(["two"] * 3 + ["2"] + ["three"] * 2 + ["four"] + ["five"] * 3)
     assert s["2"] == 1.0  # 4 annotators: at least 3 others agree with it in every leave-one-out
     assert s["3"] == pytest.approx((8 * 2 / 3 + 2 * 1 / 3) / 10)
     assert s["4"] == pytest.approx(9 * (1 / 3) / 10)
@@ -175,13 +178,13 @@ def test_vqa_soft_accuracy():
 
 
 def test_textvqa_prompt_shapes():
-    assert E.textvqa_question("What is it?\nReference OCR token: a, b\nAnswer the question using a single word "
-                              "or phrase.") == "what is it?"
-    assert E.textvqa_question("Reference OCR token: a\nWhat Is It?\nAnswer.") == "what is it?"
-    assert E.textvqa_question("OCR tokens: x y Question: Who? Short answer:") == "who?"
-    assert E.textvqa_question("What?\nAnswer briefly.") == "what?"
-    with pytest.raises(E.EvalError, match="three shapes"):
-        E.textvqa_question("one line")
+    assert textvqa_question("What is it?\nReference OCR token: a, b\nAnswer the question using a single word "
+                            "or phrase.") == "what is it?"
+    assert textvqa_question("Reference OCR token: a\nWhat Is It?\nAnswer.") == "what is it?"
+    assert textvqa_question("OCR tokens: x y Question: Who? Short answer:") == "who?"
+    assert textvqa_question("What?\nAnswer briefly.") == "what?"
+    with pytest.raises(EvalError, match="three shapes"):
+        textvqa_question("one line")
 
 
 def test_textvqa_scores_by_image_and_question(tmp_path):
@@ -242,7 +245,7 @@ def test_mme(tmp_path):
     write_jsonl(tmp_path / "llava_mme.jsonl", qs)
     path = answers_file(tmp_path / "a.jsonl", [(qs[0], "Yes"), (qs[1], "No, it is not."), (qs[2], "yes"),
                                                 (qs[3], "Sure"), (qs[4], "Yes"), (qs[5], "Not at all")])
-    assert [E.mme_yes_no(t) for t in ["Yes", "No, it is not.", "Sure", "Not at all", "I say yes"]] == \
+    assert [mme_yes_no(t) for t in ["Yes", "No, it is not.", "Sure", "Not at all", "I say yes"]] == \
         ["yes", "no", "other", "no", "other"]
     m = E.score("mme", str(tmp_path), path)["metrics"]
     assert m["existence"] == {"accuracy": 75.0, "accuracy_plus": 50.0, "score": 125.0}
@@ -351,13 +354,13 @@ def test_vqav2_and_vizwiz_submissions(tmp_path):
     assert json.load(open(vq / "up" / "submission.json")) == [  # every test2015 question, in its file's order
         {"question_id": 0, "answer": ""}, {"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": ""},
         {"question_id": 3, "answer": "2 dogs"}, {"question_id": 4, "answer": ""}]
-    with pytest.raises(E.EvalError, match="--output-submission"):
+    with pytest.raises(EvalError, match="--output-submission"):
         E.score("vqav2", str(vq), path)
     vw = tmp_path / "vizwiz"
     qs = [{"question_id": i, "image": f"VizWiz_test_{i}.jpg", "text": f"Q{i}?"} for i in range(2)]
     write_jsonl(vw / "llava_test.jsonl", qs)
     path = answers_file(vw / "a.jsonl", [(qs[0], "A can of soup.")])
-    with pytest.raises(E.EvalError, match="1 question\\(s\\) have no answer"):
+    with pytest.raises(EvalError, match="1 question\\(s\\) have no answer"):
         E.score("vizwiz", str(vw), path, str(vw / "s.json"))
     path = answers_file(vw / "a.jsonl", [(qs[0], "A can of soup."), (qs[1], "unanswerable")])
     E.score("vizwiz", str(vw), path, str(vw / "s.json"))
@@ -407,17 +410,17 @@ MMB_ROWS = [  # question 7 and its circular copy (the options rotated by one, as
 
 def test_mmbench_prompts_as_model_vqa_mmbench(tmp_path):
     data = write_mmbench(tmp_path, MMB_ROWS)
-    qs = E.questions_for_generate(E.BENCHMARKS["mmbench"], data)
+    qs = questions_for_generate(BENCHMARKS["mmbench"], data)
     assert [q["text"] for q in qs] == [
-        "What is it?\nA. cat\nB. dog\nC. bird\nD. fish\n" + E.SQA_SUFFIX,
-        "What is it?\nA. dog\nB. bird\nC. fish\nD. cat\n" + E.SQA_SUFFIX,
-        "Look at the car.\nWhich colour?\nA. red\n" + E.SQA_SUFFIX]
+        "What is it?\nA. cat\nB. dog\nC. bird\nD. fish\n" + SQA_SUFFIX,
+        "What is it?\nA. dog\nB. bird\nC. fish\nD. cat\n" + SQA_SUFFIX,
+        "Look at the car.\nWhich colour?\nA. red\n" + SQA_SUFFIX]
     assert [q["question_id"] for q in qs] == [7, 1000007, 8] and qs[0]["image"] == "7"
-    rounds = E.questions_for_generate(E.BENCHMARKS["mmbench"], data, all_rounds=True)
+    rounds = questions_for_generate(BENCHMARKS["mmbench"], data, all_rounds=True)
     assert len(rounds) == 4 + 4 + 1
     assert rounds[1]["text"] == qs[1]["text"] and rounds[1]["option_char"] == ["B", "C", "D", "A"]
     cn = write_mmbench(tmp_path / "cn", MMB_ROWS[:1], "mmbench_dev_cn_20231003.tsv")
-    assert E.questions_for_generate(E.BENCHMARKS["mmbench_cn"], cn)[0]["text"].endswith("\n请直接回答选项字母。")
+    assert questions_for_generate(BENCHMARKS["mmbench_cn"], cn)[0]["text"].endswith("\n请直接回答选项字母。")
 
 
 @pytest.mark.parametrize("text, letter", [
@@ -427,13 +430,13 @@ def test_mmbench_prompts_as_model_vqa_mmbench(tmp_path):
     ("A dog or a cat, maybe", None),  # ... and two options' texts match: unmatched
     ("It is a fish", "D"), ("Z", "Z"), ("", None)])
 def test_mmbench_letter_as_vlmevalkit(text, letter):
-    assert E.mmbench_letter(text, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) == letter
+    assert mmbench_letter(text, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) == letter
 
 
 def test_mmbench_circular_score_and_submission(tmp_path):
     openpyxl = pytest.importorskip("openpyxl")  # an independent reader of the .xlsx (the `parity` extra)
     data = write_mmbench(tmp_path, MMB_ROWS)
-    qs = E.questions_for_generate(E.BENCHMARKS["mmbench"], data)
+    qs = questions_for_generate(BENCHMARKS["mmbench"], data)
     path = answers_file(tmp_path / "a.jsonl", [(qs[0], "B"), (qs[1], "A dog and a bird"), (qs[2], "A")])
     r = E.score("mmbench", data, path, str(tmp_path / "up.xlsx"))
     m = r["metrics"]  # 7: the copy's answer names two options' texts -> unmatched -> wrong -> 7 is wrong
@@ -448,7 +451,7 @@ def test_mmbench_circular_score_and_submission(tmp_path):
     assert rows[1] == [7, "What is it?", "cat", "dog", "bird", "fish", "B", "B", "dev"]
     assert rows[3] == [8, "Which colour?", "red", None, "blue", None, "A", "A", "dev"]  # "None" is NaN to pandas
     # with the options rotated (--all-rounds), scoring finds the rounds by itself; every round must be right
-    rounds = E.questions_for_generate(E.BENCHMARKS["mmbench"], data, all_rounds=True)
+    rounds = questions_for_generate(BENCHMARKS["mmbench"], data, all_rounds=True)
     right = {7: "B", 1000007: "A", 8: "A"}
     pairs = [(q, "ABCD"[q["option_char"].index(right[q["question_id"]])]) for q in rounds]
     assert E.score("mmbench", data, answers_file(tmp_path / "r.jsonl", pairs))["metrics"]["lines"] == 9
@@ -460,9 +463,9 @@ def test_mmbench_circular_score_and_submission(tmp_path):
 def test_mmbench_test_split_goes_to_the_server(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "answer"} for r in MMB_ROWS]
     data = write_mmbench(tmp_path, rows, "mmbench_test_20230712.tsv")
-    qs = E.questions_for_generate(E.benchmark("mmbench", "mmbench_test_20230712.tsv"), data)
+    qs = questions_for_generate(benchmark("mmbench", "mmbench_test_20230712.tsv"), data)
     path = answers_file(tmp_path / "a.jsonl", [(q, "A") for q in qs])
-    with pytest.raises(E.EvalError, match="scored by its server"):
+    with pytest.raises(EvalError, match="scored by its server"):
         E.score("mmbench", data, path, question_file="mmbench_test_20230712.tsv")
     r = E.score("mmbench", data, path, str(tmp_path / "s.xlsx"), question_file="mmbench_test_20230712.tsv")
     assert r["metrics"]["headline"] is None and r["metrics"]["answered"] == 3
@@ -470,12 +473,12 @@ def test_mmbench_test_split_goes_to_the_server(tmp_path):
 
 def test_mmbench_bad_tsv_is_named(tmp_path):
     data = write_mmbench(tmp_path, [dict(MMB_ROWS[0], index="seven")])
-    with pytest.raises(E.EvalError, match=r"mmbench_dev_20230712.tsv:2: index 'seven'"):
-        E.questions_for_generate(E.BENCHMARKS["mmbench"], data)
+    with pytest.raises(EvalError, match=r"mmbench_dev_20230712.tsv:2: index 'seven'"):
+        questions_for_generate(BENCHMARKS["mmbench"], data)
     with open(tmp_path / "mmbench_dev_20230712.tsv", "w") as f:
         f.write("index\tquestion\n1\tQ?\n")
-    with pytest.raises(E.EvalError, match="no column\\(s\\) hint, A, B, image"):
-        E.questions_for_generate(E.BENCHMARKS["mmbench"], data)
+    with pytest.raises(EvalError, match="no column\\(s\\) hint, A, B, image"):
+        questions_for_generate(BENCHMARKS["mmbench"], data)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -486,7 +489,7 @@ def test_lmms_eval_protocol_scoring(pope, tmp_path):
     path = answers_file(data / "a.jsonl", pairs)
     r = E.score("pope", str(data), path, protocol="lmms-eval")
     m = r["metrics"]  # exact yes/no, pooled: "Yes, there is a dog." is neither, so it is wrong
-    exact = [E.lmms_eval_yes_no(t) for _, t in pairs]
+    exact = [lmms_eval_yes_no(t) for _, t in pairs]
     labels = [label for rows in POPE_ANSWERS.values() for label, _ in rows]
     assert exact == ["other", "other", "other", "other", "other", "yes", "other", "other", "other", "yes", "no"]
     assert m["accuracy"] == m["pooled"]["accuracy"] == pytest.approx(300 / 11)
@@ -497,9 +500,9 @@ def test_lmms_eval_protocol_scoring(pope, tmp_path):
     tv = tmp_path / "textvqa"
     text = "what is written?\nReference OCR token: STOP, sign\nAnswer the question using a single word or phrase."
     write_jsonl(tv / "llava_textvqa_val_v051_ocr.jsonl", [{"question_id": 1, "image": "1.jpg", "text": text}])
-    q = E.questions_for_generate(E.BENCHMARKS["textvqa"], str(tv), protocol="lmms-eval")[0]
+    q = questions_for_generate(BENCHMARKS["textvqa"], str(tv), protocol="lmms-eval")[0]
     assert q["text"] == "what is written?\nAnswer the question using a single word or phrase."
-    assert E.textvqa_question(q["text"]) == "what is written?"
+    assert textvqa_question(q["text"]) == "what is written?"
 
 
 def test_run_mmbench_decodes_its_images_and_lmms_eval_does_not_pad(tiny_pope, tmp_path, monkeypatch):
@@ -548,6 +551,6 @@ def test_run_on_a_llava_1_6_checkpoint_with_its_template(tiny_pope, tmp_path):
     questions = [json.loads(line) for line in open(data / "llava_pope_test.jsonl")]
     model, tok = generation.load(ckpt)
     expected = generation.answer(model, tok, [(str(data / "val2014" / q["image"]), q["text"]) for q in questions],
-                               template="mistral_instruct", max_new_tokens=E.BENCHMARKS["pope"].max_new_tokens)
+                               template="mistral_instruct", max_new_tokens=BENCHMARKS["pope"].max_new_tokens)
     assert [lines[q["question_id"]] for q in questions] == expected
     assert "f1" in json.load(open(tmp_path / "o" / "metrics.json"))["metrics"]

@@ -196,7 +196,7 @@ def test_tokenizer_equals_slow_llama_tokenizer(tokenizers):
 def test_evalai_normalization_equals_m4c_evaluator():
     import random
 
-    from minillava import eval as E
+    from minillava.eval_scores import evalai_normalize
     from llava.eval.m4c_evaluator import EvalAIAnswerProcessor
     original = EvalAIAnswerProcessor()
     rng = random.Random(0)
@@ -204,8 +204,8 @@ def test_evalai_normalization_equals_m4c_evaluator():
              "/", "\n", "\t", "  ", "e.g.", "3.5", "Yes", "somebody'd", "ten", "...", ";", "'", "x"]
     for _ in range(3000):
         text = "".join(rng.choice(atoms) + rng.choice(["", " "]) for _ in range(rng.randint(0, 8)))
-        assert E.evalai_normalize(text) == original(text), repr(text)
-    assert E.evalai_normalize("." * 40) == original("." * 40)
+        assert evalai_normalize(text) == original(text), repr(text)
+    assert evalai_normalize("." * 40) == original("." * 40)
 
 
 def test_pope_sqa_textvqa_scores_equal_the_original_scripts(tmp_path, capsys):
@@ -215,6 +215,7 @@ def test_pope_sqa_textvqa_scores_equal_the_original_scripts(tmp_path, capsys):
     import sys
 
     from minillava import eval as E
+    from minillava.eval_files import BENCHMARKS, questions_for_generate
     from llava.eval import eval_pope, eval_textvqa
     from tests import test_eval as T
 
@@ -249,7 +250,7 @@ def test_pope_sqa_textvqa_scores_equal_the_original_scripts(tmp_path, capsys):
     recs = [{"id": pid, "conversations": [{"from": "human", "value": f"Q{pid}?"}, {"from": "gpt", "value": "A"}],
              **({"image": "i.png"} if int(pid) % 3 else {})} for pid in problems]
     (sqa / "llava_test_CQM-A.json").write_text(json.dumps(recs))
-    qs = E.questions_for_generate(E.BENCHMARKS["sqa"], str(sqa))
+    qs = questions_for_generate(BENCHMARKS["sqa"], str(sqa))
     texts = ["A", "B", "The answer is A.", "B. yes", "C", "The answer is B. The answer is B.", "b"]  # 8th missing
     path = T.answers_file(sqa / "a.jsonl", list(zip(qs, texts)))
     m = E.score("sqa", str(sqa), path)["metrics"]
@@ -284,6 +285,7 @@ def test_mmbench_prompts_and_submission_equal_the_originals(tmp_path, monkeypatc
     from llava.eval import model_vqa_mmbench as original
 
     from minillava import eval as E
+    from minillava.eval_files import BENCHMARKS, questions_for_generate
     from tests import test_eval as T
 
     data = T.write_mmbench(tmp_path, T.MMB_ROWS)
@@ -308,7 +310,7 @@ def test_mmbench_prompts_and_submission_equal_the_originals(tmp_path, monkeypatc
                                  conv_mode="vicuna_v1", all_rounds=True, single_pred_prompt=True, lang="en",
                                  temperature=0, top_p=None, num_beams=1)
     original.eval_model(args)
-    ours = E.questions_for_generate(E.BENCHMARKS["mmbench"], data, all_rounds=True)
+    ours = questions_for_generate(BENCHMARKS["mmbench"], data, all_rounds=True)
     assert prompts == [build_prompt([("human", "<image>\n" + q["text"])], "vicuna_v1") for q in ours]
     theirs = [json.loads(line) for line in open(tmp_path / "original.jsonl")]
     assert [(a["question_id"], a["prompt"], a["option_char"]) for a in theirs] == \
