@@ -262,11 +262,10 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         sizes = [size for _, size in images]
-        L = cfg.llm_length(ids, sizes)
-        if L + (limit or 1) > S:
-            raise APIError(400, f"the prompt takes {L} positions ({len(images)} image(s): {L - len(ids) + len(images)})"
-                                f"{f' and {limit_field} is {limit}' if limit else ''}: {L + (limit or 1)} > the "
-                                f"context of {S}", "messages", "context_length_exceeded")
+        try:  # room for the prompt and at least one answer token in the engine's slot
+            L = cfg.check_fits(ids, sizes, room=S, answer=limit or 1, answer_name=limit_field if limit else "")
+        except ValueError as e:
+            raise APIError(400, str(e), "messages", "context_length_exceeded") from None
         # (N_tiles, 3, S, S) at the tower's size, as the checkpoint prepares images (image.model_pixels)
         pixels = torch.cat([p for p, _ in images]) if images else None
         reply = generation.Reply(self.tokenizer, stop_strings(self.cfg.template) + stops)

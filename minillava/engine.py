@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from minillava.llama import CacheWrite
+from minillava.llama import DecodeWrite, PrefillWrite
 from minillava.sampling import check_settings, sample
 
 
@@ -52,6 +52,17 @@ class Request:
         check_settings(self.temperature, self.top_k, self.top_p)
         if self.max_new_tokens < 1:
             raise ValueError(f"need max_new_tokens >= 1; got {self.max_new_tokens}")
+
+
+@dataclass
+class Slot:
+    """One row of the KV cache: the request running there, and what the row holds."""
+    request: Request = None  # None: the slot is free
+    length: int = 0  # positions filled
+    ids: list = field(default_factory=list)  # the ids cached there, kept after the request ends (for reuse)
+    images: list = field(default_factory=list)  # their images [(pixels (n_tiles, 3, S, S), size (h, w) or None)]
+    next_token: int = 0  # the id it feeds at the next decode step
+    generator: torch.Generator = None  # the request's own seeded generator (None: torch's global one)
 
 
 @dataclass
@@ -99,13 +110,7 @@ class Engine:
         V = lm.cfg.vocab_size
         self.banned = torch.tensor([i for i in {cfg.image_token_id, cfg.pad_token_id} if 0 <= i < V],
                                    dtype=torch.long, device=self.device)
-        # what each slot holds: its request (None: free), positions filled, the ids and images cached there
-        self.running = [None] * slots
-        self.length = [0] * slots
-        self.cached = [[] for _ in range(slots)]
-        self.cached_images = [[] for _ in range(slots)]  # [(pixels (n_tiles, 3, S, S), size)] per image
-        self.next_token = [0] * slots
-        self.generators = [None] * slots
+        self.state = [Slot() for _ in range(slots)]
         # the decode step's inputs: the same tensors every step (a CUDA graph replays on fixed addresses)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -116,6 +121,11 @@ class Engine:
             step = torch.compile(step, mode="reduce-overhead" if self.device.type == "cuda" else None,
                                  fullgraph=True)
         self._step = step
+
+    @property
+    def running(self) -> list:
+        """Each slot's running request (None: free)."""
+        return [st.request for st in self.state]
 
     def _own_cache(self):
         """The model's layers hold one cache at a time: put this engine's back if another engine replaced it."""
@@ -135,11 +145,7 @@ class Engine:
             raise ValueError(f"the prompt holds {n_img} image id(s) but {n_pix} image(s) were given")
         if not req.ids:
             raise ValueError("empty prompt")
-        L = self.cfg.llm_length(req.ids, req.image_sizes)
-        if L > self.S:
-            raise ValueError(f"the prompt takes {L} positions ({len(req.ids) - n_img} text ids + {n_img} image(s): "
-                             f"{L - len(req.ids) + n_img}), {L - self.S} more than the KV cache's {self.S} per "
-                             f"sequence")
+        self.cfg.check_fits(req.ids, req.image_sizes, room=self.S, room_name="the KV cache's")
 
     def _images(self, req: Request) -> list:
         """The request's images as [(pixels (n_tiles, 3, S, S), size (h, w) or None)], checked against its sizes."""
@@ -156,11 +162,11 @@ class Engine:
 
     def _shared_prefix(self, slot: int, req: Request) -> int:
         """How many leading ids of the request the slot already holds (images compared by their pixels)."""
-        ids, cached, images = req.ids, self.cached[slot], self._images(req)
+        ids, cached, images = req.ids, self.state[slot].ids, self._images(req)
         keep, img, n_img = 0, self.cfg.image_token_id, 0
         while keep < min(len(ids), len(cached)) and ids[keep] == cached[keep]:
             if ids[keep] == img:
-                (pix, size), (cached_pix, cached_size) = images[n_img], self.cached_images[slot][n_img]
+                (pix, size), (cached_pix, cached_size) = images[n_img], self.state[slot].images[n_img]
                 if size != cached_size or not torch.equal(pix, cached_pix):
                     break
                 n_img += 1
@@ -173,11 +179,12 @@ class Engine:
         that feed chosen tokens.)"""
         t0 = time.perf_counter()
         self._own_cache()
+        st = self.state[slot]
         keep = self._shared_prefix(slot, req)
         start = self.cfg.llm_length(req.ids[:keep], req.image_sizes)
         n_kept_img = req.ids[:keep].count(self.cfg.image_token_id)
         new = torch.tensor([req.ids[keep:]], device=self.device)  # (1, T)
-        self.cached[slot] = self.cached[slot][:keep]  # what stays valid should the forward below fail midway
+        st.ids = st.ids[:keep]  # what stays valid should the forward below fail midway
         images = self._images(req)
         pixels, sizes = None, None
         if len(images) > n_kept_img:
@@ -189,12 +196,10 @@ class Engine:
             L = embeds.shape[1]
             positions = torch.arange(start, start + L, device=self.device)[None]  # (1, L)
             lm = self.model.language_model
-            hidden = lm.model(embeds, positions, cache=CacheWrite(slot, start))  # causal from the cached prefix
+            hidden = lm.model(embeds, positions, cache=PrefillWrite(slot, start))  # causal from the cached prefix
             logits = lm.lm_head(hidden[:, -1])  # (1, V)
-        self.running[slot], self.length[slot] = req, start + L
-        self.cached[slot], self.cached_images[slot] = list(req.ids), images
-        self.generators[slot] = (None if req.seed is None
-                                 else torch.Generator(self.device).manual_seed(req.seed))
+        st.request, st.length, st.ids, st.images = req, start + L, list(req.ids), images
+        st.generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
         req.out, req.finish_reason = [], None
         _sync(self.device)
         self.stats.prefill_tokens += L
@@ -222,7 +227,7 @@ class Engine:
         """Check the request, prefill it into the free slot that holds the longest prefix of it, and sample its
         first id: it runs in the next step (or has ended already, e.g. at once on EOS)."""
         self.check(req)
-        free = [s for s in range(self.slots) if self.running[s] is None]
+        free = [s for s in range(self.slots) if self.state[s].request is None]
         if not free:
             raise RuntimeError("no free slot: admit a request when `has_free_slot`")
         slot = max(free, key=lambda s: (self._shared_prefix(s, req), -s))
@@ -231,26 +236,26 @@ class Engine:
 
     @property
     def has_free_slot(self) -> bool:
-        return None in self.running
+        return any(st.request is None for st in self.state)
 
     @property
     def busy(self) -> bool:
-        return any(r is not None for r in self.running)
+        return any(st.request is not None for st in self.state)
 
     def cancel(self, req: Request):
         """End a running request now (its client went away): finish_reason "abort", its slot free."""
         for s in range(self.slots):
-            if self.running[s] is req:
+            if self.state[s].request is req:
                 self._finish(s, "abort")
 
     # --- one token per slot -------------------------------------------------------------------------------
     def _decode_step(self, tokens, positions, kv_len: int, all_visible: bool = False):
         """tokens (slots,) at positions (slots,) -> logits (slots, V). Every slot's token is written at its own
         position and attends to its own positions <= that one, reading keys [0, kv_len) (all of them, with no mask,
-        when all_visible: see CacheWrite)."""
+        when all_visible: see DecodeWrite)."""
         lm = self.model.language_model
         x = lm.model.embed_tokens(tokens[:, None])  # (slots, 1, C)
-        hidden = lm.model(x, positions[:, None], cache=CacheWrite(None, positions, kv_len, all_visible))
+        hidden = lm.model(x, positions[:, None], cache=DecodeWrite(positions, kv_len, all_visible))
         return lm.lm_head(hidden[:, 0])  # (slots, V)
 
     def _kv_len(self) -> tuple[int, bool]:
@@ -261,7 +266,7 @@ class Engine:
         step guarantees the last bit of a logit whatever the neighbours. The tests find the greedy ids equal.)"""
         if self.compiled:
             return self.S, False
-        ends = [self.length[s] + 1 if self.running[s] is not None else 0 for s in range(self.slots)]
+        ends = [st.length + 1 if st.request is not None else 0 for st in self.state]
         return max(ends), min(ends) == max(ends)
 
     def _sample(self, logits, slots) -> list:
@@ -269,29 +274,31 @@ class Engine:
         logits = logits.index_fill(-1, self.banned, float("-inf"))
         tokens = logits.argmax(-1)  # (n,) greedy rows
         for i, s in enumerate(slots):
-            r = self.running[s]
+            st = self.state[s]
+            r = st.request
             if r.temperature > 0:
-                tokens[i] = sample(logits[i:i + 1], r.temperature, r.top_k, r.top_p, self.generators[s])[0]
+                tokens[i] = sample(logits[i:i + 1], r.temperature, r.top_k, r.top_p, st.generator)[0]
         return tokens.tolist()  # the step's one host sync
 
     def _accept(self, slot: int, token: int):
         """The slot's request sampled `token`: keep it, and end the request or feed the token next step."""
-        req = self.running[slot]
+        st = self.state[slot]
+        req = st.request
         if token in req.stop_ids:
             return self._finish(slot, "stop")
         req.out.append(token)
         if req.on_token is not None and req.on_token(req.out):
             return self._finish(slot, "stop")
-        if len(req.out) >= req.max_new_tokens or self.length[slot] >= self.S:
+        if len(req.out) >= req.max_new_tokens or st.length >= self.S:
             return self._finish(slot, "length")
-        self.next_token[slot] = token
+        st.next_token = token
 
     def _finish(self, slot: int, reason: str):
-        req = self.running[slot]
+        st = self.state[slot]
+        req = st.request
         req.finish_reason = reason
-        n_fed = self.length[slot] - self.cfg.llm_length(req.ids, req.image_sizes)  # the last sampled id: not fed
-        self.cached[slot] = req.ids + req.out[:n_fed]
-        self.running[slot] = None
+        n_fed = st.length - self.cfg.llm_length(req.ids, req.image_sizes)  # the last sampled id: not fed
+        st.ids, st.request = req.ids + req.out[:n_fed], None
         if req.on_finish is not None and reason != "abort":
             req.on_finish(req)
 
@@ -300,20 +307,20 @@ class Engine:
         position) -> logits (len(tokens), V), rows in the order of `tokens`. Public like prefill."""
         self._own_cache()
         ids = [tokens.get(s, 0) for s in range(self.slots)]
-        positions = [self.length[s] if s in tokens else self.S for s in range(self.slots)]  # idle: scratch
+        positions = [self.state[s].length if s in tokens else self.S for s in range(self.slots)]  # idle: scratch
         self.tokens.copy_(torch.tensor(ids), non_blocking=True)
         self.positions.copy_(torch.tensor(positions), non_blocking=True)
         with torch.inference_mode():
             logits = self._step(self.tokens, self.positions, *self._kv_len())  # (slots, V)
         for s in tokens:
-            self.length[s] += 1
+            self.state[s].length += 1
         return logits[list(tokens)]
 
     def step(self):
         """One decode step for every running request."""
         t0 = time.perf_counter()
-        active = [s for s in range(self.slots) if self.running[s] is not None]
-        new = self._sample(self.decode({s: self.next_token[s] for s in active}), active)
+        active = [s for s in range(self.slots) if self.state[s].request is not None]
+        new = self._sample(self.decode({s: self.state[s].next_token for s in active}), active)
         if self.compiled and self.stats.decode_steps == 0:
             self.stats.compile_s = time.perf_counter() - t0
         self.stats.decode_steps += 1
@@ -331,7 +338,7 @@ class Engine:
             self._serve(pending, served)
         except BaseException:  # a bad request, Ctrl-C: the others end here; the slots keep what they hold
             for s in range(self.slots):
-                if self.running[s] is not None:
+                if self.state[s].request is not None:
                     self._finish(s, "abort")
             raise
         return served

@@ -132,19 +132,8 @@ def with_image_placeholder(question: str, n_images: int) -> str:
 def prompt_ids(history, tokenizer, config, template, image_sizes=()) -> list[int]:
     """Token ids of the generation prompt for `history` [(role, text)], checked against the context length."""
     ids = tokenize_with_images(build_prompt(history, template), tokenizer, config.image_token_id)
-    check_fits(ids, config, image_sizes)
+    config.check_fits(ids, image_sizes)
     return ids
-
-
-def check_fits(ids, config, image_sizes=()):
-    """The prompt, each image id counted as its LLM positions, must fit the context. (The answer is then cut
-    where the context ends, as in the original code.)"""
-    n_img = ids.count(config.image_token_id)
-    L = config.llm_length(ids, image_sizes)
-    context = config.text.context_length
-    if L > context:
-        raise ValueError(f"the prompt is {L} tokens ({len(ids) - n_img} text + {n_img} image(s): "
-                         f"{L - len(ids) + n_img}), {L - context} more than the context of {context}")
 
 
 class Reply:

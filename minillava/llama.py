@@ -36,23 +36,33 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
 
 
 @dataclass
-class CacheWrite:
-    """Where a forward's new keys and values go in the KV cache, and which cached keys it reads.
+class PrefillWrite:
+    """One sequence's T new tokens (B == 1) go to positions [start, start + T) of cache row `slot` and attend to
+    its positions [0, start + T): a prompt, or the part of one that the slot does not hold yet (a later chat turn)."""
+    slot: int
+    start: int
 
-    slot an int: the T tokens of that one sequence go to positions [start, start + T) and attend to [0, start + T)
-    (prefill, or a later chat turn); start is an int. slot None: one token for every slot at once (a decode step);
-    start (slots,) holds each slot's length, where its token goes; every slot reads keys [0, kv_len) under the mask
-    key j <= start. kv_len is the same for every step of a compiled engine (S_max), so the step has one shape.
-    all_visible: the caller knows that every slot's start is kv_len - 1 (e.g. one sequence at its exact length), so
-    there is no mask to build or apply."""
-    slot: int | None
-    start: int | torch.Tensor
-    kv_len: int = 0
+    def write(self, cache: "KVCache", k, v):
+        return cache.write_prefill(self.slot, self.start, k, v)
+
+
+@dataclass
+class DecodeWrite:
+    """One token for every slot at once (B == slots, T == 1): slot b's goes to its own position start[b] (its length
+    so far). Every slot reads keys [0, kv_len) under the mask key j <= start[b]; kv_len is the same for every step
+    of a compiled engine (S_max), so the step has one shape. all_visible: the caller knows that every slot's start
+    is kv_len - 1 (e.g. one sequence at its exact length), so there is no mask to build or apply."""
+    start: torch.Tensor
+    kv_len: int
     all_visible: bool = False
+
+    def write(self, cache: "KVCache", k, v):
+        return cache.write_decode(self.start, self.kv_len, self.all_visible, k, v)
 
 
 class KVCache(nn.Module):
-    """A preallocated (slots, n_kv, S_max, hs) key/value buffer: one row per sequence the engine serves."""
+    """A preallocated (slots, n_kv, S_max, hs) key/value buffer: one row per sequence the engine serves. Its two
+    writes return the keys, values to attend to and each sequence's number of keys (None: it sees all of them)."""
 
     def __init__(self, slots, n_kv, max_seq_len, head_dim, dtype, device):
         super().__init__()
@@ -60,19 +70,21 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, where: CacheWrite, k, v):
-        """Write k, v (B, n_kv, T, hs) where `where` says; -> keys, values to attend to, and each sequence's number
-        of keys (B,) for a decode step (None for one sequence: it sees all of them)."""
-        if where.slot is not None:  # one sequence: B == 1, T tokens
-            s, end = where.slot, where.start + k.shape[2]
-            self.k_cache[s, :, where.start:end] = k[0]
-            self.v_cache[s, :, where.start:end] = v[0]
-            return self.k_cache[s:s + 1, :, :end], self.v_cache[s:s + 1, :, :end], None  # (1, n_kv, end, hs)
-        rows = torch.arange(k.shape[0], device=k.device)  # decode: B == slots, T == 1
-        self.k_cache[rows, :, where.start] = k[:, :, 0]  # (slots, n_kv, hs) at each slot's own length
-        self.v_cache[rows, :, where.start] = v[:, :, 0]
-        lengths = None if where.all_visible else where.start + 1  # (slots,): a slot's token sees positions [0, start]
-        return self.k_cache[:, :, :where.kv_len], self.v_cache[:, :, :where.kv_len], lengths
+    def write_prefill(self, slot: int, start: int, k, v):
+        """k, v (1, n_kv, T, hs) -> row `slot` at [start, start + T); -> its keys, values (1, n_kv, end, hs), None."""
+        end = start + k.shape[2]
+        self.k_cache[slot, :, start:end] = k[0]
+        self.v_cache[slot, :, start:end] = v[0]
+        return self.k_cache[slot:slot + 1, :, :end], self.v_cache[slot:slot + 1, :, :end], None
+
+    def write_decode(self, start, kv_len: int, all_visible: bool, k, v):
+        """k, v (slots, n_kv, 1, hs) -> each slot's own position start (slots,); -> keys, values (slots, n_kv, kv_len,
+        hs) and each slot's number of keys start + 1 (None when all_visible)."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k_cache[rows, :, start] = k[:, :, 0]  # (slots, n_kv, hs) at each slot's own length
+        self.v_cache[rows, :, start] = v[:, :, 0]
+        lengths = None if all_visible else start + 1  # (slots,): a slot's token sees positions [0, start]
+        return self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], lengths
 
 
 class LlamaAttention(nn.Module):
@@ -88,7 +100,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.n_head * self.hs, C, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, key_padding_mask=None, cache: CacheWrite = None):
+    def forward(self, x, cos, sin, key_padding_mask=None, cache: PrefillWrite | DecodeWrite = None):
         """x (B, T, C). key_padding_mask (B, T) bool, True = real token (no cache: training, a full forward).
         With a cache (set up by setup_cache), the new keys/values are written where `cache` says and attention
         reads the cached ones."""
@@ -99,7 +111,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         key_lengths = None
         if cache is not None:
-            k, v, key_lengths = self.kv_cache.update(cache, k, v)  # (B, n_kv, Tk, hs)
+            k, v, key_lengths = cache.write(self.kv_cache, k, v)  # (B, n_kv, Tk, hs)
         # Causal with the cache offset: new token i (position start + i) sees positions j <= start + i, i.e. the
         # mask is aligned to the bottom-right corner of the (T, Tk) score matrix (one slot: Tk = start + T; a
         # decode step's single query sees every key its padding mask lets through).

@@ -156,12 +156,12 @@ def test_chat_over_two_turns_equals_a_fresh_prompt_of_the_history(loaded, images
     r1 = chat.ask(q1)
     first = generation.prompt_ids([("human", "<image>\n" + q1)], tok, model.config, "vicuna_v1")
     assert chat.stats.prefill_tokens == model.config.llm_length(first)
-    cached, prefilled = list(chat.engine.cached[0]), chat.stats.prefill_tokens
+    cached, prefilled = list(chat.engine.state[0].ids), chat.stats.prefill_tokens
     r2 = chat.ask(q2)
     assert calls == [1]  # the image was encoded once
     history = [("human", "<image>\n" + q1), ("gpt", r1), ("human", q2)]
     ids = generation.prompt_ids(history, tok, model.config, "vicuna_v1")
-    assert chat.engine.cached[0][:len(ids)] == ids  # the cache holds exactly the fresh prompt's ids (then the reply's)
+    assert chat.engine.state[0].ids[:len(ids)] == ids  # exactly the fresh prompt's ids (then the reply's)
     # Turn 2 ran only what the slot did not hold: the history (image included) stayed in the cache.
     shared = next(i for i, (a, b) in enumerate(zip(ids, cached + [None] * len(ids))) if a != b)
     assert shared >= len(first) - 1 and model.config.image_token_id in ids[:shared]
@@ -251,7 +251,7 @@ def test_prompt_that_does_not_fit_says_by_how_much(ckpt, images, capsys):
     err = next(line for line in err.splitlines() if line.startswith("error: "))
     text_tokens = int(err.split("(")[1].split(" text")[0])
     L = text_tokens + Np
-    assert f"the prompt is {L} tokens ({text_tokens} text + 1 image(s): {Np})" in err
+    assert f"the prompt takes {L} positions ({text_tokens} text ids + 1 image(s): {Np})" in err
     assert f"{L - context} more than the context of {context}" in err
 
 
