@@ -69,13 +69,17 @@ def _yes_no_metrics(preds, labels) -> dict:
             "yes_ratio": _ratio(preds.count("yes"), len(preds)), "n": len(preds)}
 
 
+SQA_OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py's --options: a list, so `in` is membership
+
+
 def sqa_letter(text: str) -> str:
-    """eval_science_qa.py: the text itself when it is a letter A-E; its first letter when it reads "B. ...";
-    else the X of exactly one "The answer is X." (the "." matches any character); else "FAILED"."""
-    options = "ABCDE"
-    if text in options:
+    """eval_science_qa.py: the text itself when it is one of the letters A-E (membership in its list: "", "AB"
+    or "CDE" are not letters, where a substring test on "ABCDE" would take them for "", "A"...: "FAILED");
+    its first letter when it reads "B. ..."; else the X of exactly one "The answer is X." (the "." matches any
+    character); else "FAILED"."""
+    if text in SQA_OPTIONS:
         return text
-    if len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+    if len(text) >= 3 and text[0] in SQA_OPTIONS and text[1:3] == ". ":
         return text[0]
     found = re.findall(r"The answer is ([A-Z]).", text)
     return found[0] if len(found) == 1 else "FAILED"
@@ -83,8 +87,10 @@ def sqa_letter(text: str) -> str:
 
 def score_sqa(data, answers, questions):
     """Over pid_splits.json["test"]: a problem is right when the parsed letter is its answer's (letters A-E,
-    an index past the choices never right). IMG-accuracy (the LLaVA-1.5 table's) counts the problems whose
-    answer's prompt holds "<image>", so an unanswered problem counts as wrong and as a text problem."""
+    an index past the choices never right; an unparsed answer is wrong: the original's random.choice fallback
+    comes after a `return -1`, so its scores do not depend on a seed). IMG-accuracy (the LLaVA-1.5 table's)
+    counts the problems whose answer's prompt holds "<image>", so an unanswered problem counts as wrong and as a
+    text problem."""
     problems = read_json(os.path.join(data, "problems.json"))
     test = read_json(os.path.join(data, "pid_splits.json"))["test"]
     answers = {qid: a for (qid, _), a in answers.items()}  # ScienceQA's ids are unique
@@ -95,7 +101,7 @@ def score_sqa(data, answers, questions):
         text, prompt = (a["text"], a.get("prompt", "")) if a else ("FAILED", "Unknown")
         letter = sqa_letter(text)
         choices = problems[pid]["choices"]
-        ok = letter in "ABCDE"[:len(choices)] and "ABCDE".index(letter) == problems[pid]["answer"]
+        ok = letter in SQA_OPTIONS[:len(choices)] and SQA_OPTIONS.index(letter) == problems[pid]["answer"]
         img = "<image>" in prompt
         right, total = right + ok, total + 1
         img_right, img_total = img_right + (ok and img), img_total + img

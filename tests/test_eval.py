@@ -123,8 +123,27 @@ def test_missing_files_are_named_with_where_they_come_from(tmp_path, capsys):
 def test_sqa_letters_as_eval_science_qa():
     cases = {"B": "B", "B.": "FAILED", "B. Because": "B", "The answer is C.": "C", "The answer is C!": "C",
              "The answer is C": "FAILED", "The answer is A. The answer is B.": "FAILED", "F": "FAILED",
-             "b": "FAILED", "FAILED": "FAILED", "The answer is F.": "F"}
+             "b": "FAILED", "FAILED": "FAILED", "The answer is F.": "F",
+             # its options are a list: `"" in options` is False (a substring test on "ABCDE" would say True)
+             "": "FAILED", "AB": "FAILED", "CDE": "FAILED", "ABCDE": "FAILED", "A ": "FAILED"}
     assert {t: sqa_letter(t) for t in cases} == cases
+
+
+def test_sqa_empty_answer_and_letter_runs_are_wrong(tmp_path):
+    """Issue 30: eval_science_qa.py tests `pred_text in args.options` on the list ["A", ..., "E"], so an empty
+    answer or "AB" is FAILED (wrong), not the letter at index "ABCDE".index(text) of a substring test."""
+    problems = {"1": {"choices": ["a", "b"], "answer": 0}, "2": {"choices": ["a", "b", "c"], "answer": 0},
+                "3": {"choices": ["a", "b", "c", "d"], "answer": 2}, "4": {"choices": ["a", "b"], "answer": 0}}
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": list(problems), "val": []}))
+    (tmp_path / "llava_test_CQM-A.json").write_text(json.dumps([
+        {"id": pid, "image": "i.png", "conversations": [{"from": "human", "value": f"<image>\nQ{pid}?"},
+                                                        {"from": "gpt", "value": "A"}]} for pid in problems]))
+    qs = questions_for_generate(BENCHMARKS["sqa"], str(tmp_path))
+    # "" (answer A), "AB" (answer A), "CD" (answer C): FAILED, wrong; "A": right. 1 of 4 (the substring test: 4)
+    path = answers_file(tmp_path / "a.jsonl", list(zip(qs, ["", "AB", "CD", "A"])))
+    r = E.score("sqa", str(tmp_path), path)
+    assert r["metrics"]["accuracy"] == 25.0 and r["metrics"]["img_accuracy"] == 25.0 and r["unanswered"] == 0
 
 
 def test_sqa_scores_img_accuracy(tmp_path):
