@@ -24,8 +24,8 @@ is in flash_attention.py's docstring, flash-decoding's in flash_decoding.py's.
 import torch
 import torch.nn.functional as F
 
-from minillava.kernels.dispatch import enabled
-from minillava.kernels.flash_attention import _kernel_supports, _validate, attention_backward, attention_forward
+from minillava.kernels.dispatch import use_triton
+from minillava.kernels.flash_attention import _uncovered, _validate, attention_backward, attention_forward
 from minillava.kernels.flash_decoding import attention_decode
 
 
@@ -114,17 +114,19 @@ def _decode_torch(q, k, v, key_padding_mask, scale):
 
 
 def attention(q, k, v, causal: bool, key_padding_mask=None, scale=None, key_lengths=None):
-    """Attention through the Triton kernels when :func:`kernels.dispatch.enabled` and the shape is supported (head size
-    16/32/64/128, fp16/bf16/fp32, non-empty sequences); otherwise, on purpose, :func:`attention_torch`.
+    """Attention through the Triton kernels when :func:`kernels.dispatch.use_triton` says so (the shape supported:
+    head size 16/32/64/128, fp16/bf16/fp32, non-empty sequences); otherwise, on purpose, :func:`attention_torch`.
 
     key_lengths (B,) int, for one query token: sequence b sees keys [0, key_lengths[b]) (the decode engine's slots
     of a fixed-size cache). The decode kernel then reads no key past a length; elsewhere (and where gradients are
     wanted) it is the same as the key_padding_mask arange(Tk) < key_lengths[:, None]."""
     _validate(q, k, v, key_padding_mask, key_lengths)
+    decode = key_lengths is not None and not torch.is_grad_enabled()  # the flash-decoding kernel: no backward
+    triton = use_triton("attention_decode" if decode else "attention", q, _uncovered(q, k, v))
+    if triton and decode:
+        return attention_decode(q, k, v, None, scale, key_lengths=key_lengths)[0]
     if key_lengths is not None:
-        if enabled(q) and _kernel_supports(q, k, v) and not torch.is_grad_enabled():
-            return attention_decode(q, k, v, None, scale, key_lengths=key_lengths)[0]
         key_padding_mask = torch.arange(k.shape[2], device=k.device)[None] < key_lengths[:, None]  # (B, Tk)
-    if enabled(q) and _kernel_supports(q, k, v):
+    if triton:
         return AttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)
     return attention_torch(q, k, v, causal, key_padding_mask, scale)

@@ -13,7 +13,7 @@ only (N, V) allocation is the gradient, in the logits' dtype (N*V*2 bytes for bf
 import torch
 import torch.nn.functional as F
 
-from minillava.kernels.dispatch import COMPILE, enabled, tl, triton
+from minillava.kernels.dispatch import COMPILE, tl, triton, use_triton
 
 
 def cross_entropy_reference(logits, labels, ignore_index: int = -100, reduction: str = "mean"):
@@ -143,7 +143,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 def cross_entropy(logits, labels, ignore_index: int = -100, reduction: str = "mean"):
-    """Cross-entropy through the Triton kernel when :func:`kernels.dispatch.enabled`, else the reference.
+    """Cross-entropy through the Triton kernel when :func:`kernels.dispatch.use_triton`, else the reference.
     Falls back on purpose for: logits that are not (N, V) with labels (N,) (F.cross_entropy's other layouts),
     an empty batch, labels that are not int64 (torch raises its error), and bf16 off CUDA (the interpreter has no
     bf16)."""
@@ -151,7 +151,7 @@ def cross_entropy(logits, labels, ignore_index: int = -100, reduction: str = "me
           and logits.dtype in (torch.float16, torch.bfloat16, torch.float32) and reduction in REDUCTIONS
           and labels.dtype == torch.int64 and labels.device == logits.device
           and (logits.is_cuda or logits.dtype != torch.bfloat16))
-    if not (enabled(logits) and ok):
+    if not use_triton("cross_entropy", logits, None if ok else "inputs its kernel does not cover"):
         return cross_entropy_reference(logits, labels, ignore_index, reduction)
     if torch.is_grad_enabled() and logits.requires_grad:
         return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction)

@@ -45,12 +45,23 @@ def _validate(q, k, v, key_padding_mask, key_lengths=None):
                          f"no key_padding_mask; got {key_lengths.dtype} {tuple(key_lengths.shape)}, Tq = {Tq}")
 
 
-def _kernel_supports(q, k, v):
-    """Shapes the kernels cover; the rest goes to attention_torch on purpose (never wrong numbers): head sizes
-    in HEAD_SIZES, one 16-bit or fp32 dtype, and tensors small enough for int32 offsets."""
-    return (q.shape[-1] in HEAD_SIZES and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[2] >= 1 and k.shape[2] >= 1
-            and all(sum((n - 1) * st for n, st in zip(x.shape, x.stride())) <= MAX_ELEMENTS for x in (q, k, v)))
+def _uncovered(q, k, v) -> str | None:
+    """Why the kernels do not cover these inputs (None: they do); attention() sends those to attention_torch on
+    purpose (never wrong numbers): the kernels take head sizes in HEAD_SIZES, one 16-bit or fp32 dtype, non-empty
+    sequences and tensors small enough for int32 offsets."""
+    if q.shape[-1] not in HEAD_SIZES:
+        return f"head size {q.shape[-1]}, not one of {HEAD_SIZES}"
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: not one of fp16, bf16, fp32 for all three"
+    if q.shape[2] < 1 or k.shape[2] < 1:
+        return "an empty sequence"
+    if any(sum((n - 1) * st for n, st in zip(x.shape, x.stride())) > MAX_ELEMENTS for x in (q, k, v)):
+        return "offsets past int32"
+    return None
+
+
+def _kernel_supports(q, k, v) -> bool:
+    return _uncovered(q, k, v) is None
 
 
 # ----------------------------------------------------------------------------------------------------------

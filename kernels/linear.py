@@ -15,7 +15,7 @@ Anything else goes to `F.linear`: CUDA tensors (cuBLAS picks its own GEMV), more
 and training are GEMMs, where MKL is already fast), output widths N that do not split into CHUNKS blocks, and operands
 that are not plain contiguous tensors of one dtype (F.linear then casts or raises as usual).
 There is no Triton kernel and no reference here: the math is `F.linear`'s, and the tests compare the two.
-`Linear` is the nn.Linear that computes with it (the LLaMA decoder's layers: the model files stay plain).
+`DecodeLinear` is the nn.Linear that computes with it (the LLaMA decoder's layers: the model files stay plain).
 """
 import torch
 import torch.nn as nn
@@ -39,8 +39,9 @@ def linear(x, weight, bias=None):
     return y if bias is None else y + bias
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names, same math) computed by `linear` above: the LLaMA decoder's layers."""
+class DecodeLinear(nn.Linear):
+    """nn.Linear (same parameters, same names, same math) computed by `linear` above, so that a CPU decoding step's
+    few rows take the batched-GEMM route: the LLaMA decoder's layers."""
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)

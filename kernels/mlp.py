@@ -13,9 +13,10 @@ so neither (M, F) intermediate reaches memory, and autograd saves only x and the
 gate, up and silu(gate): three (M, F) tensors per layer). The backward pass recomputes the two tiles.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from minillava.kernels.dispatch import COMPILE, enabled, tl, triton
+from minillava.kernels.dispatch import COMPILE, tl, triton, use_triton
 from minillava.kernels.linear import linear
 
 QUICK_GELU_ALPHA = tl.constexpr(1.702)  # CLIP's quick_gelu: y * sigmoid(1.702 y), a cheap approximation of GELU
@@ -387,17 +388,28 @@ def _needs_grad(*tensors):
 
 
 def swiglu(x, w_gate, w_up):
-    """silu(x W_gate^T) * (x W_up^T): (..., C) -> (..., F), fused Triton GEMM when :func:`kernels.dispatch.enabled`."""
-    if enabled(x) and _gemm_supported(x, w_gate, w_up):
+    """silu(x W_gate^T) * (x W_up^T): (..., C) -> (..., F), the fused Triton GEMM when
+    :func:`kernels.dispatch.use_triton` says so."""
+    if use_triton("swiglu", x, None if _gemm_supported(x, w_gate, w_up) else "inputs its kernel does not cover"):
         return SwiGLUFunction.apply(x, w_gate, w_up)
     return swiglu_reference(x, w_gate, w_up)
 
 
+def swiglu_layers(x, gate, up):
+    """silu(gate(x)) * up(x) for the LLM's two linear layers: the fused swiglu() on their weights when both are plain
+    weights (it never writes gate(x) and up(x) to memory); any other module there (LoRA, a quantized linear) is
+    called as a module, and the decision counted as swiglu's."""
+    if isinstance(gate, nn.Linear) and isinstance(up, nn.Linear):
+        return swiglu(x, gate.weight, up.weight)
+    use_triton("swiglu", x, "LoRA or quantized layers")  # False: counted, so that the run can say so
+    return F.silu(gate(x)) * up(x)
+
+
 def linear_quick_gelu(x, weight, bias):
-    """quick_gelu(x W^T + b): (..., C) -> (..., F), Triton GEMM + epilogue when :func:`kernels.dispatch.enabled`."""
+    """quick_gelu(x W^T + b): (..., C) -> (..., F), Triton GEMM + epilogue when :func:`kernels.dispatch.use_triton`."""
     ok = _gemm_supported(x, weight) and (bias is None or (bias.dtype == x.dtype and bias.device == x.device
                                                           and bias.shape == weight.shape[:1]))
-    if not (enabled(x) and ok):
+    if not use_triton("linear_quick_gelu", x, None if ok else "inputs its kernel does not cover"):
         return linear_quick_gelu_reference(x, weight, bias)
     if _needs_grad(x, weight, bias):
         return LinearQuickGELUFunction.apply(x, weight, bias)

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillava.kernels.dispatch import COMPILE, enabled, tl, triton
+from minillava.kernels.dispatch import COMPILE, tl, triton, use_triton
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)  # int4 groups PyTorch's CPU kernel and the Triton kernel's BLOCK_K both accept
@@ -278,9 +278,10 @@ def quant_linear(x, layer: QuantLinear):
         raise ValueError(f"QuantLinear({layer.in_features} -> {layer.out_features}) got input of width "
                          f"{x.shape[-1]}")
     rows = x.numel() // x.shape[-1]
-    if layer.cpu_packed or (layer.bits == 8 and not x.is_cuda and 0 < rows <= PACKED_MAX_ROWS and not enabled(x)):
+    triton = use_triton("quant_linear", x, "weights prepacked for the CPU" if layer.cpu_packed else None)
+    if layer.cpu_packed or (layer.bits == 8 and not x.is_cuda and 0 < rows <= PACKED_MAX_ROWS and not triton):
         y = _cpu_packed(x.reshape(rows, -1), layer).to(x.dtype).view(*x.shape[:-1], layer.out_features)
-    elif enabled(x):
+    elif triton:
         y = _triton_linear(x, layer.qweight, layer.scales, layer.offsets, layer.group_size, layer.bits)
     else:
         y = _blocked_reference(x, layer.qweight, layer.scales, layer.offsets, layer.group_size)

@@ -10,7 +10,7 @@ where cast_x rounds to x's dtype. Autograd saves x, w and r (one fp32 per row), 
 """
 import torch
 
-from minillava.kernels.dispatch import COMPILE, enabled, sm_count, tl, triton
+from minillava.kernels.dispatch import COMPILE, sm_count, tl, triton, use_triton
 
 
 def rms_norm_reference(x, weight, eps: float):
@@ -150,13 +150,13 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x, weight, eps: float):
-    """RMSNorm through the Triton kernel when :func:`kernels.dispatch.enabled`, else the reference.
+    """RMSNorm through the Triton kernel when :func:`kernels.dispatch.use_triton`, else the reference.
     Falls back on purpose for: weight not of shape (C,), rows wider than MAX_FUSED_C, empty input,
     non-float dtypes, and bf16 off CUDA (the interpreter has no bf16)."""
     floats = (torch.float16, torch.bfloat16, torch.float32)
     ok = (x.dim() >= 1 and x.numel() > 0 and weight.shape == x.shape[-1:] and x.shape[-1] <= MAX_FUSED_C
           and x.dtype in floats and weight.dtype in floats and weight.device == x.device
           and (x.is_cuda or torch.bfloat16 not in (x.dtype, weight.dtype)))
-    if enabled(x) and ok:
+    if use_triton("rms_norm", x, None if ok else "inputs its kernel does not cover"):
         return RMSNormFunction.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)

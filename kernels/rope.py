@@ -11,7 +11,7 @@ One Triton program per (b, t) token loads cos/sin once and rotates every q and k
 """
 import torch
 
-from minillava.kernels.dispatch import COMPILE, enabled, tl, triton
+from minillava.kernels.dispatch import COMPILE, tl, triton, use_triton
 
 
 def rotate_half(x):
@@ -142,7 +142,7 @@ class RoPEFunction(torch.autograd.Function):
 
 
 def apply_rope(q, k, cos, sin):
-    """RoPE on q and k through the Triton kernel when :func:`kernels.dispatch.enabled`, else the reference.
+    """RoPE on q and k through the Triton kernel when :func:`kernels.dispatch.use_triton`, else the reference.
     Falls back on purpose for: shapes other than q (B, nh, T, hs), k (B, n_kv, T, hs), cos/sin (B or 1, T, hs)
     with even hs; cos/sin that require grad (the kernel does not differentiate them); empty inputs; mixed
     devices; bf16 off CUDA (the interpreter has no bf16)."""
@@ -154,6 +154,6 @@ def apply_rope(q, k, cos, sin):
           and not (cos.requires_grad or sin.requires_grad)
           and all(t.dtype in floats and t.device == q.device for t in (k, cos, sin)) and q.dtype in floats
           and (q.is_cuda or torch.bfloat16 not in (q.dtype, k.dtype, cos.dtype, sin.dtype)))
-    if enabled(q) and ok:
+    if use_triton("rope", q, None if ok else "inputs its kernel does not cover"):
         return RoPEFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)

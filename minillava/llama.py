@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from minillava.kernels.attention import attention
-from minillava.kernels.linear import Linear  # nn.Linear; a CPU decoding step's few rows read its weight faster
-from minillava.kernels.mlp import swiglu
+from minillava.kernels.linear import DecodeLinear  # nn.Linear; a CPU decoding step's rows read it faster
+from minillava.kernels.mlp import swiglu_layers
 from minillava.kernels.rmsnorm import rms_norm
 from minillava.kernels.rope import apply_rope
 from minillava.config import TextConfig
@@ -94,10 +94,10 @@ class LlamaAttention(nn.Module):
         if self.n_head % self.n_kv:
             raise ValueError(f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads {self.n_kv}")
         C = cfg.hidden_size
-        self.q_proj = Linear(C, self.n_head * self.hs, bias=False)
-        self.k_proj = Linear(C, self.n_kv * self.hs, bias=False)
-        self.v_proj = Linear(C, self.n_kv * self.hs, bias=False)
-        self.o_proj = Linear(self.n_head * self.hs, C, bias=False)
+        self.q_proj = DecodeLinear(C, self.n_head * self.hs, bias=False)
+        self.k_proj = DecodeLinear(C, self.n_kv * self.hs, bias=False)
+        self.v_proj = DecodeLinear(C, self.n_kv * self.hs, bias=False)
+        self.o_proj = DecodeLinear(self.n_head * self.hs, C, bias=False)
         self.kv_cache = None
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache: PrefillWrite | DecodeWrite = None):
@@ -124,16 +124,12 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         C, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(C, F, bias=False)
-        self.up_proj = Linear(C, F, bias=False)
-        self.down_proj = Linear(F, C, bias=False)
+        self.gate_proj = DecodeLinear(C, F, bias=False)
+        self.up_proj = DecodeLinear(C, F, bias=False)
+        self.down_proj = DecodeLinear(F, C, bias=False)
 
     def forward(self, x):
-        # SwiGLU: down(silu(gate(x)) * up(x)). With plain weights the fused kernel computes it (it never writes
-        # gate(x) and up(x) to memory); any other module there (LoRA, a quantized linear) is called as a module.
-        if isinstance(self.gate_proj, nn.Linear) and isinstance(self.up_proj, nn.Linear):
-            return self.down_proj(swiglu(x, self.gate_proj.weight, self.up_proj.weight))
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu_layers(x, self.gate_proj, self.up_proj))  # down(silu(gate(x)) * up(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -177,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self):
