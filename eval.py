@@ -87,7 +87,7 @@ def print_metrics(result: dict, file=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Answering (minillava.generation.answer_file, generate.py's batch mode, under the benchmark's protocol)
+# Answering (minillava.generation.answer_questions, generate.py's batch mode, under the benchmark's protocol)
 
 def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0, device="auto", dtype="auto",
            question_file=None, all_rounds=False, protocol="llava", quantize="none", group_size=64,
@@ -111,7 +111,7 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
     if name in MMBENCH_SUFFIX:  # the TSV's images, decoded beside the answers file
         images = out + ".images"
         write_mmbench_images(os.path.join(data, bench.questions), images)
-    threads, errors, rc = set_threads(threads), [], 1
+    threads, rc = set_threads(threads), 1
     try:
         model_dir = model
         model, tokenizer = generation.load(model_dir, vision, dtype=dtype, device=device, quantize=quantize,
@@ -120,13 +120,10 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
             model.config = dataclasses.replace(model.config, image_aspect_ratio="square")  # AnyRes never pads
         print(threads, file=sys.stderr)
         print(generation.weights_line(model), file=sys.stderr)
-        stats, errors = generation.answer_file(
-            model, tokenizer, prepared, out, images, template, temperature=0.0, max_new_tokens=bench.max_new_tokens,
-            batch_size=batch_size, num_chunks=world, chunk_idx=rank,
+        rc = generation.answer_questions(
+            model, tokenizer, prepared, out, image_folder=images, template=template, temperature=0.0,
+            max_new_tokens=bench.max_new_tokens, batch_size=batch_size, num_chunks=world, chunk_idx=rank,
             model_id=os.path.basename(os.path.normpath(model_dir)))
-        print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
-        generation.print_stats(stats, model)
-        rc = generation.report_unanswered(errors, out)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -205,7 +205,6 @@ def parse_args(argv=None) -> GenerateConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     from minillava import generation as G  # torch and the model: only once the flags are known to be good
-    errors = []
     threads = set_threads(cfg.threads)
     try:
         # fail on a bad image before loading gigabytes of weights
@@ -226,17 +225,14 @@ def main(argv=None) -> int:
             sizes = [] if image is None else [(image.height, image.width)]
             G.prompt_ids([("human", G.with_image_placeholder(cfg.prompt, len(sizes)))], tokenizer, model.config,
                          cfg.template, sizes)
+        if cfg.questions is not None:  # batch mode: the run eval.py's `answer` makes too
+            return G.answer_questions(
+                model, tokenizer, cfg.questions, cfg.answers, profiler(cfg.profile), image_folder=cfg.image_folder,
+                template=cfg.template, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size, num_chunks=cfg.num_chunks,
+                chunk_idx=cfg.chunk_idx, compile=cfg.compile, model_id=os.path.basename(os.path.normpath(cfg.model)))
         with profiler(cfg.profile):
-            if cfg.questions is not None:
-                model_id = os.path.basename(os.path.normpath(cfg.model))
-                stats, errors = G.answer_file(model, tokenizer, cfg.questions, cfg.answers, cfg.image_folder,
-                                              cfg.template, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens,
-                                              cfg.seed, cfg.batch_size, cfg.num_chunks, cfg.chunk_idx, cfg.compile,
-                                              model_id)
-            elif cfg.chat:
-                stats = run_chat(model, tokenizer, cfg, image)
-            else:
-                stats = run_one_shot(model, tokenizer, cfg, image)
+            stats = run_chat(model, tokenizer, cfg, image) if cfg.chat else run_one_shot(model, tokenizer, cfg, image)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -246,7 +242,7 @@ def main(argv=None) -> int:
         return 130
     print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
     G.print_stats(stats, model)
-    return G.report_unanswered(errors, cfg.answers)
+    return 0
 
 
 if __name__ == "__main__":

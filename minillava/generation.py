@@ -13,6 +13,7 @@ into Np = 576 embeddings inside the model) and handed to the decode engine (mini
 prefilled alone into a slot of a fixed (slots, n_kv, S_max, hs) KV cache, then every decode step runs one token
 for every slot; a finished answer's slot takes the next question at once (continuous batching).
 """
+import contextlib
 import json
 import os
 import sys
@@ -365,7 +366,7 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
         size = -(-len(questions) // num_chunks)
         questions = questions[chunk_idx * size:(chunk_idx + 1) * size]
     done = read_answered(answers_path)
-    todo, lengths, n_done = [], [], 0
+    todo, lengths, n_done, missing = [], [], 0, 0
     for n, q in questions:  # check each prompt now (text only), so one bad question spares the rest
         if question_key(q) in done:
             n_done += 1
@@ -376,6 +377,7 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
                              template, sizes)
         except (ValueError, OSError) as e:
             errors.append(f"{questions_path}:{n}: question {q['question_id']!r}: {e}")
+            missing += isinstance(e, FileNotFoundError)  # no file at that path (minillava.image); not a bad one
             continue
         todo.append((n, q))
         lengths.append(model.config.llm_length(ids, sizes))
@@ -386,7 +388,6 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
           + ("; listed at the end" if errors else ""), file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(answers_path)), exist_ok=True)
     open(answers_path, "a").close()  # the file exists afterwards, answers or not (torchrun's merge reads each rank's)
-    missing = sum("image file not found" in e for e in errors)  # minillava.image's message for a missing file
     wrong = wrong_image_folder(missing, missing + sum(bool(q.get("image")) for _, q in todo), image_folder,
                                "questions")
     if wrong:
@@ -445,3 +446,15 @@ def report_unanswered(errors: list, answers_path) -> int:
     print(f"error: {len(errors)} question(s) not answered (see above); the others are in {answers_path}",
           file=sys.stderr)
     return 1
+
+
+def answer_questions(model, tokenizer, questions_path, answers_path, profiler=None, **kwargs) -> int:
+    """generate.py's batch mode and eval.py's answering: answer_file (kwargs as for it), then on stderr the tokenizer,
+    the speed (print_stats) and each question not answered (report_unanswered). profiler: a context manager to answer
+    inside (generate.py's --profile), so that what it prints comes before these lines. -> the exit status: 1 if a
+    question was not answered, else 0."""
+    with profiler or contextlib.nullcontext():
+        stats, errors = answer_file(model, tokenizer, questions_path, answers_path, **kwargs)
+    print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
+    print_stats(stats, model)
+    return report_unanswered(errors, answers_path)

@@ -460,3 +460,22 @@ def test_batch_with_a_wrong_image_folder_is_one_message(ckpt, images, tmp_path, 
     assert err.count("image file not found") == 20 and f"... and 5 more (all in {tmp_path / 'a.jsonl'}.errors)" in err
     assert len((tmp_path / "a.jsonl.errors").read_text().splitlines()) == 25
     assert len(read_answers(tmp_path / "a.jsonl")) == 30
+
+
+def test_batch_counts_only_absent_images_toward_a_wrong_image_folder(ckpt, images, tmp_path, capsys):
+    """An image that is there but unreadable (empty, not an image) is its question's problem, not the folder's: each
+    is named, and only the file that is not there counts toward a wrong --image-folder; by what the error is, not by
+    its text (one unreadable file here has the missing-file message in its name)."""
+    Image.open(images[0]).save(tmp_path / "a.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("notes.png", "image file not found.png"):
+        (tmp_path / name).write_bytes(b"not an image")
+    names = ["a.png", "empty.png", "notes.png", "image file not found.png", "missing.png"]
+    questions, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    write_lines(questions, [{"question_id": i, "image": name, "text": "What?"} for i, name in enumerate(names)])
+    rc, out, err = run_main(["--model", ckpt, "--questions", str(questions), "--answers", str(answers),
+                             "--image-folder", str(tmp_path), "--temperature", "0", "--max-new-tokens", "3"], capsys)
+    assert rc == 1 and "no image found" not in err and "check --image-folder" not in err
+    assert "4 question(s) whose image or prompt does not work" in err and "error: 4 question(s) not answered" in err
+    assert err.count("cannot decode image") == 2 and "image file is empty" in err and "image file not found" in err
+    assert [a["question_id"] for a in read_answers(answers)] == [0]
