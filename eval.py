@@ -120,6 +120,7 @@ def answer(name, model, data, answers_path, vision=None, batch_size=8, threads=0
             model.config = dataclasses.replace(model.config, image_aspect_ratio="square")  # AnyRes never pads
         print(threads, file=sys.stderr)
         print(generation.weights_line(model), file=sys.stderr)
+        print(generation.kernels_line(model), file=sys.stderr)
         rc = generation.answer_questions(
             model, tokenizer, prepared, out, image_folder=images, template=template, temperature=0.0,
             max_new_tokens=bench.max_new_tokens, batch_size=batch_size, num_chunks=world, chunk_idx=rank,

@@ -172,6 +172,8 @@ def profiler(path):
         yield
     prof.export_chrome_trace(path)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+    from minillava.kernels.dispatch import report
+    print(report(), file=sys.stderr)  # which path each op took, and why
     print(f"profile written to {path}", file=sys.stderr)
 
 
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
             model.config = dataclasses.replace(model.config, image_aspect_ratio=cfg.image_aspect_ratio)
         print(threads, file=sys.stderr)
         print(G.weights_line(model), file=sys.stderr)
+        print(G.kernels_line(model), file=sys.stderr)
         if cfg.prompt is not None:  # check the prompt fits before anything is printed
             sizes = [] if image is None else [(image.height, image.width)]
             G.prompt_ids([("human", G.with_image_placeholder(cfg.prompt, len(sizes)))], tokenizer, model.config,

@@ -675,6 +675,7 @@ def main(argv=None) -> int:
         return 1
     host, port = server.server_address[:2]
     print(generation.weights_line(server.app.model), file=sys.stderr)
+    print(generation.kernels_line(server.app.model), file=sys.stderr)
     print(f"serving {server.app.name} on http://{host}:{port}/ ({server.app.engine.describe()}; "
           f"{'API key required' if cfg.api_key else 'no API key'}); Ctrl-C stops", file=sys.stderr)
     try:

@@ -58,6 +58,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minillava import data
 from minillava.cli import (add_config_args, device_from_flag, first_lines, optional_bool, set_threads,
                            wrong_image_folder)
+from minillava.kernels.dispatch import report, startup_line
 from minillava.llava import Llava
 from minillava.lora import apply_lora, merge_lora
 from minillava.tokenizer import Tokenizer
@@ -539,6 +540,7 @@ def step_profiler(profiler, last: bool, device, log):
     profiler.stop()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     log(profiler.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+    log(report(), flush=True)  # which path each op took, and why
     return None
 
 
@@ -628,6 +630,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device, log) -> Run:
         f"{'' if world == 1 else (' (DDP)' if cfg.ddp else ' (FSDP2)')}; {total} steps of {cfg.global_batch} "
         f"sequences ({accum} x {cfg.micro_batch} per process), {spe} steps per epoch; lr {cfg.lr:g} "
         f"(projector {cfg.projector_lr:g}), warmup {warmup}", flush=True)
+    log(startup_line(device), flush=True)
 
     start = 0
     if cfg.resume and list_checkpoints(cfg.out):

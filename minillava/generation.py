@@ -25,6 +25,7 @@ import torch
 from minillava.cli import device_from_flag, first_lines, wrong_image_folder
 from minillava.engine import Engine, GenerationStats, Request
 from minillava.image import image_size, load_image, model_pixels
+from minillava.kernels.dispatch import startup_line
 from minillava.llama import KVCache
 from minillava.templates import build_prompt, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tokenize_with_images
@@ -65,6 +66,11 @@ def weights_line(model) -> str:
     return (f"weights: {sum(t.numel() * t.element_size() for t in weight_tensors(model)) / 1e9:.2f} GB, "
             f"{str(model.language_model.model.embed_tokens.weight.dtype).removeprefix('torch.')}"
             + (f", LLM linear layers {q}" if q else ""))
+
+
+def kernels_line(model) -> str:
+    """Which path (Triton or torch) each op takes on the model's device, and why: printed after weights_line."""
+    return startup_line(model.language_model.model.embed_tokens.weight.device)
 
 
 def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", tokenizer_legacy=None,
