@@ -1,4 +1,5 @@
-"""Attention kernels (kernels/attention.py) against PyTorch SDPA (its default backend) on LLaVA-1.5-7B shapes.
+"""Attention kernels (kernels/flash_attention.py, flash_decoding.py) against PyTorch SDPA (its default backend) on
+LLaVA-1.5-7B shapes.
 
     python benchmarks/bench_attention.py                       # bf16: forward, backward and decode sweeps
     python benchmarks/bench_attention.py --modes fwd --seq-lens 2048 4096 8192 --dtype fp16
