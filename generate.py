@@ -160,8 +160,8 @@ def run_chat(model, tokenizer, cfg: GenerateConfig, image=None, stdin=None):
 # --- command line ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def profiler(path):
-    """--profile PATH: a torch.profiler trace of the generation (open it in chrome://tracing or Perfetto) and the
-    top operators by self time on stderr."""
+    """--profile PATH: a torch.profiler trace of the generation (open it in chrome://tracing or Perfetto), the
+    top operators by self time and which path (Triton or torch) each op took and why, on stderr."""
     if not path:
         yield
         return

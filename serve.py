@@ -262,8 +262,10 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         sizes = [size for _, size in images]
+        kept = f" and {limit_field} is {limit}" if limit else ""
         try:  # room for the prompt and at least one answer token in the engine's slot
-            L = cfg.check_fits(ids, sizes, room=S, answer=limit or 1, answer_name=limit_field if limit else "")
+            L = cfg.check_fits(ids, sizes, room=S, answer=limit or 1, message="the prompt takes {L} positions "
+                               "({images} image(s): {image_positions})" + kept + ": {need} > the context of {room}")
         except ValueError as e:
             raise APIError(400, str(e), "messages", "context_length_exceeded") from None
         # (N_tiles, 3, S, S) at the tower's size, as the checkpoint prepares images (image.model_pixels)

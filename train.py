@@ -519,7 +519,8 @@ def main(argv=None):
 
 
 def start_profiler(cfg, rank, device):
-    """--profile: torch.profiler over steps 3-5 (wait 1, warm up 1, record 3), a Chrome trace per rank."""
+    """--profile: torch.profiler over steps 3-5 (wait 1, warm up 1, record 3), a Chrome trace per rank; the log
+    then gets the top operators and which path (Triton or torch) each op took and why."""
     def on_trace(prof):
         os.makedirs(os.path.join(cfg.out, "profile"), exist_ok=True)
         prof.export_chrome_trace(os.path.join(cfg.out, "profile", f"trace_rank{rank}.json"))

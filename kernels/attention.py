@@ -18,7 +18,8 @@ The Triton path has four layers, as in Liger-Kernel and Triton tutorial 06:
      row) on the CPU and, on purpose, for what the kernels do not cover (head sizes other than 16/32/64/128,
      other dtypes, empty sequences, offsets past int32). attention_reference is the tests' oracle.
 This file holds the math (visible_mask, attention_reference), the torch path and layers 3 and 4; the kernels' math
-is in flash_attention.py's docstring, flash-decoding's in flash_decoding.py's.
+is in flash_attention.py's docstring, flash-decoding's in flash_decoding.py's. The shape checks every path needs
+(_validate) and the kernels' limits (_uncovered) live with the launchers that assert them, in flash_attention.py.
 """
 
 import torch
@@ -122,11 +123,11 @@ def attention(q, k, v, causal: bool, key_padding_mask=None, scale=None, key_leng
     wanted) it is the same as the key_padding_mask arange(Tk) < key_lengths[:, None]."""
     _validate(q, k, v, key_padding_mask, key_lengths)
     decode = key_lengths is not None and not torch.is_grad_enabled()  # the flash-decoding kernel: no backward
-    triton = use_triton("attention_decode" if decode else "attention", q, _uncovered(q, k, v))
-    if triton and decode:
+    fused = use_triton("attention_decode" if decode else "attention", q, _uncovered(q, k, v))
+    if fused and decode:
         return attention_decode(q, k, v, None, scale, key_lengths=key_lengths)[0]
     if key_lengths is not None:
         key_padding_mask = torch.arange(k.shape[2], device=k.device)[None] < key_lengths[:, None]  # (B, Tk)
-    if triton:
+    if fused:
         return AttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)
     return attention_torch(q, k, v, causal, key_padding_mask, scale)

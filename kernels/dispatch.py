@@ -89,7 +89,8 @@ def why_not_triton(on_cuda: bool) -> str | None:
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """True when the Triton path may run for tensors like `x` (the inputs' own limits aside: see use_triton)."""
+    """True when the Triton path may run for tensors like `x`, the inputs' own limits aside: the tests' shorthand
+    for why_not_triton (the ops ask use_triton)."""
     return why_not_triton(x.is_cuda) is None
 
 
@@ -98,8 +99,11 @@ def use_triton(op: str, x: torch.Tensor, unsupported: str | None = None) -> bool
     unsupported: the op's reason why its kernel does not cover these inputs (None: it does)."""
     why = why_not_triton(x.is_cuda) or unsupported
     if not torch.compiler.is_compiling():  # a compiled step decides once, when traced: nothing to count there
-        run = RUNS.setdefault(op, {}).setdefault(why or "Triton", [0, f"{x.dtype} {tuple(x.shape)}"])
-        run[0] += 1
+        runs = RUNS.setdefault(op, {})
+        if (why or "Triton") in runs:
+            runs[why or "Triton"][0] += 1
+        else:
+            runs[why or "Triton"] = [1, f"{x.dtype} {tuple(x.shape)}"]
     return why is None
 
 
@@ -108,14 +112,15 @@ def startup_line(device) -> str:
     mode = os.environ.get("MINILLAVA_KERNELS", "auto")
     why = why_not_triton(torch.device(device).type == "cuda")
     if why is not None:
-        return f"kernels: torch for every op ({why}; MINILLAVA_KERNELS={mode})"
+        setting = "" if why.startswith("MINILLAVA_KERNELS") else f"; MINILLAVA_KERNELS={mode}"
+        return f"kernels: torch for every op ({why}{setting})"
     return (f"kernels: Triton for {', '.join(OPS)} (MINILLAVA_KERNELS={mode}), torch for inputs a kernel does not "
             "cover (the report at the end names them)")
 
 
 def report() -> str:
     """What each op ran so far and why, e.g. 'rms_norm: torch (not on a GPU) x 90, first torch.float32 (1, 7, 64)';
-    '' before any op ran."""
+    '' before any op ran. Calls inside torch.compile'd code (generate.py --compile's decode step) are not counted."""
     lines = [f"  {op}: " + "; ".join(f"{'Triton' if why == 'Triton' else f'torch ({why})'} x {n}, first {first}"
                                      for why, (n, first) in runs.items()) for op, runs in RUNS.items()]
-    return "\n".join(["kernels ran:", *lines]) if lines else ""
+    return "\n".join(["kernels ran (eager calls; compiled code is not counted):", *lines]) if lines else ""

@@ -1,6 +1,6 @@
 """FlashAttention-2 in Triton: the forward kernel (training and prefill) and the atomic-free two-kernel backward,
 their launchers (attention_forward, attention_backward) and autotune configs, and what every attention kernel shares:
-the limits they cover (_kernel_supports, checked by _check) and the jit helpers that flash_decoding.py reuses. Shapes
+the limits they cover (_uncovered, asserted by _check) and the jit helpers that flash_decoding.py reuses. Shapes
 and conventions (causal aligned bottom-right, GQA, key padding, a row that sees no key -> 0) are those of
 kernels/attention.py, which holds the reference, the torch path, AttentionFunction and the dispatcher.
 

@@ -278,10 +278,10 @@ def quant_linear(x, layer: QuantLinear):
         raise ValueError(f"QuantLinear({layer.in_features} -> {layer.out_features}) got input of width "
                          f"{x.shape[-1]}")
     rows = x.numel() // x.shape[-1]
-    triton = use_triton("quant_linear", x, "weights prepacked for the CPU" if layer.cpu_packed else None)
-    if layer.cpu_packed or (layer.bits == 8 and not x.is_cuda and 0 < rows <= PACKED_MAX_ROWS and not triton):
+    fused = use_triton("quant_linear", x, "weights prepacked for the CPU" if layer.cpu_packed else None)
+    if layer.cpu_packed or (layer.bits == 8 and not x.is_cuda and 0 < rows <= PACKED_MAX_ROWS and not fused):
         y = _cpu_packed(x.reshape(rows, -1), layer).to(x.dtype).view(*x.shape[:-1], layer.out_features)
-    elif triton:
+    elif fused:
         y = _triton_linear(x, layer.qweight, layer.scales, layer.offsets, layer.group_size, layer.bits)
     else:
         y = _blocked_reference(x, layer.qweight, layer.scales, layer.offsets, layer.group_size)

@@ -67,6 +67,10 @@ def llm_length(ids, image_token_id: int, image_positions) -> int:
     return len(ids) - n_img + sum(image_positions[:n_img])
 
 
+FITS_MESSAGE = ("the prompt is {L} tokens ({text} text + {images} image(s): {image_positions}), {over} more than the "
+                "context of {room}")
+
+
 @dataclass(frozen=True)
 class LlavaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -114,19 +118,18 @@ class LlavaConfig:
             return llm_length(ids, self.image_token_id, [self.num_image_tokens] * n_img)
         return llm_length(ids, self.image_token_id, [self.image_positions(s) for s in list(image_sizes or ())[:n_img]])
 
-    def check_fits(self, ids, image_sizes=(), room: int = None, room_name: str = "the context of", answer: int = 0,
-                   answer_name: str = "") -> int:
-        """-> the LLM positions L of the prompt `ids`; a ValueError saying by how much when L plus `answer` positions
-        kept for the reply (answer_name: the setting that asks for them) exceed `room` (room_name: what it is), by
-        default the context length. The one "does it fit" check of generation, the decode engine (room: its
-        positions per sequence) and the server. (With no room kept, an answer is cut where the room ends, as in
-        the original code.)"""
+    def check_fits(self, ids, image_sizes=(), room: int = None, answer: int = 0, message: str = None) -> int:
+        """-> the LLM positions L of the prompt `ids`: the one "does it fit" check of generation, the decode engine
+        and the server. When L plus `answer` positions kept for the reply exceed `room` (default: the context
+        length), a ValueError with `message` formatted from L, text (text ids), images, image_positions, need
+        (L + answer), over (need - room) and room: each caller keeps its own words (default: generation's). (With
+        no room kept, an answer is cut where the room ends, as in the original code.)"""
         room = self.text.context_length if room is None else room
         L, n_img = self.llm_length(ids, image_sizes), list(ids).count(self.image_token_id)
         if L + answer > room:
-            kept = f" and {answer_name} keeps {answer}" if answer_name else ""
-            raise ValueError(f"the prompt takes {L} positions ({len(ids) - n_img} text ids + {n_img} image(s): "
-                             f"{L - len(ids) + n_img}){kept}, {L + answer - room} more than {room_name} {room}")
+            raise ValueError((message or FITS_MESSAGE).format(
+                L=L, text=len(ids) - n_img, images=n_img, image_positions=L - len(ids) + n_img, need=L + answer,
+                over=L + answer - room, room=room))
         return L
 
     def replace(self, **changes) -> "LlavaConfig":

@@ -145,7 +145,9 @@ class Engine:
             raise ValueError(f"the prompt holds {n_img} image id(s) but {n_pix} image(s) were given")
         if not req.ids:
             raise ValueError("empty prompt")
-        self.cfg.check_fits(req.ids, req.image_sizes, room=self.S, room_name="the KV cache's")
+        self.cfg.check_fits(req.ids, req.image_sizes, room=self.S, message=(
+            "the prompt takes {L} positions ({text} text ids + {images} image(s): {image_positions}), {over} more "
+            "than the KV cache's {room} per sequence"))
 
     def _images(self, req: Request) -> list:
         """The request's images as [(pixels (n_tiles, 3, S, S), size (h, w) or None)], checked against its sizes."""

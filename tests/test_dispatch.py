@@ -62,7 +62,7 @@ def test_the_start_up_line_says_what_runs_and_why(monkeypatch):
     monkeypatch.setattr(dispatch, "GPU_VALIDATED", True)
     assert dispatch.startup_line("cuda").startswith("kernels: Triton for attention, attention_decode, swiglu, ")
     monkeypatch.setenv("MINILLAVA_KERNELS", "0")
-    assert dispatch.startup_line("cuda") == "kernels: torch for every op (MINILLAVA_KERNELS=0; MINILLAVA_KERNELS=0)"
+    assert dispatch.startup_line("cuda") == "kernels: torch for every op (MINILLAVA_KERNELS=0)"
     monkeypatch.setattr(dispatch, "HAVE_TRITON", False)
     monkeypatch.setenv("MINILLAVA_KERNELS", "1")
     assert "torch for every op (no triton package;" in dispatch.startup_line("cuda")
@@ -100,6 +100,6 @@ def test_the_report_names_each_op_its_path_and_why(monkeypatch):
     mlp = model.language_model.model.layers[0].mlp
     swiglu_layers(torch.ones(1, 2, cfg.text.hidden_size), mlp.gate_proj, mlp.up_proj)
     assert dispatch.report() == (
-        "kernels ran:\n  rms_norm: torch (inputs its kernel does not cover) x 1, first torch.float64 (2, 3)\n"
+        "kernels ran (eager calls; compiled code is not counted):\n  rms_norm: torch (inputs its kernel does not cover) x 1, first torch.float64 (2, 3)\n"
         "  attention: torch (head size 8, not one of (16, 32, 64, 128)) x 1, first torch.float32 (1, 2, 3, 8)\n"
         f"  swiglu: torch (LoRA or quantized layers) x 1, first torch.float32 (1, 2, {cfg.text.hidden_size})")

@@ -1,4 +1,4 @@
-"""eval.py's scorers on small files in the official formats, with the original scripts' edge cases; answering
+"""eval.py's scorers (minillava/eval_scores.py) on small files in the official formats, with the original scripts' edge cases; answering
 on a tiny model: the official protocol, batch-size invariance, resume; bad input named by file and line.
 tests/test_original_llava.py runs the original eval_pope / eval_science_qa / eval_textvqa on the same files."""
 import json

@@ -251,7 +251,7 @@ def test_prompt_that_does_not_fit_says_by_how_much(ckpt, images, capsys):
     err = next(line for line in err.splitlines() if line.startswith("error: "))
     text_tokens = int(err.split("(")[1].split(" text")[0])
     L = text_tokens + Np
-    assert f"the prompt takes {L} positions ({text_tokens} text ids + 1 image(s): {Np})" in err
+    assert f"the prompt is {L} tokens ({text_tokens} text + 1 image(s): {Np})" in err
     assert f"{L - context} more than the context of {context}" in err
 
 

@@ -191,7 +191,7 @@ def test_tokenizer_equals_slow_llama_tokenizer(tokenizers):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# eval.py's scorers against the original eval scripts, on the small files of tests/test_eval.py
+# eval.py's scorers (minillava/eval_scores.py) against the original eval scripts, on the small files of tests/test_eval.py
 
 def test_evalai_normalization_equals_m4c_evaluator():
     import random

@@ -181,7 +181,7 @@ BAD = [  # (description, raw body or dict, status, what the message says, param)
         {"type": "image_url", "image_url": {"url": data_url(2)[0]}}]}]}, 400, "too many images",
      "messages[0].content[1]"),
     ("prompt + max_tokens beyond the context", ask("x", data_url(1)[0], max_tokens=100_000), 400,
-     "more than the context of", "messages"),
+     "> the context of", "messages"),
     ("an undecodable image", ask("x", "data:image/png;base64," + base64.b64encode(b"not a png").decode()), 400,
      "messages[0].content[1].image_url: the image could not be decoded: its data is not in an image format",
      "messages[0].content[1].image_url"),
@@ -343,7 +343,7 @@ def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(app, 
     text = "word " * S
     assert len(text) < S * piece - 1000
     status, err, _ = call(url, "/v1/chat/completions", ask(text))
-    assert status == 400 and len(calls) == 1 and f"more than the context of {S}" in err["error"]["message"]
+    assert status == 400 and len(calls) == 1 and f"> the context of {S}" in err["error"]["message"]
     assert call(url, "/v1/chat/completions", ask("still there?"))[0] == 200
 
 
