@@ -172,8 +172,9 @@ def profiler(path):
         yield
     prof.export_chrome_trace(path)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
-    from minillava.kernels.dispatch import report
-    print(report(), file=sys.stderr)  # which path each op took, and why
+    from minillava.kernels import dispatch, linear
+    print(dispatch.report(), file=sys.stderr)  # which path each op took, and why
+    print(f"CPU decode linears: {linear.describe() or 'none measured'}", file=sys.stderr)
     print(f"profile written to {path}", file=sys.stderr)
 
 
