@@ -4,22 +4,34 @@
     done = engine.run([Request(ids, pixel_values, max_new_tokens=128), ...])  # each request's .out: its ids
 
 The cache holds `slots` sequences of up to S_max positions each: (slots, n_kv, S_max + 1, hs) per layer (the
-extra position is where idle slots write, never read). A request is prefilled alone into a free slot (its images
-encoded once), joins the decode batch at the next step and leaves it when it stops (a stop id such as EOS, its
-on_token callback saying a stop string appeared, max_new_tokens, or a full slot); its slot is refilled at once.
+extra position is where idle slots write, never read). Requests are prefilled into free slots, those admitted
+together in one forward (a right-padded batch: one read of the weights for all; see _wave), join the decode batch
+at the next step and leave it when they stop (a stop id such as EOS, its on_token callback saying a stop string
+appeared, max_new_tokens, or a full slot); a slot is refilled at once.
 A decode step runs every slot, one token each, so it has one shape for the engine's life: it can be compiled and,
 on CUDA, captured in a CUDA graph (`compile=True`). Inside the LLM a sequence has no padding: a slot's position
 t holds the sequence's t-th LLM position, so the positions of the next token are simply the slots' lengths.
 
-A slot remembers the ids (and images) it holds after its request ends. A new request goes to the free slot whose
-contents share the longest prefix with it, keeps that prefix and runs only the rest: a chat's later turn reuses
-its system prompt, image and history, and is computed exactly as a fresh run on the whole conversation would be.
+Prefixes are shared across slots. A slot remembers the ids (and images) it holds after its request ends, and a
+running slot's prompt is in its row too. A new request goes to the free slot whose contents share the longest
+prefix with it (ties: the one used longest ago, so the cache keeps what was used last); when another slot, running
+or not, holds a longer prefix of it, those positions are copied from that slot's row (KVCache.copy_prefix: a
+copy of n positions, against a forward over them), and only the rest is run. A chat's later turn reuses its
+system prompt, image and history; eight questions about one image prefill the image's positions once. Images are
+also kept by content (a hash of their pixels): an image the engine encoded before, in any prompt, is not encoded
+again while its features fit the image cache's budget (least recently used first out). With share_prefixes=False,
+image_cache_mb=0 and batch_prefill=False a request reuses only what its own slot holds and is prefilled alone:
+the engine before prefix sharing, kept for comparisons (benchmarks/bench_engine.py --pope). Whatever is shared,
+a request's positions hold what a forward over it alone gives, to fp32 rounding (the order of a matrix product's
+additions depends on its shape): the tests find the same greedy answers in any order, with any number of slots.
 
 Each request samples with its own temperature / top-p / top-k and its own seeded generator, so its tokens do not
 depend on its neighbours; greedy rows take the argmax. The image and pad ids are never sampled: they are not text
 (a model that emitted the image id would, fed back, hold an image token without an image).
 """
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +39,9 @@ import torch
 
 from minillava.llama import DecodeWrite, PrefillWrite
 from minillava.sampling import check_settings, sample
+
+
+WAVE_PADDING = 0.25  # requests prefilled together waste at most this share of their positions on padding (+ 64)
 
 
 @dataclass
@@ -63,17 +78,21 @@ class Slot:
     images: list = field(default_factory=list)  # their images [(pixels (n_tiles, 3, S, S), size (h, w) or None)]
     next_token: int = 0  # the id it feeds at the next decode step
     generator: torch.Generator = None  # the request's own seeded generator (None: torch's global one)
+    last_used: int = 0  # when a request last took it (the engine's count of admissions): eviction order
 
 
 @dataclass
 class GenerationStats:
     prefill_tokens: int = 0  # prompt positions run through the LLM (images expanded, reused prefixes excluded)
+    prefix_reused: int = 0  # prompt positions taken from the cache instead (held by the slot or copied into it)
+    prefix_copied: int = 0  # of those, positions copied from another slot's row
     prefill_s: float = 0.0  # includes the vision tower
     decode_tokens: int = 0  # ids produced by decode steps, over running sequences
     decode_steps: int = 0  # decode steps: each reads every LLM weight once
     decode_s: float = 0.0
     compile_s: float = 0.0  # with compile=True: the first decode step's time, compilation included (in decode_s)
     images: int = 0  # images encoded by the vision tower (reused ones excluded)
+    images_reused: int = 0  # images whose features came from the image cache
     tiles: int = 0  # tower inputs they took (AnyRes: the base image and its tiles)
     vision_s: float = 0.0  # the tower and projector (in prefill_s)
     vision_bytes: int = 0  # the largest image batch's pixels in + features out
@@ -88,14 +107,31 @@ class GenerationStats:
         return self.decode_tokens / max(self.decode_s, 1e-9)
 
 
+def common_prefix(ids, images, other_ids, other_images, image_token_id: int) -> int:
+    """How many leading ids two prompts share, an image id counting only when its image ((pixels, size)) is the same."""
+    n, n_img = 0, 0
+    while n < min(len(ids), len(other_ids)) and ids[n] == other_ids[n]:
+        if ids[n] == image_token_id:
+            (pix, size), (other_pix, other_size) = images[n_img], other_images[n_img]
+            if size != other_size or not torch.equal(pix, other_pix):
+                break
+            n_img += 1
+        n += 1
+    return n
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 class Engine:
-    def __init__(self, model, slots: int = 8, max_seq_len: int = None, compile: bool = False):
-        """max_seq_len: S_max, positions per slot (default and upper bound: the model's context length)."""
+    def __init__(self, model, slots: int = 8, max_seq_len: int = None, compile: bool = False,
+                 share_prefixes: bool = True, image_cache_mb: float = 256, batch_prefill: bool = True):
+        """max_seq_len: S_max, positions per slot (default and upper bound: the model's context length).
+        share_prefixes: reuse a prefix any slot holds (False: only the request's own slot). image_cache_mb: the
+        budget of the features kept by image content (0: none kept). batch_prefill: requests admitted together
+        are prefilled in one forward (False: one at a time). All three False / 0: the engine before issue 30."""
         cfg = model.config
         context = cfg.text.context_length
         if slots < 1 or (max_seq_len is not None and not 1 <= max_seq_len <= context):
@@ -111,6 +147,10 @@ class Engine:
         self.banned = torch.tensor([i for i in {cfg.image_token_id, cfg.pad_token_id} if 0 <= i < V],
                                    dtype=torch.long, device=self.device)
         self.state = [Slot() for _ in range(slots)]
+        self.share_prefixes, self.batch_prefill = share_prefixes, batch_prefill
+        self.image_cache = OrderedDict()  # hash of (pixels, size) -> features (n, C), least recently used first
+        self.image_cache_budget, self.image_cache_bytes = int(image_cache_mb * 2**20), 0
+        self.admitted = 0
         # the decode step's inputs: the same tensors every step (a CUDA graph replays on fixed addresses)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -134,6 +174,8 @@ class Engine:
 
     def describe(self) -> str:
         return (f"KV cache: {self.slots} slot(s) x {self.S} positions, {self.cache_bytes / 2**30:.2f} GiB"
+                + (", prefixes shared across slots" if self.share_prefixes else "")
+                + f", image cache {self.image_cache_budget / 2**20:.0f} MiB"
                 + (", decode step compiled" if self.compiled else ""))
 
     # --- admission: prefill one request into a slot -------------------------------------------------------
@@ -162,49 +204,99 @@ class Engine:
                              f"{req.pixel_values.shape[0]} (an AnyRes model takes image_sizes with its pixels)")
         return list(zip(req.pixel_values.split(tiles), sizes))
 
-    def _shared_prefix(self, slot: int, req: Request) -> int:
+    def _shared_prefix(self, slot: int, req: Request, images=None) -> int:
         """How many leading ids of the request the slot already holds (images compared by their pixels)."""
-        ids, cached, images = req.ids, self.state[slot].ids, self._images(req)
-        keep, img, n_img = 0, self.cfg.image_token_id, 0
-        while keep < min(len(ids), len(cached)) and ids[keep] == cached[keep]:
-            if ids[keep] == img:
-                (pix, size), (cached_pix, cached_size) = images[n_img], self.state[slot].images[n_img]
-                if size != cached_size or not torch.equal(pix, cached_pix):
-                    break
-                n_img += 1
-            keep += 1
-        return min(keep, len(ids) - 1)  # at least one id runs, for the logits of the next token
+        st = self.state[slot]
+        images = self._images(req) if images is None else images
+        keep = common_prefix(req.ids, images, st.ids, st.images, self.cfg.image_token_id)
+        return min(keep, len(req.ids) - 1)  # at least one id runs, for the logits of the next token
+
+    def _take_prefix(self, slot: int, req: Request, images) -> int:
+        """Make the slot hold the longest prefix of the request that any slot holds: its own, or one copied from
+        another slot's row (positions [0, start) of every layer). -> the request's ids now held."""
+        st = self.state[slot]
+        keep = self._shared_prefix(slot, req, images)
+        others = [s for s in range(self.slots) if s != slot] if self.share_prefixes else []
+        best = max(others, key=lambda s: self._shared_prefix(s, req, images), default=None)
+        if best is not None and self._shared_prefix(best, req, images) > keep:
+            keep, src = self._shared_prefix(best, req, images), self.state[best]
+            start = self.cfg.llm_length(req.ids[:keep], req.image_sizes)
+            for cache in self.caches:
+                cache.copy_prefix(best, slot, start)
+            n_img = req.ids[:keep].count(self.cfg.image_token_id)
+            st.ids, st.images = src.ids[:keep], src.images[:n_img]
+            self.stats.prefix_copied += start
+        return keep
+
+    def _features(self, images) -> list:
+        """Each image's projected features: from the image cache by content, the others encoded in one batch
+        (and kept, the least recently used dropped past the budget)."""
+        keys = [hashlib.sha256(pix.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+                               + repr(size).encode()).hexdigest() for pix, size in images]
+        new = [i for i, k in enumerate(keys) if k not in self.image_cache]
+        if new:
+            pixels = torch.cat([images[i][0] for i in new]).to(self.device, self.dtype)
+            sizes = [images[i][1] for i in new] if self.cfg.anyres else None
+            for i, f in zip(new, self._encode(pixels, sizes)):
+                self.image_cache[keys[i]] = f
+                self.image_cache_bytes += f.numel() * f.element_size()
+        feats = [self.image_cache[k] for k in keys]
+        for k in keys:
+            self.image_cache.move_to_end(k)  # just used
+        while self.image_cache_bytes > self.image_cache_budget and self.image_cache:
+            _, f = self.image_cache.popitem(last=False)
+            self.image_cache_bytes -= f.numel() * f.element_size()
+        self.stats.images_reused += len(keys) - len(new)
+        return feats
 
     def prefill(self, req: Request, slot: int):
         """Run the request's ids that the slot does not hold yet into it (images encoded here); the slot is then
         the request's. -> logits of its next id (1, V). (The engine's own step; public for benchmarks and tests
         that feed chosen tokens.)"""
+        return self._prefill([(req, slot)])
+
+    def _prefill(self, batch) -> torch.Tensor:
+        """Prefill [(request, slot)] in one forward (one read of the weights for all of them): each takes the
+        longest prefix any slot holds, and runs the rest, right-padded to the longest rest. -> (B, V) logits."""
         t0 = time.perf_counter()
         self._own_cache()
-        st = self.state[slot]
-        keep = self._shared_prefix(slot, req)
-        start = self.cfg.llm_length(req.ids[:keep], req.image_sizes)
-        n_kept_img = req.ids[:keep].count(self.cfg.image_token_id)
-        new = torch.tensor([req.ids[keep:]], device=self.device)  # (1, T)
-        st.ids = st.ids[:keep]  # what stays valid should the forward below fail midway
-        images = self._images(req)
-        pixels, sizes = None, None
-        if len(images) > n_kept_img:
-            pixels = torch.cat([p for p, _ in images[n_kept_img:]]).to(self.device, self.dtype)
-            sizes = [s for _, s in images[n_kept_img:]] if self.cfg.anyres else None
+        rows = []  # (embeds (L, C), start) per request
         with torch.inference_mode():
-            feats = None if pixels is None else self._encode(pixels, sizes)
-            embeds, _, _, _ = self.model.embed_inputs(new, pixels, image_sizes=sizes, image_features=feats)  # (1, L, C)
-            L = embeds.shape[1]
-            positions = torch.arange(start, start + L, device=self.device)[None]  # (1, L)
+            for req, slot in batch:
+                st, images = self.state[slot], self._images(req)
+                keep = self._take_prefix(slot, req, images)
+                start = self.cfg.llm_length(req.ids[:keep], req.image_sizes)
+                n_kept_img = req.ids[:keep].count(self.cfg.image_token_id)
+                st.ids = st.ids[:keep]  # what stays valid should the forward below fail midway
+                feats, sizes = None, None
+                if len(images) > n_kept_img:
+                    feats = self._features(images[n_kept_img:])
+                    sizes = [s for _, s in images[n_kept_img:]] if self.cfg.anyres else None
+                new = torch.tensor([req.ids[keep:]], device=self.device)  # (1, T)
+                embeds, _, _, _ = self.model.embed_inputs(new, image_sizes=sizes, image_features=feats)  # (1, L, C)
+                rows.append((embeds[0], start))
+                self.stats.prefix_reused += start
+            B, T = len(rows), max(len(e) for e, _ in rows)
+            lengths = [len(e) for e, _ in rows]
+            starts = [start for _, start in rows]
+            x = rows[0][0].new_zeros(B, T, rows[0][0].shape[-1])  # (B, T, C), right-padded
+            for b, (e, _) in enumerate(rows):
+                x[b, :len(e)] = e
+            positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
             lm = self.model.language_model
-            hidden = lm.model(embeds, positions, cache=PrefillWrite(slot, start))  # causal from the cached prefix
-            logits = lm.lm_head(hidden[:, -1])  # (1, V)
-        st.request, st.length, st.ids, st.images = req, start + L, list(req.ids), images
-        st.generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
-        req.out, req.finish_reason = [], None
+            write = PrefillWrite([slot for _, slot in batch], starts, lengths)
+            hidden = lm.model(x, positions, cache=write)  # (B, T, C): causal from each slot's cached prefix
+            last = torch.tensor(lengths, device=self.device) - 1
+            logits = lm.lm_head(hidden[torch.arange(B, device=self.device), last])  # (B, V)
+        for (req, slot), L, start in zip(batch, lengths, starts):
+            st = self.state[slot]
+            st.request, st.length, st.ids, st.images = req, start + L, list(req.ids), self._images(req)
+            self.admitted += 1
+            st.last_used = self.admitted
+            st.generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
+            req.out, req.finish_reason = [], None
         _sync(self.device)
-        self.stats.prefill_tokens += L
+        self.stats.prefill_tokens += sum(lengths)
         self.stats.prefill_s += time.perf_counter() - t0
         return logits
 
@@ -228,13 +320,44 @@ class Engine:
     def admit(self, req: Request):
         """Check the request, prefill it into the free slot that holds the longest prefix of it, and sample its
         first id: it runs in the next step (or has ended already, e.g. at once on EOS)."""
-        self.check(req)
+        self.admit_many([req])
+
+    def admit_many(self, reqs: list):
+        """admit() for several requests at once, prefilled in one forward (at most the free slots)."""
+        for req in reqs:
+            self.check(req)
         free = [s for s in range(self.slots) if self.state[s].request is None]
-        if not free:
-            raise RuntimeError("no free slot: admit a request when `has_free_slot`")
-        slot = max(free, key=lambda s: (self._shared_prefix(s, req), -s))
-        logits = self.prefill(req, slot)
-        self._accept(slot, self._sample(logits, [slot])[0])
+        if len(reqs) > len(free):
+            raise RuntimeError(f"{len(reqs)} request(s) for {len(free)} free slot(s): admit when `has_free_slot`")
+        batch = []
+        for req in reqs:
+            images = self._images(req)
+            slot = max(free, key=lambda s: (self._shared_prefix(s, req, images), -self.state[s].last_used, -s))
+            free.remove(slot)
+            batch.append((req, slot))
+        slots = [slot for _, slot in batch]
+        for slot, token in zip(slots, self._sample(self._prefill(batch), slots)):
+            self._accept(slot, token)
+
+    def _wave(self, waiting: list) -> int:
+        """How many of the waiting requests (as many as there are free slots) to prefill together: all of them,
+        up to one that shares a longer prefix with an earlier one of them than any slot holds yet (it waits
+        for the next forward, to copy that prefix instead of computing it again), or one whose length would make
+        the batch's right padding more than WAVE_PADDING of its positions."""
+        n = min(len(waiting), sum(st.request is None for st in self.state)) if self.batch_prefill else 1
+        images = [self._images(r) for r in waiting[:n]]
+        rest = []  # LLM positions each has to compute, beyond the longest prefix a slot holds
+        for i, r in enumerate(waiting[:n]):
+            slots = range(self.slots) if self.share_prefixes else [s for s in range(self.slots)
+                                                                    if self.state[s].request is None]
+            held = max(self._shared_prefix(s, r, images[i]) for s in slots)
+            if self.share_prefixes and any(common_prefix(waiting[j].ids, images[j], r.ids, images[i],
+                                                         self.cfg.image_token_id) > held for j in range(i)):
+                return i
+            rest.append(self.cfg.llm_length(r.ids, r.image_sizes) - self.cfg.llm_length(r.ids[:held], r.image_sizes))
+            if max(rest) * len(rest) > (1 + WAVE_PADDING) * sum(rest) + 64:
+                return max(i, 1)
+        return n
 
     @property
     def has_free_slot(self) -> bool:
@@ -346,17 +469,21 @@ class Engine:
         return served
 
     def _serve(self, pending, served):
-        exhausted = False
+        exhausted, waiting = False, []
         while True:
-            while not exhausted and self.has_free_slot:
+            while not exhausted and len(waiting) < sum(st.request is None for st in self.state):
                 req = next(pending, None)
                 if req is None:
                     exhausted = True
                     break
                 served.append(req)
-                self.admit(req)
+                waiting.append(req)
+            while waiting and self.has_free_slot:
+                n = self._wave(waiting)
+                self.admit_many(waiting[:n])
+                del waiting[:n]
             if not self.busy:
-                if exhausted:
+                if exhausted and not waiting:
                     return
                 continue
             self.step()

@@ -30,6 +30,7 @@ from minillava.llama import KVCache
 from minillava.templates import build_prompt, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, StreamDecoder, Tokenizer, tokenize_with_images
 from minillava.weights import load_llava
+from minillava.weights.save import atomic_file
 from minillava.weights.quantize import DEFAULT_GROUP_SIZE, Quantization
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -288,6 +289,10 @@ def print_stats(stats: GenerationStats, model, file=None):
           f"tokens/s | decode: {stats.decode_tokens} tokens in {stats.decode_s:.2f} s = "
           f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {gbps:.3g} GB/s of "
           f"{weight_bytes / 1e9:.3g} GB weights)", file=file or sys.stderr)
+    if stats.prefix_reused or stats.images_reused:
+        print(f"reused: {stats.prefix_reused} prompt positions from the KV cache ({stats.prefix_copied} copied from "
+              f"another slot) against {stats.prefill_tokens} computed; {stats.images_reused} image(s) from the image "
+              f"cache against {stats.images} encoded", file=file or sys.stderr)
     if stats.images:
         peak = f", CUDA peak {stats.vision_peak_bytes / 2**30:.2f} GiB" if stats.vision_peak_bytes else ""
         print(f"vision tower: {stats.images} image(s) as {stats.tiles} tile(s) in {stats.vision_s:.2f} s "
@@ -362,8 +367,9 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
                 temperature=0.0, top_p=None, top_k=None, max_new_tokens=512, seed=None, batch_size=8, num_chunks=1,
                 chunk_idx=0, compile=False, model_id="minillava") -> tuple[GenerationStats, list[str]]:
     """Answer every question of the file questions_path (LLaVA's model_vqa format, jsonl) not yet in answers_path,
-    on an engine of batch_size slots: each answer line is written and flushed as soon as it ends (so the file is in
-    the order answers finish; resuming finds them by their key). num_chunks / chunk_idx: only this contiguous
+    on an engine of batch_size slots, questions about one image together: each answer line is written and flushed
+    as soon as it ends (a kill loses no answer; resuming finds them by their key), and the file is put in the
+    questions' order at the end. num_chunks / chunk_idx: only this contiguous
     chunk (the original's sharding). -> (stats, errors): malformed lines and questions that could not be answered,
     each named."""
     questions, errors = read_questions(questions_path)
@@ -387,6 +393,9 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
             continue
         todo.append((n, q))
         lengths.append(model.config.llm_length(ids, sizes))
+    # questions about one image asked one after another: the engine then computes its positions once (POPE asks
+    # ~18 questions per image); in_file_order puts the answers back in the file's order
+    todo.sort(key=lambda nq: nq[1].get("image") or "")
     unanswerable = len(errors) - n_malformed
     print(f"{len(questions)} questions, {n_done} already answered in {answers_path}, {len(todo)} to go"
           + (f"; {n_malformed} malformed line(s)" if n_malformed else "")
@@ -435,7 +444,21 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
 
         engine.run(requests())
         os.fsync(out.fileno())
+    in_file_order(answers_path, {question_key(q): i for i, (_, q) in enumerate(questions)})
     return engine.stats, errors
+
+
+def in_file_order(answers_path, order: dict):
+    """Rewrite the answers file, written in the order answers finished, in the questions' order (order: question
+    key -> place), atomically: a kill before this leaves the file as it was, complete. Answers of questions not
+    in `order` keep their order after the others."""
+    with open(answers_path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    place = [order.get((a["question_id"], a["prompt"]), len(order)) for a in map(json.loads, lines)]
+    ordered = [line for _, line in sorted(zip(place, lines), key=lambda pl: pl[0])]  # stable
+    if ordered != lines:
+        with atomic_file(answers_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(ordered)
 
 
 def report_unanswered(errors: list, answers_path) -> int:

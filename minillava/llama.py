@@ -37,13 +37,16 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
 
 @dataclass
 class PrefillWrite:
-    """One sequence's T new tokens (B == 1) go to positions [start, start + T) of cache row `slot` and attend to
-    its positions [0, start + T): a prompt, or the part of one that the slot does not hold yet (a later chat turn)."""
-    slot: int
-    start: int
+    """The new tokens of B sequences: sequence b's lengths[b] tokens go to positions [starts[b], starts[b] +
+    lengths[b]) of cache row slots[b], and its token i attends to that row's positions [0, starts[b] + i]: a prompt,
+    or the part of one that the slot does not hold yet (a later chat turn, a shared prefix). The batch is
+    right-padded to T = max(lengths); a padding token writes nothing and its output is not used."""
+    slots: list
+    starts: list
+    lengths: list
 
     def write(self, cache: "KVCache", k, v):
-        return cache.write_prefill(self.slot, self.start, k, v)
+        return cache.write_prefill(self.slots, self.starts, self.lengths, k, v)
 
 
 @dataclass
@@ -62,7 +65,8 @@ class DecodeWrite:
 
 class KVCache(nn.Module):
     """A preallocated (slots, n_kv, S_max, hs) key/value buffer: one row per sequence the engine serves. Its two
-    writes return the keys, values to attend to and each sequence's number of keys (None: it sees all of them)."""
+    writes return the keys, values to attend to and how attention is to see them (attention()'s key_padding_mask
+    or key_lengths); copy_prefix shares a computed prefix between rows."""
 
     def __init__(self, slots, n_kv, max_seq_len, head_dim, dtype, device):
         super().__init__()
@@ -70,12 +74,34 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write_prefill(self, slot: int, start: int, k, v):
-        """k, v (1, n_kv, T, hs) -> row `slot` at [start, start + T); -> its keys, values (1, n_kv, end, hs), None."""
-        end = start + k.shape[2]
-        self.k_cache[slot, :, start:end] = k[0]
-        self.v_cache[slot, :, start:end] = v[0]
-        return self.k_cache[slot:slot + 1, :, :end], self.v_cache[slot:slot + 1, :, :end], None
+    def write_prefill(self, slots, starts, lengths, k, v):
+        """k, v (B, n_kv, T, hs): row b's first lengths[b] tokens -> cache row slots[b] at starts[b]; -> keys, values
+        (B, n_kv, Tk, hs) and how attention sees them. One sequence: its row's [0, start + T), causal as it is.
+        Several: row b's keys [0, starts[b] + T) placed at the right end of Tk = max(starts) + T, so that attention's
+        causal mask (aligned bottom-right) lets token i see position starts[b] + i; the left padding, and keys past
+        starts[b] + lengths[b] (seen only by padding tokens), are masked out."""
+        T = k.shape[2]
+        for b, (slot, start, n) in enumerate(zip(slots, starts, lengths)):
+            self.k_cache[slot, :, start:start + n] = k[b, :, :n]
+            self.v_cache[slot, :, start:start + n] = v[b, :, :n]
+        if len(slots) == 1:  # (1, n_kv, end, hs): a view of the row, no mask
+            slot, end = slots[0], starts[0] + T
+            return self.k_cache[slot:slot + 1, :, :end], self.v_cache[slot:slot + 1, :, :end], {}
+        Tk = max(starts) + T
+        keys = k.new_zeros(len(slots), k.shape[1], Tk, k.shape[3])  # (B, n_kv, Tk, hs)
+        values = torch.zeros_like(keys)
+        visible = torch.zeros(len(slots), Tk, dtype=torch.bool, device=k.device)  # (B, Tk)
+        for b, (slot, start, n) in enumerate(zip(slots, starts, lengths)):
+            pad = Tk - start - T  # row b's position p sits at pad + p
+            keys[b, :, pad:pad + start + n] = self.k_cache[slot, :, :start + n]
+            values[b, :, pad:pad + start + n] = self.v_cache[slot, :, :start + n]
+            visible[b, pad:pad + start + n] = True
+        return keys, values, {"key_padding_mask": visible}
+
+    def copy_prefix(self, src: int, dst: int, n: int):
+        """Row dst's positions [0, n) := row src's: a prefix computed once, shared by another sequence."""
+        self.k_cache[dst, :, :n] = self.k_cache[src, :, :n]
+        self.v_cache[dst, :, :n] = self.v_cache[src, :, :n]
 
     def write_decode(self, start, kv_len: int, all_visible: bool, k, v):
         """k, v (slots, n_kv, 1, hs) -> each slot's own position start (slots,); -> keys, values (slots, n_kv, kv_len,
@@ -84,7 +110,7 @@ class KVCache(nn.Module):
         self.k_cache[rows, :, start] = k[:, :, 0]  # (slots, n_kv, hs) at each slot's own length
         self.v_cache[rows, :, start] = v[:, :, 0]
         lengths = None if all_visible else start + 1  # (slots,): a slot's token sees positions [0, start]
-        return self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], lengths
+        return self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], {"key_lengths": lengths}
 
 
 class LlamaAttention(nn.Module):
@@ -109,14 +135,13 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = apply_rope(q, k, cos, sin)
-        key_lengths = None
+        seen = {"key_padding_mask": key_padding_mask}
         if cache is not None:
-            k, v, key_lengths = cache.write(self.kv_cache, k, v)  # (B, n_kv, Tk, hs)
+            k, v, seen = cache.write(self.kv_cache, k, v)  # (B, n_kv, Tk, hs), and which keys each row sees
         # Causal with the cache offset: new token i (position start + i) sees positions j <= start + i, i.e. the
-        # mask is aligned to the bottom-right corner of the (T, Tk) score matrix (one slot: Tk = start + T; a
-        # decode step's single query sees every key its padding mask lets through).
-        y = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                      key_lengths=key_lengths)  # (B, nh, T, hs)
+        # mask is aligned to the bottom-right corner of the (T, Tk) score matrix (one slot: Tk = start + T; several:
+        # each row's keys end where its prefill's end; a decode step's single query sees every key of its slot).
+        y = attention(q, k, v, causal=True, **seen)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
 
 

@@ -130,6 +130,8 @@ class Llava(nn.Module):
         n_pix = 0 if pixel_values is None else pixel_values.shape[0]
         if self.config.anyres and pixel_values is not None:
             n_pix = len(self._sizes(image_sizes))  # several tiles per image
+        if pixel_values is None and image_features is not None and n_img:  # encoded by the caller (the engine)
+            n_pix = len(image_features)
         if n_img != n_pix:
             raise ValueError(f"input_ids hold {n_img} image tokens (id {self.config.image_token_id}) but "
                              f"{n_pix} images were given")

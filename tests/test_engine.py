@@ -211,3 +211,67 @@ def test_a_request_with_bad_sampling_settings_fails_where_it_is_made():
             Request([1, 2, 3], **kw)
     with pytest.raises(ValueError, match="need max_new_tokens >= 1; got 0"):
         Request([1, 2, 3], max_new_tokens=0)
+
+
+# ---- prefixes shared across slots, images kept by content (issue 30) ----
+def same_image_questions(n_images=3, per_image=4, seed=1):
+    """POPE-shaped: a shared system prefix, then one image and a short question; several questions per image
+    (each question carries its own copy of the image's pixels, as read from a file), plus two text-only ones."""
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(3, 200, (9,), generator=g).tolist()
+    images = [torch.randn(1, 3, 32, 32, generator=g) for _ in range(n_images)]
+    out = [([1] + system + [IMG] + torch.randint(3, 200, (2 + q % 3,), generator=g).tolist(), images[i].clone())
+           for i in range(n_images) for q in range(per_image)]
+    return out + [([1] + system + torch.randint(3, 200, (5,), generator=g).tolist(), None) for _ in range(2)]
+
+
+def answers(pairs, slots, **kw):
+    engine, done = run([Request(ids, pix, max_new_tokens=6) for ids, pix in pairs], slots, **kw)
+    return [r.out for r in done], engine.stats
+
+
+def test_shared_prefixes_give_the_same_greedy_answers_in_any_order_and_batch():
+    """Prefixes copied between slots, images kept by content, requests prefilled together in one forward: the
+    same greedy answers as the engine without any of it, in any order and with any number of slots."""
+    pairs = same_image_questions()
+    want, before = answers(pairs, 8, share_prefixes=False, image_cache_mb=0, batch_prefill=False)  # the old engine
+    assert before.images == 12 and before.images_reused == 0  # every question encodes its image
+    g = torch.Generator().manual_seed(0)
+    for slots in (1, 3, 8):
+        for order in (list(range(len(pairs))), torch.randperm(len(pairs), generator=g).tolist()):
+            got, stats = answers([pairs[i] for i in order], slots)
+            assert [got[order.index(i)] for i in range(len(pairs))] == want, (slots, order)
+            assert stats.images == 3  # each picture encoded once, whatever the order
+            assert stats.prefill_tokens + stats.prefix_reused == before.prefill_tokens + before.prefix_reused
+    _, stats = answers(pairs, 8)  # eight slots: the prefixes are copied between running slots
+    assert stats.prefix_copied >= 7 * 10 + 5 * CFG.num_image_tokens  # the system prompt 7 times, images 5 times
+    assert stats.prefill_tokens < before.prefill_tokens - 5 * CFG.num_image_tokens
+
+
+def test_a_request_reads_no_other_request_positions_past_the_shared_prefix():
+    """Change one request's image: the other answers stay, and the changed one follows its own image (it equals
+    that request run alone on a fresh engine), though its text is the same as its neighbours'."""
+    pairs = same_image_questions(n_images=1, per_image=6)[:6]
+    base, _ = answers(pairs, 4)
+    other = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    changed = list(pairs)
+    changed[3] = (pairs[3][0], other)
+    got, stats = answers(changed, 4)
+    assert [a for i, a in enumerate(got) if i != 3] == [a for i, a in enumerate(base) if i != 3]
+    assert got[3] == answers([changed[3]], 1)[0][0] and got[3] != base[3]
+    assert stats.images == 2
+
+
+def test_eviction_under_a_tiny_budget_gives_the_same_answers():
+    pairs = same_image_questions()[:12]
+    pairs = [pairs[q + 4 * i] for q in range(4) for i in range(3)]  # the images in turn: A B C A B C ...
+    want, _ = answers(pairs, 1, share_prefixes=False, image_cache_mb=0)
+    got, stats = answers(pairs, 1)  # one slot: each picture's features come back from the image cache
+    assert got == want and stats.images == 3 and stats.images_reused == 9
+    got, stats = answers(pairs, 1, image_cache_mb=1e-6)  # no image's features fit: each encoded where needed
+    assert got == want and stats.images == 12 and stats.images_reused == 0
+    one = CFG.num_image_tokens * CFG.text.hidden_size * 4  # one image's fp32 features, bytes
+    engine = Engine(MODEL, slots=1, image_cache_mb=2.5 * one / 2**20)  # room for two images' features
+    assert [r.out for r in engine.run([Request(ids, pix, max_new_tokens=6) for ids, pix in pairs])] == want
+    assert engine.image_cache_bytes == 2 * one and len(engine.image_cache) == 2
+    assert engine.stats.images == 12  # A B C in turn through a cache of two: the least recently used is always out
