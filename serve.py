@@ -62,6 +62,8 @@ class ServeConfig:
     slots: int = 8            # sequences decoded together (the engine's KV cache slots)
     queue: int = 32           # requests waiting for a slot; more get 429
     max_seq_len: int = 0      # positions per slot; 0: the model's context
+    prefill_chunk: int = 256  # prompt positions prefilled per decode step: a newcomer never stalls streams; 0: whole
+    image_cache_mb: float = 256  # features of recent images kept by content (the same picture is encoded once)
     template: str = "vicuna_v1"
     model_name: str = None    # the id /v1/models lists and requests name (default: the directory's name)
     image_root: str = None    # local image paths are read only under this directory (default: none are)
@@ -121,7 +123,8 @@ class Server:
     def __init__(self, cfg: ServeConfig, model, tokenizer):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.name = cfg.model_name or os.path.basename(os.path.normpath(cfg.model or "minillava"))
-        self.engine = Engine(model, slots=cfg.slots, max_seq_len=cfg.max_seq_len or None, compile=cfg.compile)
+        self.engine = Engine(model, slots=cfg.slots, max_seq_len=cfg.max_seq_len or None, compile=cfg.compile,
+                             prefill_chunk=cfg.prefill_chunk or None, image_cache_mb=cfg.image_cache_mb)
         # No token covers more characters of the text than its piece has ("▁the" is " the", "</s>" is itself, a
         # byte piece less than one), as LLaMA's tokenizer keeps every character (identity normalization, spaces
         # kept, byte fallback): a text longer than the context times this cannot fit, however it tokenizes.

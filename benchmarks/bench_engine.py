@@ -18,6 +18,10 @@ questions' file order (each image's questions in three blocks, as POPE's adversa
 make it) and grouped by image as generation.answer_file orders them. Prints questions/s, images encoded and
 prompt positions computed / reused per run, and checks that every answer is the same.
 
+--chunked: one request decodes 150 ids while 600-position prompts keep arriving in the other slots (each
+answered in 8 ids, then the next arrives); prints the running request's median and longest gap between two of
+its tokens without chunks (each newcomer prefilled whole at admission) and with --chunk positions per step.
+
 The model: a random LLaVA-1.5-shaped model with a 12 x 768 LLM (~134M parameters, as bench_generate_cpu.py) and
 a small CLIP tower at 112 px (64 image positions), so that decoding, which batching changes, dominates.
 """
@@ -98,6 +102,29 @@ def pope(model, a):
         sys.exit("the answers differ: the comparison is not valid")
 
 
+def chunked(model, a):
+    g = torch.Generator().manual_seed(2)
+    runner = [1] + torch.randint(3, 32000, (20,), generator=g).tolist()
+    newcomers = [[1] + torch.randint(3, 32000, (599,), generator=g).tolist() for _ in range(3 * a.slots)]
+    print(f"chunked prefill: one request decoding 150 ids, {len(newcomers)} prompts of 600 positions arriving in "
+          f"the other {a.slots - 1} slots, {a.dtype}, {a.device}, {a.threads} thread(s)")
+    results = {}
+    for chunk in (None, a.chunk):
+        engine = Engine(model, slots=a.slots, max_seq_len=700, prefill_chunk=chunk)
+        engine.run([Request([1, 5, 6], max_new_tokens=2)])  # warm up
+        times = []
+        first = Request(runner, max_new_tokens=150, on_token=lambda out: times.append(time.perf_counter()))
+        done = engine.run([first] + [Request(ids, max_new_tokens=8) for ids in newcomers])
+        gaps = sorted(b - c for b, c in zip(times[1:], times))
+        median, longest = gaps[len(gaps) // 2], gaps[-1]
+        results[chunk] = [r.out for r in done]
+        print(f"prefill_chunk {str(chunk):5s} running request's gap between tokens: median {median * 1e3:6.1f} ms, "
+              f"longest {longest * 1e3:6.1f} ms ({longest / median:.1f}x the median)")
+    print(f"same answers: {results[None] == results[a.chunk]}")
+    if results[None] != results[a.chunk]:
+        sys.exit("the answers differ: the comparison is not valid")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--questions", type=int, default=64)
@@ -107,6 +134,8 @@ def main():
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (both runs)")
     p.add_argument("--pope", action="store_true", help="the POPE-shaped file instead (see the docstring)")
+    p.add_argument("--chunked", action="store_true", help="the gaps of a running request (see the docstring)")
+    p.add_argument("--chunk", type=int, default=32, help="--chunked: prefill_chunk, positions per step")
     p.add_argument("--pope-images", type=int, default=50)
     p.add_argument("--pope-per-image", type=int, default=18)
     p.add_argument("--pope-tokens", type=int, default=2, help="ids per answer (EOS ignored): yes/no and a stop")
@@ -124,6 +153,8 @@ def main():
     model = model.to(a.device, dtype).eval()
     if a.pope:
         return pope(model, a)
+    if a.chunked:
+        return chunked(model, a)
     qs = questions(a.questions, a.device, dtype)
     n_tokens = sum(n for _, _, n in qs)
     print(f"{a.questions} questions ({sum(p is not None for _, p, _ in qs)} with an image), {n_tokens} answer tokens "

@@ -79,6 +79,7 @@ class Slot:
     next_token: int = 0  # the id it feeds at the next decode step
     generator: torch.Generator = None  # the request's own seeded generator (None: torch's global one)
     last_used: int = 0  # when a request last took it (the engine's count of admissions): eviction order
+    pending: torch.Tensor = None  # (L, C) the request's embeddings still to prefill (None: decoding, or free)
 
 
 @dataclass
@@ -127,16 +128,21 @@ def _sync(device):
 
 class Engine:
     def __init__(self, model, slots: int = 8, max_seq_len: int = None, compile: bool = False,
-                 share_prefixes: bool = True, image_cache_mb: float = 256, batch_prefill: bool = True):
+                 share_prefixes: bool = True, image_cache_mb: float = 256, batch_prefill: bool = True,
+                 prefill_chunk: int = None):
         """max_seq_len: S_max, positions per slot (default and upper bound: the model's context length).
         share_prefixes: reuse a prefix any slot holds (False: only the request's own slot). image_cache_mb: the
         budget of the features kept by image content (0: none kept). batch_prefill: requests admitted together
-        are prefilled in one forward (False: one at a time). All three False / 0: the engine before issue 30."""
+        are prefilled in one forward (False: one at a time). All three False / 0: the engine before issue 30.
+        prefill_chunk: positions of a prompt run per engine step, between decode steps, so that a long prompt
+        never stalls the running requests for a whole prefill (None: a prompt at once, at admission)."""
         cfg = model.config
         context = cfg.text.context_length
         if slots < 1 or (max_seq_len is not None and not 1 <= max_seq_len <= context):
             raise ValueError(f"Engine needs slots >= 1 and 1 <= max_seq_len <= the context {context}; got {slots}, "
                              f"{max_seq_len}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"Engine needs prefill_chunk >= 1 (or None: no chunks); got {prefill_chunk}")
         self.model, self.cfg, self.slots = model, cfg, slots
         self.S = max_seq_len or context
         lm = model.language_model
@@ -147,7 +153,7 @@ class Engine:
         self.banned = torch.tensor([i for i in {cfg.image_token_id, cfg.pad_token_id} if 0 <= i < V],
                                    dtype=torch.long, device=self.device)
         self.state = [Slot() for _ in range(slots)]
-        self.share_prefixes, self.batch_prefill = share_prefixes, batch_prefill
+        self.share_prefixes, self.batch_prefill, self.prefill_chunk = share_prefixes, batch_prefill, prefill_chunk
         self.image_cache = OrderedDict()  # hash of (pixels, size) -> features (n, C), least recently used first
         self.image_cache_budget, self.image_cache_bytes = int(image_cache_mb * 2**20), 0
         self.admitted = 0
@@ -253,52 +259,71 @@ class Engine:
         """Run the request's ids that the slot does not hold yet into it (images encoded here); the slot is then
         the request's. -> logits of its next id (1, V). (The engine's own step; public for benchmarks and tests
         that feed chosen tokens.)"""
-        return self._prefill([(req, slot)])
+        self._start([(req, slot)])
+        done = {}
+        while not done:
+            done = self._advance([slot])
+        return done[slot]
 
-    def _prefill(self, batch) -> torch.Tensor:
-        """Prefill [(request, slot)] in one forward (one read of the weights for all of them): each takes the
-        longest prefix any slot holds, and runs the rest, right-padded to the longest rest. -> (B, V) logits."""
+    def _start(self, batch):
+        """Make each slot of [(request, slot)] the request's: take the longest prefix any slot holds, and embed
+        the rest (its images' features from the image cache or encoded) as the slot's pending prefill."""
         t0 = time.perf_counter()
         self._own_cache()
-        rows = []  # (embeds (L, C), start) per request
         with torch.inference_mode():
             for req, slot in batch:
                 st, images = self.state[slot], self._images(req)
                 keep = self._take_prefix(slot, req, images)
-                start = self.cfg.llm_length(req.ids[:keep], req.image_sizes)
                 n_kept_img = req.ids[:keep].count(self.cfg.image_token_id)
-                st.ids = st.ids[:keep]  # what stays valid should the forward below fail midway
+                st.ids = st.ids[:keep]  # what the row holds, until the prefill is done
                 feats, sizes = None, None
                 if len(images) > n_kept_img:
                     feats = self._features(images[n_kept_img:])
                     sizes = [s for _, s in images[n_kept_img:]] if self.cfg.anyres else None
                 new = torch.tensor([req.ids[keep:]], device=self.device)  # (1, T)
                 embeds, _, _, _ = self.model.embed_inputs(new, image_sizes=sizes, image_features=feats)  # (1, L, C)
-                rows.append((embeds[0], start))
-                self.stats.prefix_reused += start
-            B, T = len(rows), max(len(e) for e, _ in rows)
-            lengths = [len(e) for e, _ in rows]
-            starts = [start for _, start in rows]
-            x = rows[0][0].new_zeros(B, T, rows[0][0].shape[-1])  # (B, T, C), right-padded
-            for b, (e, _) in enumerate(rows):
-                x[b, :len(e)] = e
-            positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
+                st.request, st.pending, st.images = req, embeds[0], images
+                st.length = self.cfg.llm_length(req.ids[:keep], req.image_sizes)
+                self.admitted += 1
+                st.last_used = self.admitted
+                st.generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
+                req.out, req.finish_reason = [], None
+                self.stats.prefix_reused += st.length
+        self.stats.prefill_s += time.perf_counter() - t0
+
+    def _advance(self, slots) -> dict:
+        """One forward over the slots' pending prefills (one read of the weights for all of them), at most
+        prefill_chunk positions of each (all of it without chunks), right-padded to the longest. -> {slot: logits
+        (1, V)} of the slots whose prefill is now done."""
+        t0 = time.perf_counter()
+        self._own_cache()
+        chunks = [self.state[s].pending[:self.prefill_chunk or None] for s in slots]  # (L_b, C) each
+        lengths, starts = [len(c) for c in chunks], [self.state[s].length for s in slots]
+        with torch.inference_mode():
+            x = chunks[0].new_zeros(len(slots), max(lengths), chunks[0].shape[-1])  # (B, T, C), right-padded
+            for b, c in enumerate(chunks):
+                x[b, :len(c)] = c
+            positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(x.shape[1], device=self.device)
             lm = self.model.language_model
-            write = PrefillWrite([slot for _, slot in batch], starts, lengths)
-            hidden = lm.model(x, positions, cache=write)  # (B, T, C): causal from each slot's cached prefix
-            last = torch.tensor(lengths, device=self.device) - 1
-            logits = lm.lm_head(hidden[torch.arange(B, device=self.device), last])  # (B, V)
-        for (req, slot), L, start in zip(batch, lengths, starts):
-            st = self.state[slot]
-            st.request, st.length, st.ids, st.images = req, start + L, list(req.ids), self._images(req)
-            self.admitted += 1
-            st.last_used = self.admitted
-            st.generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
-            req.out, req.finish_reason = [], None
+            hidden = lm.model(x, positions, cache=PrefillWrite(slots, starts, lengths))  # (B, T, C)
+            done = {}
+            for b, s in enumerate(slots):
+                st = self.state[s]
+                st.length, st.pending = st.length + lengths[b], st.pending[lengths[b]:]
+                if len(st.pending) == 0:
+                    st.pending, st.ids = None, list(st.request.ids)
+                    done[s] = lm.lm_head(hidden[b:b + 1, lengths[b] - 1])  # (1, V)
         _sync(self.device)
         self.stats.prefill_tokens += sum(lengths)
         self.stats.prefill_s += time.perf_counter() - t0
-        return logits
+        return done
+
+    def _prefilled(self, done: dict):
+        """Sample the first id of each request whose prefill is done: it runs in the next decode step."""
+        slots = list(done)
+        if slots:
+            for slot, token in zip(slots, self._sample(torch.cat([done[s] for s in slots]), slots)):
+                self._accept(slot, token)
 
     def _encode(self, pixels, sizes) -> list:
         """The vision tower on one request's new images (all its tiles in one batch), timed and measured."""
@@ -335,9 +360,9 @@ class Engine:
             slot = max(free, key=lambda s: (self._shared_prefix(s, req, images), -self.state[s].last_used, -s))
             free.remove(slot)
             batch.append((req, slot))
-        slots = [slot for _, slot in batch]
-        for slot, token in zip(slots, self._sample(self._prefill(batch), slots)):
-            self._accept(slot, token)
+        self._start(batch)
+        if not self.prefill_chunk:  # else their first chunk runs in the next step, with the decode step
+            self._prefilled(self._advance([slot for _, slot in batch]))
 
     def _wave(self, waiting: list) -> int:
         """How many of the waiting requests (as many as there are free slots) to prefill together: all of them,
@@ -391,7 +416,7 @@ class Engine:
         step guarantees the last bit of a logit whatever the neighbours. The tests find the greedy ids equal.)"""
         if self.compiled:
             return self.S, False
-        ends = [st.length + 1 if st.request is not None else 0 for st in self.state]
+        ends = [st.length + 1 if st.request is not None and st.pending is None else 0 for st in self.state]
         return max(ends), min(ends) == max(ends)
 
     def _sample(self, logits, slots) -> list:
@@ -422,8 +447,10 @@ class Engine:
         st = self.state[slot]
         req = st.request
         req.finish_reason = reason
-        n_fed = st.length - self.cfg.llm_length(req.ids, req.image_sizes)  # the last sampled id: not fed
-        st.ids, st.request = req.ids + req.out[:n_fed], None
+        if st.pending is None:  # (mid-prefill, st.ids is the prefix the row held before: still true)
+            n_fed = st.length - self.cfg.llm_length(req.ids, req.image_sizes)  # the last sampled id: not fed
+            st.ids = req.ids + req.out[:n_fed]
+        st.request, st.pending = None, None
         if req.on_finish is not None and reason != "abort":
             req.on_finish(req)
 
@@ -442,9 +469,15 @@ class Engine:
         return logits[list(tokens)]
 
     def step(self):
-        """One decode step for every running request."""
+        """One chunk of every pending prefill (with prefill_chunk), then one decode step for every running
+        request."""
+        pending = [s for s in range(self.slots) if self.state[s].pending is not None]
+        if pending:
+            self._prefilled(self._advance(pending))
+        active = [s for s in range(self.slots) if self.state[s].request is not None and self.state[s].pending is None]
+        if not active:
+            return
         t0 = time.perf_counter()
-        active = [s for s in range(self.slots) if self.state[s].request is not None]
         new = self._sample(self.decode({s: self.state[s].next_token for s in active}), active)
         if self.compiled and self.stats.decode_steps == 0:
             self.stats.compile_s = time.perf_counter() - t0

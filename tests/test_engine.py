@@ -275,3 +275,29 @@ def test_eviction_under_a_tiny_budget_gives_the_same_answers():
     assert [r.out for r in engine.run([Request(ids, pix, max_new_tokens=6) for ids, pix in pairs])] == want
     assert engine.image_cache_bytes == 2 * one and len(engine.image_cache) == 2
     assert engine.stats.images == 12  # A B C in turn through a cache of two: the least recently used is always out
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 17])
+def test_chunked_prefill_gives_the_same_answers(chunk):
+    pairs = prompts(8) + same_image_questions(n_images=2, per_image=3)
+    want, _ = answers(pairs, 3)
+    got, stats = answers(pairs, 3, prefill_chunk=chunk)
+    assert got == want and stats.images == 2 + sum(p is not None for _, p in prompts(8))
+
+
+def test_a_long_prompt_is_prefilled_between_the_running_requests_decode_steps():
+    """With prefill_chunk, a newcomer's prompt runs a chunk per step: the running request gets a token at every
+    step meanwhile, instead of waiting for the whole prefill."""
+    (short, _), (long_ids, long_pix) = prompts(3)[2], prompts(3)[1]  # text only; an image
+    long_ids = long_ids + list(range(3, 40))  # 16 image positions + ~45 text ids: 13 chunks of 5
+    engine = Engine(MODEL, slots=2, prefill_chunk=5)
+    seen = []  # at each of the running request's tokens: positions of the newcomer still to prefill
+    first = Request(short, max_new_tokens=20,
+                    on_token=lambda out: seen.append(engine.state[1].pending.shape[0]
+                                                     if engine.state[1].pending is not None else 0))
+    done = engine.run([first, Request(long_ids, long_pix, max_new_tokens=3)])
+    assert sum(n > 0 for n in seen) >= 10  # the running request kept decoding through the newcomer's prefill
+    assert [r.out for r in done] == [r.out for r in Engine(MODEL, slots=2).run(
+        [Request(short, max_new_tokens=20), Request(long_ids, long_pix, max_new_tokens=3)])]
+    with pytest.raises(ValueError, match="prefill_chunk >= 1"):
+        Engine(MODEL, slots=1, prefill_chunk=0)
