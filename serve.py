@@ -44,7 +44,7 @@ from PIL import Image
 from minillava import generation
 from minillava.cli import (DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_CHOICES, add_config_args, add_load_bits_flags,
                            set_threads)
-from minillava.engine import Engine, Request
+from minillava.engine import Engine, PrefillError, Request
 from minillava.image import model_pixels
 from minillava.templates import TEMPLATES, build_prompt, get_template, stop_strings
 from minillava.tokenizer import IMAGE_PLACEHOLDER, tokenize_with_images
@@ -156,6 +156,9 @@ class Server:
             if engine.busy:
                 try:
                     engine.step()
+                except PrefillError as e:  # the newcomers' prefill: only they fail
+                    for req in e.requests:
+                        req.owner.fail(e.cause)
                 except Exception as e:  # noqa: BLE001
                     for req in list(engine.running):
                         if req is not None:

@@ -41,7 +41,17 @@ from minillava.llama import DecodeWrite, PrefillWrite
 from minillava.sampling import check_settings, sample
 
 
-WAVE_PADDING = 0.25  # requests prefilled together waste at most this share of their positions on padding (+ 64)
+WAVE_PADDING = 0.25  # requests prefilled together waste at most this share of their positions on padding (plus
+# 64 positions, which cost no more than one: a short prefill reads every weight once whatever its length)
+
+
+class PrefillError(RuntimeError):
+    """A step's prefill failed: its requests ended ("abort"), the running ones are untouched (serve.py fails only
+    those clients)."""
+
+    def __init__(self, requests: list, cause: Exception):
+        super().__init__(f"prefill failed: {cause}")
+        self.requests, self.cause = requests, cause
 
 
 @dataclass
@@ -75,7 +85,7 @@ class Slot:
     request: Request = None  # None: the slot is free
     length: int = 0  # positions filled
     ids: list = field(default_factory=list)  # the ids cached there, kept after the request ends (for reuse)
-    images: list = field(default_factory=list)  # their images [(pixels (n_tiles, 3, S, S), size (h, w) or None)]
+    images: list = field(default_factory=list)  # the images of `ids` (maybe more; the ids say how many count)
     next_token: int = 0  # the id it feeds at the next decode step
     generator: torch.Generator = None  # the request's own seeded generator (None: torch's global one)
     last_used: int = 0  # when a request last took it (the engine's count of admissions): eviction order
@@ -239,12 +249,12 @@ class Engine:
         (and kept, the least recently used dropped past the budget)."""
         keys = [hashlib.sha256(pix.contiguous().view(torch.uint8).cpu().numpy().tobytes()
                                + repr(size).encode()).hexdigest() for pix, size in images]
-        new = [i for i, k in enumerate(keys) if k not in self.image_cache]
+        new = [i for i, k in enumerate(keys) if k not in self.image_cache and k not in keys[:i]]
         if new:
             pixels = torch.cat([images[i][0] for i in new]).to(self.device, self.dtype)
             sizes = [images[i][1] for i in new] if self.cfg.anyres else None
             for i, f in zip(new, self._encode(pixels, sizes)):
-                self.image_cache[keys[i]] = f
+                self.image_cache[keys[i]] = f = f.clone()  # its own memory, not a view of the batch's
                 self.image_cache_bytes += f.numel() * f.element_size()
         feats = [self.image_cache[k] for k in keys]
         for k in keys:
@@ -360,24 +370,33 @@ class Engine:
             slot = max(free, key=lambda s: (self._shared_prefix(s, req, images), -self.state[s].last_used, -s))
             free.remove(slot)
             batch.append((req, slot))
-        self._start(batch)
-        if not self.prefill_chunk:  # else their first chunk runs in the next step, with the decode step
-            self._prefilled(self._advance([slot for _, slot in batch]))
+        try:
+            self._start(batch)
+            if not self.prefill_chunk:  # else their first chunk runs in the next step, with the decode step
+                self._prefilled(self._advance([slot for _, slot in batch]))
+        except BaseException:  # nothing half-admitted stays: these requests end ("abort"), their slots free
+            for req, slot in batch:
+                if self.state[slot].request is req:
+                    self._finish(slot, "abort")
+            raise
 
     def _wave(self, waiting: list) -> int:
         """How many of the waiting requests (as many as there are free slots) to prefill together: all of them,
-        up to one that shares a longer prefix with an earlier one of them than any slot holds yet (it waits
-        for the next forward, to copy that prefix instead of computing it again), or one whose length would make
-        the batch's right padding more than WAVE_PADDING of its positions."""
-        n = min(len(waiting), sum(st.request is None for st in self.state)) if self.batch_prefill else 1
+        up to one that shares a longer prefix with an earlier one of them, or with a request still being
+        prefilled, than any slot holds yet (it waits, to copy that prefix instead of computing it again: 0 when
+        the first must wait), or one whose length would make the batch's right padding more than WAVE_PADDING of
+        its positions."""
+        n = min(len(waiting), self.free_slots) if self.batch_prefill else 1
         images = [self._images(r) for r in waiting[:n]]
+        coming = [(st.request.ids, st.images) for st in self.state if st.pending is not None]  # prefixes to come
         rest = []  # LLM positions each has to compute, beyond the longest prefix a slot holds
         for i, r in enumerate(waiting[:n]):
             slots = range(self.slots) if self.share_prefixes else [s for s in range(self.slots)
                                                                     if self.state[s].request is None]
             held = max(self._shared_prefix(s, r, images[i]) for s in slots)
-            if self.share_prefixes and any(common_prefix(waiting[j].ids, images[j], r.ids, images[i],
-                                                         self.cfg.image_token_id) > held for j in range(i)):
+            earlier = coming + [(w.ids, im) for w, im in zip(waiting, images[:i])]
+            if self.share_prefixes and any(common_prefix(ids, imgs, r.ids, images[i], self.cfg.image_token_id) > held
+                                           for ids, imgs in earlier):
                 return i
             rest.append(self.cfg.llm_length(r.ids, r.image_sizes) - self.cfg.llm_length(r.ids[:held], r.image_sizes))
             if max(rest) * len(rest) > (1 + WAVE_PADDING) * sum(rest) + 64:
@@ -386,7 +405,11 @@ class Engine:
 
     @property
     def has_free_slot(self) -> bool:
-        return any(st.request is None for st in self.state)
+        return self.free_slots > 0
+
+    @property
+    def free_slots(self) -> int:
+        return sum(st.request is None for st in self.state)
 
     @property
     def busy(self) -> bool:
@@ -473,7 +496,14 @@ class Engine:
         request."""
         pending = [s for s in range(self.slots) if self.state[s].pending is not None]
         if pending:
-            self._prefilled(self._advance(pending))
+            try:
+                done = self._advance(pending)
+            except Exception as e:  # the newcomers end; the running requests go on
+                requests = [self.state[s].request for s in pending]
+                for s in pending:
+                    self._finish(s, "abort")
+                raise PrefillError(requests, e) from e
+            self._prefilled(done)
         active = [s for s in range(self.slots) if self.state[s].request is not None and self.state[s].pending is None]
         if not active:
             return
@@ -504,7 +534,7 @@ class Engine:
     def _serve(self, pending, served):
         exhausted, waiting = False, []
         while True:
-            while not exhausted and len(waiting) < sum(st.request is None for st in self.state):
+            while not exhausted and len(waiting) < self.free_slots:
                 req = next(pending, None)
                 if req is None:
                     exhausted = True
@@ -513,6 +543,8 @@ class Engine:
                 waiting.append(req)
             while waiting and self.has_free_slot:
                 n = self._wave(waiting)
+                if n == 0:  # the next one waits for a prefix being prefilled now
+                    break
                 self.admit_many(waiting[:n])
                 del waiting[:n]
             if not self.busy:

@@ -408,6 +408,7 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
     if wrong:
         raise wrong
     if not todo:
+        in_file_order(answers_path, {question_key(q): i for i, (_, q) in enumerate(questions)})  # a killed run's
         return GenerationStats(), errors
     engine = Engine(model, slots=min(batch_size, len(todo)), compile=compile,
                     max_seq_len=cache_size(model.config, lengths, max_new_tokens))

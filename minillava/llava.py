@@ -118,7 +118,8 @@ class Llava(nn.Module):
         """Embed the text and splice in the image features.
 
         input_ids (B, T); attention_mask (B, T), 1 = real token; labels (B, T) or None; image_sizes (N, 2) or None;
-        image_features: encode_images(pixel_values, image_sizes) when the caller ran it already (the engine times it).
+        image_features: encode_images(pixel_values, image_sizes) when the caller ran it already (the engine times and
+        caches it: pixel_values may then be None).
         A batch without image tokens given image_features (train.py's zero image, as the original gives a text-only
         sample) adds 0 x them to its embeddings: unchanged numbers, but the image path is in the graph.
         Returns inputs_embeds (B, L, C), attention_mask (B, L) bool, position_ids (B, L), labels (B, L) or None.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minillava.config import get_preset
-from minillava.engine import Engine, Request
+from minillava.engine import Engine, PrefillError, Request
 from minillava.llava import Llava
 
 
@@ -280,9 +280,10 @@ def test_eviction_under_a_tiny_budget_gives_the_same_answers():
 @pytest.mark.parametrize("chunk", [1, 5, 17])
 def test_chunked_prefill_gives_the_same_answers(chunk):
     pairs = prompts(8) + same_image_questions(n_images=2, per_image=3)
-    want, _ = answers(pairs, 3)
+    want, whole = answers(pairs, 3)
     got, stats = answers(pairs, 3, prefill_chunk=chunk)
     assert got == want and stats.images == 2 + sum(p is not None for _, p in prompts(8))
+    assert stats.prefill_tokens <= whole.prefill_tokens  # a shared prefix still computed once: the others wait
 
 
 def test_a_long_prompt_is_prefilled_between_the_running_requests_decode_steps():
@@ -301,3 +302,39 @@ def test_a_long_prompt_is_prefilled_between_the_running_requests_decode_steps():
         [Request(short, max_new_tokens=20), Request(long_ids, long_pix, max_new_tokens=3)])]
     with pytest.raises(ValueError, match="prefill_chunk >= 1"):
         Engine(MODEL, slots=1, prefill_chunk=0)
+
+
+def test_a_failed_prefill_ends_only_its_requests():
+    (short, _), (other, pix) = prompts(3)[2], prompts(3)[1]
+    engine = Engine(MODEL, slots=2)
+    real = engine._advance
+    engine._advance = lambda slots: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    bad = Request(other, pix, max_new_tokens=3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.admit(bad)
+    assert engine.running == [None, None] and bad.finish_reason == "abort"  # nothing half-admitted stays
+    engine._advance = real
+    chunked = Engine(MODEL, slots=2, prefill_chunk=4)
+    running = Request(short, max_new_tokens=8)
+    chunked.admit(running)
+    while len(running.out) < 2:  # its prefill, a chunk a step, then its first decode step
+        chunked.step()
+    newcomer = Request(other, pix, max_new_tokens=3)
+    chunked.admit(newcomer)
+    advance, chunked._advance = chunked._advance, lambda slots: (_ for _ in ()).throw(RuntimeError("oom"))
+    with pytest.raises(PrefillError) as e:
+        chunked.step()
+    assert e.value.requests == [newcomer] and newcomer.finish_reason == "abort"
+    assert running in chunked.running and newcomer not in chunked.running  # the running request goes on
+    chunked._advance = advance
+    n = len(running.out)
+    chunked.step()
+    assert len(running.out) == n + 1
+
+
+def test_the_same_image_twice_in_one_prompt_is_encoded_once():
+    pix = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    engine = Engine(MODEL, slots=1)
+    engine.run([Request([1, IMG, 7, IMG, 8], torch.cat([pix, pix.clone()]), max_new_tokens=2)])
+    one = CFG.num_image_tokens * CFG.text.hidden_size * 4
+    assert engine.stats.images == 1 and engine.stats.images_reused == 1 and engine.image_cache_bytes == one
