@@ -130,6 +130,7 @@ class Server:
         # kept, byte fallback): a text longer than the context times this cannot fit, however it tokenizes.
         self.max_piece = max(len(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size))
         self.waiting = queue.Queue()  # requests for the engine thread, in arrival order
+        self.held = []  # taken from `waiting`, waiting for a prefix the engine is prefilling now (engine thread)
         self.capacity = threading.Semaphore(cfg.slots + cfg.queue)  # requests in flight: running or waiting
         self.stopping = False
         self.thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
@@ -141,11 +142,14 @@ class Server:
         while not self.stopping:
             while engine.has_free_slot:
                 try:
-                    req = self.waiting.get(block=not engine.busy, timeout=0.1)
+                    req = self.held.pop(0) if self.held else self.waiting.get(block=not engine.busy, timeout=0.1)
                 except queue.Empty:
                     break
                 if req.owner.cancelled:
                     continue
+                if engine.admissible([req]) == 0:  # e.g. the same image as a chat being prefilled: copy it after
+                    self.held.insert(0, req)
+                    break
                 try:
                     engine.admit(req)
                 except Exception as e:  # noqa: BLE001  one bad request must not stop the server

@@ -5,7 +5,7 @@
 
 The cache holds `slots` sequences of up to S_max positions each: (slots, n_kv, S_max + 1, hs) per layer (the
 extra position is where idle slots write, never read). Requests are prefilled into free slots, those admitted
-together in one forward (a right-padded batch: one read of the weights for all; see _wave), join the decode batch
+together in one forward (a right-padded batch: one read of the weights for all; see admissible), join the decode batch
 at the next step and leave it when they stop (a stop id such as EOS, its on_token callback saying a stop string
 appeared, max_new_tokens, or a full slot); a slot is refilled at once.
 A decode step runs every slot, one token each, so it has one shape for the engine's life: it can be compiled and,
@@ -380,7 +380,7 @@ class Engine:
                     self._finish(slot, "abort")
             raise
 
-    def _wave(self, waiting: list) -> int:
+    def admissible(self, waiting: list) -> int:
         """How many of the waiting requests (as many as there are free slots) to prefill together: all of them,
         up to one that shares a longer prefix with an earlier one of them, or with a request still being
         prefilled, than any slot holds yet (it waits, to copy that prefix instead of computing it again: 0 when
@@ -542,7 +542,7 @@ class Engine:
                 served.append(req)
                 waiting.append(req)
             while waiting and self.has_free_slot:
-                n = self._wave(waiting)
+                n = self.admissible(waiting)
                 if n == 0:  # the next one waits for a prefix being prefilled now
                     break
                 self.admit_many(waiting[:n])

@@ -338,3 +338,22 @@ def test_the_same_image_twice_in_one_prompt_is_encoded_once():
     engine.run([Request([1, IMG, 7, IMG, 8], torch.cat([pix, pix.clone()]), max_new_tokens=2)])
     one = CFG.num_image_tokens * CFG.text.hidden_size * 4
     assert engine.stats.images == 1 and engine.stats.images_reused == 1 and engine.image_cache_bytes == one
+
+
+def test_a_request_waits_for_a_prefix_being_prefilled_rather_than_compute_it_again():
+    """serve.py admits as requests come: with chunked prefill, a second question about the image of a prompt still
+    being prefilled is not admissible until that prefill is done, then copies its positions."""
+    (a, pa), (b, pb) = same_image_questions(n_images=1, per_image=2)[:2]
+    engine = Engine(MODEL, slots=2, prefill_chunk=4)
+    first, second = Request(a, pa, max_new_tokens=2), Request(b, pb, max_new_tokens=2)
+    engine.admit(first)
+    assert engine.admissible([second]) == 0
+    while engine.state[0].pending is not None:
+        engine.step()
+    assert engine.admissible([second]) == 1
+    before = engine.stats.prefill_tokens
+    engine.admit(second)
+    while second.finish_reason is None:
+        engine.step()
+    assert engine.stats.prefill_tokens - before == len(b) - 11  # only its question: 10 system ids + the image copied
+    assert engine.stats.images == 1
