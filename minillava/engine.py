@@ -232,10 +232,11 @@ class Engine:
         another slot's row (positions [0, start) of every layer). -> the request's ids now held."""
         st = self.state[slot]
         keep = self._shared_prefix(slot, req, images)
-        others = [s for s in range(self.slots) if s != slot] if self.share_prefixes else []
-        best = max(others, key=lambda s: self._shared_prefix(s, req, images), default=None)
-        if best is not None and self._shared_prefix(best, req, images) > keep:
-            keep, src = self._shared_prefix(best, req, images), self.state[best]
+        others = {s: self._shared_prefix(s, req, images) for s in range(self.slots)
+                  if s != slot and self.share_prefixes}  # each slot's prefix of the request
+        best = max(others, key=others.get, default=None)
+        if best is not None and others[best] > keep:
+            keep, src = others[best], self.state[best]
             start = self.cfg.llm_length(req.ids[:keep], req.image_sizes)
             for cache in self.caches:
                 cache.copy_prefix(best, slot, start)
