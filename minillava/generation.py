@@ -408,7 +408,7 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
     if wrong:
         raise wrong
     if not todo:
-        in_file_order(answers_path, {question_key(q): i for i, (_, q) in enumerate(questions)})  # a killed run's
+        in_file_order(answers_path, questions)  # a run killed before its end left it unordered
         return GenerationStats(), errors
     engine = Engine(model, slots=min(batch_size, len(todo)), compile=compile,
                     max_seq_len=cache_size(model.config, lengths, max_new_tokens))
@@ -445,14 +445,15 @@ def answer_file(model, tokenizer, questions_path, answers_path, image_folder="",
 
         engine.run(requests())
         os.fsync(out.fileno())
-    in_file_order(answers_path, {question_key(q): i for i, (_, q) in enumerate(questions)})
+    in_file_order(answers_path, questions)
     return engine.stats, errors
 
 
-def in_file_order(answers_path, order: dict):
-    """Rewrite the answers file, written in the order answers finished, in the questions' order (order: question
-    key -> place), atomically: a kill before this leaves the file as it was, complete. Answers of questions not
-    in `order` keep their order after the others."""
+def in_file_order(answers_path, questions):
+    """Rewrite the answers file, written in the order answers finished, in the order of `questions` (read_questions'
+    [(line, question)]), atomically: a kill before this leaves the file as it was, complete. Answers of other
+    questions keep their order after the others."""
+    order = {question_key(q): i for i, (_, q) in enumerate(questions)}
     with open(answers_path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
     place = [order.get((a["question_id"], a["prompt"]), len(order)) for a in map(json.loads, lines)]
