@@ -57,7 +57,7 @@ def weight_tensors(module) -> list:
     for m in module.modules():
         if not isinstance(m, KVCache):
             for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
-                found[t.data_ptr()] = t
+                found[id(t) if t.is_mkldnn else t.data_ptr()] = t  # oneDNN's packed int8 codes have no pointer
     return list(found.values())
 
 

@@ -125,6 +125,63 @@ def test_int8_decoding_rows_run_pytorchs_kernel(M, monkeypatch):
     assert len(calls) == 1
 
 
+def test_int8_digits_hold_x_within_a_step_over_508():
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(2)) * torch.tensor([1, 1e-3, 1e3, 7, 1])[:, None]
+    x[4] = 0  # an all-zero row: digits 0
+    x[3, 17] = -50  # an outlier sets its row's step
+    digits, step = Q.int8_digits(x)
+    assert digits.dtype == torch.int8 and digits.shape == (10, 300) and step.shape == (5, 1)
+    assert digits.abs().max() <= 127 and not digits[4].any() and not digits[9].any()
+    hi, lo = digits[:5].double(), digits[5:].double()
+    err = (x.double() - step.double() * (hi + lo / Q.X_DIGIT)).abs()
+    assert (err <= step.double() / (2 * Q.X_DIGIT) * (1 + 1e-6)).all()
+    assert (err[:4].amax(1) > step[:4, 0].double() / (2 * Q.X_DIGIT) * 0.5).all()  # the bound is tight, not loose
+    assert torch.allclose(step[:4, 0], x[:4].abs().amax(1) / 127)
+
+
+needs_onednn_int8 = pytest.mark.skipif(Q.onednn_int8_problem() is not None,
+                                       reason=f"oneDNN's int8 matmul: {Q.onednn_int8_problem()}")
+
+
+@needs_onednn_int8
+@pytest.mark.parametrize("M", [1, 3, 9, 40])
+def test_int8_packed_for_the_cpu_is_within_the_digits_bound_of_the_reference(M):
+    _, ql = layer(96, 256, 8, bias=True)
+    ref_layer = Q.QuantLinear(256, 96, 8, bias=True)
+    ref_layer.qweight, ref_layer.scales, ref_layer.bias = ql.qweight.clone(), ql.scales.clone(), ql.bias.clone()
+    ql.pack_for_cpu()
+    assert ql.cpu_packed and ql.scales is None and ql.qweight.is_mkldnn  # the portable codes are not kept twice
+    x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M)) * 3
+    y = ql(x)
+    # the error is x's digits' (<= step / 508 per value) carried through the weight: sum_k |W[n, k]| step / 508
+    # (the int8 products are summed exactly in int32); fp32 rounding of the scaling on top, far below it
+    want = Q.quant_linear_reference(x.double(), ref_layer.qweight, ref_layer.scales, None, None, ref_layer.bias)
+    W = Q.dequantize(ref_layer.qweight, ref_layer.scales).double()
+    step = x.double().abs().amax(1, keepdim=True) / 127
+    bound = step * W.abs().sum(1) / (2 * Q.X_DIGIT) + 1e-6 * want.abs()
+    assert y.dtype == torch.float32 and ((y.double() - want).abs() <= bound).all()
+    # one-digit x (step / 2 per value) would be 254x the bound: the test tells them apart
+    assert (y.double() - want).abs().max() < (step * W.abs().sum(1)).min() / 2 / 20
+    assert torch.equal(ql(x[-1:]), y[-1:])  # each row alone gets the same numbers: sums are exact, steps per row
+    assert ql(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="int8 codes packed for the CPU kernel cannot be saved"):
+        ql.state_dict()
+
+
+def test_int8_without_onednn_keeps_pytorchs_weight_only_kernel_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(Q, "onednn_int8_problem", lambda: "is not available in this torch build (test)")
+    Q._say_once.cache_clear()
+    _, ql = layer(96, 64, 8)
+    codes = ql.qweight.clone()
+    ql.pack_for_cpu()
+    ql.pack_for_cpu()
+    assert not ql.cpu_packed and torch.equal(ql.qweight, codes)
+    assert capsys.readouterr().err.count("int8 layers: oneDNN's int8 matmul is not available in this torch build "
+                                         "(test); they run torch._weight_int8pack_mm") == 1
+    x = torch.randn(2, 64)
+    bf16_close(ql(x), reference(x.bfloat16().float(), ql))
+
+
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 3, 9])
 def test_int4_packed_for_the_cpu_equals_the_reference(G, M):
@@ -214,9 +271,15 @@ def test_quantized_while_loading_matches_its_dequantized_reference_and_the_fp32_
     for n in names:
         want = Q.quantize(dense.get_submodule(n).weight, q.bits, q.group_size)
         got = model.get_submodule(n)
-        if got.cpu_packed:  # int4 on the CPU: the same codes, in PyTorch's tiling
+        if got.cpu_packed and q.bits == 4:  # int4 on the CPU: the same codes, in PyTorch's tiling
             packed, sz = Q.pack_int4_for_cpu(want["qweight"], want["scales"], want["offsets"])
             assert torch.equal(got.qweight, packed) and torch.equal(got.scales_and_zeros, sz), n
+        elif got.cpu_packed:  # int8 in oneDNN's opaque layout: the same scales, and the same products
+            fresh = Q.QuantLinear(got.in_features, got.out_features, 8, bias=got.bias is not None)
+            fresh.qweight, fresh.scales, fresh.bias = want["qweight"], want["scales"], got.bias
+            x = torch.randn(3, got.in_features)
+            assert torch.equal(got.scales_fp32, want["scales"].float()), n
+            assert torch.equal(got(x), fresh.pack_for_cpu()(x)), n
         else:
             assert torch.equal(got.qweight, want["qweight"]) and torch.equal(got.scales, want["scales"]), n
     a, b = logits(dense), logits(model)
@@ -231,8 +294,9 @@ def test_quantized_while_loading_matches_its_dequantized_reference_and_the_fp32_
         assert err.mean() < 0.2 and agree >= 0.6, (err.mean(), agree)
 
 
-def test_int8_model_equals_its_dequantized_reference(ckpt):
-    model = load_llava(ckpt["A"]["model"], quantize=Quantization(8))  # int8 is not packed: it can be copied
+def test_int8_model_equals_its_dequantized_reference(ckpt, monkeypatch):
+    monkeypatch.setattr(Q.QuantLinear, "pack_for_cpu", lambda self: self)  # the portable codes, to copy them
+    model = load_llava(ckpt["A"]["model"], quantize=Quantization(8))
     torch.testing.assert_close(logits(model), logits(dequantized_copy(model)), atol=1e-4, rtol=1e-4)
 
 
@@ -265,7 +329,8 @@ def test_quantized_checkpoint_loads_with_no_requantization(ckpt, layout, q, monk
     torch.testing.assert_close(logits(loaded)[..., :V], logits(on_load), atol=0, rtol=0)
 
 
-def test_saving_an_int8_model_round_trips(ckpt, tmp_path):
+def test_saving_an_int8_model_round_trips(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(Q.QuantLinear, "pack_for_cpu", lambda self: self)  # packed codes cannot be saved
     model = load_llava(ckpt["A"]["model"], quantize=Quantization(8))
     save_llava(model, tmp_path / "s")
     back = load_llava(tmp_path / "s")

@@ -377,7 +377,7 @@ def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=(
 
 def _return_freed_memory():
     """Give the memory freed so far back to the OS (glibc's malloc_trim; elsewhere nothing). Quantizing leaves
-    each layer's codes in the heap between the freed blocks of the dense weight it read (packing int4 for the
+    each layer's codes in the heap between the freed blocks of the dense weight it read (packing for the
     CPU, between the freed portable codes); glibc does not return such holes by itself, and a 7B model loaded as
     int8 peaked 1.4 GB higher without this (26% above its bytes), as int4 at 1.8x its bytes."""
     try:
@@ -472,13 +472,13 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
                                   "differs from its embed_tokens")
         state[keymaps.LM_HEAD_KEY] = state[keymaps.EMBED_KEY]
     model.load_state_dict(state, strict=True, assign=True)
-    del state  # the model holds the tensors now (packing int4 below frees the portable codes)
+    del state  # the model holds the tensors now (packing below frees the portable codes)
     model.language_model.tie_weights()
     assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left on the meta device"
     if torch.device(device).type == "cpu":
         for m in model.modules():
-            if isinstance(m, QuantLinear) and m.bits == 4:
-                m.pack_for_cpu()  # into PyTorch's CPU tiling (kernels/quant.py); the portable codes are freed
+            if isinstance(m, QuantLinear):
+                m.pack_for_cpu()  # into the CPU kernels' layouts (kernels/quant.py); the portable codes are freed
                 _return_freed_memory()
     return model.eval()
 
