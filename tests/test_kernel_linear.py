@@ -1,5 +1,5 @@
-"""kernels/linear.py: the CPU decoding path (a batched GEMM over blocks of W's rows) equals F.linear, and is taken
-only where it measured faster."""
+"""kernels/linear.py: the CPU decoding paths (a batched GEMM over blocks of W's rows, torch.mv) equal F.linear, and
+are taken only where they measured faster."""
 import time
 import types
 
@@ -12,7 +12,7 @@ import minillava.kernels.linear as L
 
 @pytest.fixture
 def batched(monkeypatch):
-    monkeypatch.setattr(L, "MODE", "batched")  # the batched GEMM wherever it applies, whatever this CPU prefers
+    monkeypatch.setattr(L, "MODE", "batched GEMM")  # the batched GEMM wherever it applies, whatever this CPU prefers
 
 
 @pytest.mark.parametrize("lead", [(1,), (3,), (4, 1), (2, 2), (1, 1, 1), (5,), (2, 7)])
@@ -27,6 +27,23 @@ def test_linear_equals_f_linear(batched, lead, N, bias):
     assert y.shape == (*lead, N)
     # fp32 accumulation in both; only MKL's order of additions differs
     torch.testing.assert_close(y, F.linear(x, w, b), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mv_equals_f_linear_for_one_row(monkeypatch, dtype):
+    monkeypatch.setattr(L, "MODE", "torch.mv")
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 1, 300, generator=g).to(dtype), torch.randn(96, 300, generator=g).to(dtype)
+    calls = []
+    mv = torch.mv
+    monkeypatch.setattr(L.torch, "mv", lambda *a: (calls.append(a[0].shape), mv(*a))[1])
+    y = L.linear(x, w)
+    assert calls == [(96, 300)] and y.shape == (1, 1, 96) and y.dtype == dtype
+    # both accumulate in fp32; bf16 rounds the output once (2^-8 relative), fp32 differs in the order of additions
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2 ** -8 * 20, rtol=2 ** -8)
+    torch.testing.assert_close(y, F.linear(x, w), **tol)
+    L.linear(torch.randn(2, 300).to(dtype), w)  # two rows: not torch.mv's
+    assert len(calls) == 1
 
 
 def test_fast_path_runs_for_decoding_rows_only(batched, monkeypatch):
@@ -52,31 +69,42 @@ def test_gradients_flow_through_the_fast_path(batched):
 
 
 def test_auto_takes_the_path_that_measured_faster(monkeypatch):
-    """MODE auto: the first call of a shape times both paths and keeps the batched GEMM only when it is MARGIN
+    """MODE auto: the first call of a shape times every path and keeps another than F.linear only when it is MARGIN
     faster; later calls of that shape reuse the verdict, other row counts are measured apart."""
     monkeypatch.setattr(L, "FASTER", {})
-    slow = {"f": None}
-    real_bmm = torch.bmm
+    slow = {"f": set()}
+    real_bmm, real_mv = torch.bmm, torch.mv
 
     def bmm(*a):  # the batched GEMM, made slow or not
-        if slow["f"] == "batched":
+        if "batched" in slow["f"]:
             time.sleep(0.002)
         return real_bmm(*a)
 
+    def mv(*a):
+        if "mv" in slow["f"]:
+            time.sleep(0.002)
+        return real_mv(*a)
+
     def f_linear(*a):
-        if slow["f"] == "f.linear":
+        if "f.linear" in slow["f"]:
             time.sleep(0.002)
         return F.linear(*a)
 
     monkeypatch.setattr(L.torch, "bmm", bmm)
+    monkeypatch.setattr(L.torch, "mv", mv)
     monkeypatch.setattr(L, "F", types.SimpleNamespace(linear=f_linear))
     w, threads = torch.randn(64, 16), torch.get_num_threads()
-    slow["f"] = "batched"
+    slow["f"] = {"batched", "mv"}
     y = L.linear(torch.randn(1, 16), w)
-    assert L.FASTER[(64, 16, torch.float32, 1, threads)][0] is False
-    slow["f"] = "f.linear"
+    assert L.FASTER[(64, 16, torch.float32, 1, threads)][0] == "F.linear"
+    slow["f"] = {"f.linear"}
     L.linear(torch.randn(1, 16), w)  # the verdict stays: no new measurement
     assert len(L.FASTER) == 1
+    slow["f"] = {"f.linear", "mv"}
     y = L.linear(torch.randn(3, 16), w)  # another row count: measured, and now the batched GEMM wins
-    assert L.FASTER[(64, 16, torch.float32, 3, threads)][0] is True and y.shape == (3, 64)
+    assert L.FASTER[(64, 16, torch.float32, 3, threads)][0] == "batched GEMM" and y.shape == (3, 64)
+    assert "torch.mv" not in L.FASTER[(64, 16, torch.float32, 3, threads)][1]  # one row only
+    slow["f"] = {"f.linear", "batched"}
+    y = L.linear(torch.randn(1, 16, dtype=torch.float64), w.double())  # and here torch.mv
+    assert L.FASTER[(64, 16, torch.float64, 1, threads)][0] == "torch.mv" and y.shape == (1, 64)
     assert "64 x 16 float32, 3 row(s)" in L.describe() and "batched GEMM" in L.describe()
