@@ -8,6 +8,7 @@ sparsity), looked up by the device name torch reports; an unknown device prints 
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -142,3 +143,22 @@ def ratio(baseline_ms, ours_ms):
 
 def fraction(value, peak):
     return None if peak is None or value is None else value / peak
+
+
+def best_seconds(fn, repeat):
+    """The CPU benchmarks' timing: two warm-up calls, then the best of `repeat` (wall clock)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def read_bandwidth(repeat) -> float:
+    """The CPU's read speed at torch's current thread count, GB/s: torch.sum over 1 GiB of fp32 (far past the
+    caches), best of `repeat`. The bound of every decode step, which reads each weight once."""
+    buf = torch.ones(2**28)
+    return buf.numel() * 4 / best_seconds(lambda: buf.sum(), repeat) / 1e9

@@ -13,7 +13,9 @@ an op this torch build or CPU does not have prints why instead of a figure. What
 
     F.linear fp32 / bf16       x W^T in the weight's dtype (MKL's GEMV for fp32, oneDNN's for bf16)
     batched GEMM fp32          kernels/linear.py's other path: W viewed as 2 blocks of rows, one torch.bmm
-    int8 weight, bf16 x        torch._weight_int8pack_mm (minillava's --quantize int8 on the CPU today)
+    int8 weight, bf16 x        torch._weight_int8pack_mm (minillava's --quantize int8 where oneDNN's is not usable)
+    int8 weight, 2x int8 x     oneDNN's int8 matmul, x as two int8 digits (minillava's --quantize int8 on the CPU
+                               where oneDNN's int8 works: kernels/quant.py); the numbers of x to 15 bits of its range
     int8 weight, int8 x        fbgemm's dynamic quantized linear (x quantized per call, int8 x int8 -> int32),
                                as llama.cpp's Q8_0 multiplies; other numerics than ours (x is rounded to 8 bits)
     int4 weight, bf16 x        torch._weight_int4pack_mm_for_cpu, groups of 64 (minillava's --quantize int4)
@@ -22,7 +24,6 @@ an op this torch build or CPU does not have prints why instead of a figure. What
 import argparse
 import os
 import sys
-import time
 import warnings
 
 import torch
@@ -30,25 +31,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from benchmarks.bench_common import best_seconds, read_bandwidth  # noqa: E402
 from minillava.kernels import linear as L  # noqa: E402
+from minillava.kernels import quant as Q  # noqa: E402
 from minillava.kernels.quant import CPU_PACK_TILES, pack_int4_for_cpu, quantize  # noqa: E402
-
-
-def best_seconds(fn, repeat):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def read_bandwidth(repeat) -> float:
-    """GB/s of a plain read: torch.sum over 1 GiB of fp32 (far past the caches), best of `repeat`."""
-    buf = torch.ones(2**28)
-    return buf.numel() * 4 / best_seconds(lambda: buf.sum(), repeat) / 1e9
 
 
 def candidates(W, x):
@@ -62,6 +48,13 @@ def candidates(W, x):
     q8 = quantize(W, 8)
     ops["int8 weight, bf16 x"] = ((q8["qweight"], q8["scales"].bfloat16()),
                                   lambda q, s: torch.ops.aten._weight_int8pack_mm(xb, q, s))
+    try:
+        if Q.onednn_int8_problem():
+            raise RuntimeError(Q.onednn_int8_problem())
+        operands = Q.pack_int8_for_cpu(q8["qweight"], q8["scales"])
+        ops["int8 weight, 2x int8 x"] = (operands, lambda *w: Q._onednn_int8(x, *w))
+    except RuntimeError as e:
+        ops["int8 weight, 2x int8 x"] = f"not available: {e}".splitlines()[0]
     try:
         scales = (W.abs().amax(1) / 127).clamp(min=1e-12).double()
         qw = torch.quantize_per_channel(W, scales, torch.zeros(N, dtype=torch.long), 0, torch.qint8)
@@ -86,7 +79,10 @@ def candidates(W, x):
 
 
 def _repack(name, W):
-    """Another copy of an opaque packed weight (fbgemm's packed objects cannot be cloned)."""
+    """Another copy of an opaque packed weight (fbgemm's and oneDNN's packed objects cannot be cloned)."""
+    if name == "int8 weight, 2x int8 x":
+        q8 = quantize(W, 8)
+        return Q.pack_int8_for_cpu(q8["qweight"], q8["scales"])
     if name == "int8 weight, int8 x":
         scales = (W.abs().amax(1) / 127).clamp(min=1e-12).double()
         qw = torch.quantize_per_channel(W, scales, torch.zeros(W.shape[0], dtype=torch.long), 0, torch.qint8)
@@ -94,7 +90,7 @@ def _repack(name, W):
     return torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(W)
 
 
-PACKED = {"int8 weight, int8 x": 1, "fp16 weight, fp32 x": 2}  # fbgemm's opaque packed weights: bytes per weight
+PACKED = {"int8 weight, 2x int8 x": 1, "int8 weight, int8 x": 1, "fp16 weight, fp32 x": 2}  # opaque weights
 
 
 def measure(name, weights, fn, W, a) -> tuple[float, int]:
@@ -102,7 +98,8 @@ def measure(name, weights, fn, W, a) -> tuple[float, int]:
     a.min_mib: past the caches (this machine's L3 may hold a whole weight), so that a call reads from memory."""
     size = W.numel() * PACKED[name] if name in PACKED else sum(t.numel() * t.element_size() for t in weights)
     n = -(-a.min_mib * 2**20 // size)
-    copies = [weights] + [tuple(_repack(name, W) if name in PACKED else t.clone() for t in weights)
+    copies = [weights] + [_repack(name, W) if name == "int8 weight, 2x int8 x" else  # (codes, scales, zeros)
+                          tuple(_repack(name, W) if name in PACKED else t.clone() for t in weights)
                           for _ in range(n - 1)]
     turn = iter(range(10**9))
     return best_seconds(lambda: fn(*copies[next(turn) % n]), a.repeat), size

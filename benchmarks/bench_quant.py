@@ -9,8 +9,8 @@
 build --target llama-bench llama-quantize`; `pip download llama-cpp-python --no-binary :all:` holds one in
 vendor/llama.cpp). The LLM's weights are written as a Hugging Face LLaMA directory (layout C), converted by its
 convert_hf_to_gguf.py (which needs its gguf-py, numpy, sentencepiece and transformers) to F32, BF16 and Q8_0,
-and quantized to Q4_0 by llama-quantize; llama-bench then decodes 128 tokens (`-p 0 -n 128`: from an empty
-context, where minillava's decode starts after its ~100-position prompt) at the same thread counts.
+and quantized to Q4_0 by llama-quantize; llama-bench then decodes 128 tokens from an empty context (where
+minillava's decode starts after its prompt) and evaluates a prompt as long as ours, at the same thread counts.
 
 The model: a random LLaVA whose LLM has TinyLlama-1.1B's shape (22 x 2048, MLP 5632, 32 heads, 4 key/value
 heads, vocabulary 32064: 1.1 B parameters), written once in bf16, layout A (llava-hf); a small CLIP tower at
@@ -18,7 +18,10 @@ heads, vocabulary 32064: 1.1 B parameters), written once in bf16, layout A (llav
 loader (fp32 and int8/int4 cast or quantize while loading, bf16 maps the file) in a fresh process, answers the
 same question about the same image with the decode engine (one slot, greedy, EOS ignored, 128 new tokens), and
 reports the engine's own decode time (prefill excluded), the weights read per decode step (every LLM weight but
-the embedding table) and the process's peak RSS (VmHWM, which counts the mapped file's pages once touched).
+the embedding table), their GB/s and its % of the machine's read speed (torch.sum over 1 GiB at the same thread
+count, measured in the same run), the prefill's LLM tokens/s (the vision tower's time excluded), and the
+process's peak RSS (VmHWM, which counts the mapped file's pages once touched). A second table says where one
+decode step's time goes (forward hooks: linear layers, attention, the rest) and which torch ops took it.
 
 Targets (issue 14, 1 thread): int8 >= 1.8x and int4 >= 3x fp32's decode tokens/s. The greedy ids are compared
 with fp32's: how many of the first tokens agree (a random model's logits are close together, so late
@@ -54,6 +57,62 @@ def peak_rss_gb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1e6
 
 
+def step_breakdown(engine, model, ids, pix, steps=8) -> dict:
+    """Where a decode step's time goes, ms per step: the LLM's linear layers (reading the weights; the MLPs' whole
+    time, their activation included), attention (rope, the cache write and the scores: each attention module's
+    time less its linear layers'), the rest
+    (norms, the MLP's activation, the head's sampling, Python, these hooks), timed by forward hooks over `steps`
+    decode steps after a prefill; then the torch ops that took the most time (the profiler over 2 more steps,
+    the three largest by self time: which ops the linear layers ran)."""
+    import torch
+    import torch.nn as nn
+    from minillava.engine import Request
+    from minillava.kernels.quant import QuantLinear
+    from minillava.llama import LlamaAttention, LlamaMLP
+    lm = model.language_model
+    inside = {id(m): type(a) for a in lm.modules() if isinstance(a, (LlamaAttention, LlamaMLP))
+              for m in a.modules() if m is not a}
+    spent = {"weights": 0.0, "attention": 0.0, "attention's weights": 0.0, "MLP": 0.0}
+    start = {}
+
+    def hooks(kind):
+        def before(m, inputs):
+            start[m] = time.perf_counter()
+
+        def after(m, inputs, output):
+            spent[kind] += time.perf_counter() - start[m]
+        return before, after
+    handles = []
+    for m in lm.modules():  # the MLP as a whole: on the CPU its gate and up layers are not called as modules
+        if isinstance(m, (LlamaAttention, LlamaMLP)):
+            kind = "attention" if isinstance(m, LlamaAttention) else "MLP"
+        elif isinstance(m, (nn.Linear, QuantLinear)) and inside.get(id(m)) is not LlamaMLP:
+            kind = "attention's weights" if id(m) in inside else "weights"
+        else:
+            continue
+        before, after = hooks(kind)
+        handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    engine.admit(Request(ids, pix, max_new_tokens=steps + 4))
+    engine.step()
+    spent.update({k: 0.0 for k in spent})
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    total = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    weights = spent["weights"] + spent["attention's weights"] + spent["MLP"]
+    attention = spent["attention"] - spent["attention's weights"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        engine.step()
+        engine.step()
+    ops = sorted(((e.self_cpu_time_total, e.key) for e in prof.key_averages()), reverse=True)
+    share = sum(t for t, _ in ops)
+    return {"step_ms": total / steps * 1e3, "weights_ms": weights / steps * 1e3, "attention_ms": attention / steps
+            * 1e3, "rest_ms": (total - weights - attention) / steps * 1e3,
+            "ops": ", ".join(f"{k} {100 * t / share:.0f}%" for t, k in ops[:3])}
+
+
 def child(args):
     """One setting in this (fresh) process: prints one JSON line."""
     import torch
@@ -69,12 +128,16 @@ def child(args):
     lm = model.language_model
     embed = lm.model.embed_tokens.weight
     step_bytes = sum(t.numel() * t.element_size() for t in generation.weight_tensors(lm) if t is not embed)
-    engine = Engine(model, slots=1, max_seq_len=model.config.llm_length(ids) + args.new_tokens)
+    room = model.config.llm_length(ids) + args.new_tokens
+    engine = Engine(model, slots=1, max_seq_len=room)
     out = engine.run([Request(ids, pix, max_new_tokens=args.new_tokens)])[0].out
     s = engine.stats
+    parts = step_breakdown(Engine(model, slots=1, max_seq_len=room, image_cache_mb=0), model, ids, pix)
     print(json.dumps({"tokens_per_s": s.decode_tokens / s.decode_s, "prefill_s": s.prefill_s, "load_s": load_s,
+                      "prefill_tokens_per_s": s.prefill_tokens / (s.prefill_s - s.vision_s),  # the LLM's alone
+                      "prompt": s.prefill_tokens,
                       "step_gb": step_bytes / 1e9, "gbps": step_bytes * s.decode_steps / s.decode_s / 1e9,
-                      "peak_rss_gb": peak_rss_gb(), "ids": out,
+                      "peak_rss_gb": peak_rss_gb(), "ids": out, **parts,
                       "weights_gb": sum(t.numel() * t.element_size() for t in generation.weight_tensors(model)) / 1e9}))
 
 
@@ -131,8 +194,9 @@ def sizes():
 LLAMA_CPP = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # our setting -> llama.cpp's type
 
 
-def llama_cpp_rates(tree, ckpt, root, threads, new_tokens) -> dict:
-    """llama.cpp's decode tokens/s on the same LLM weights: {(setting, threads): tokens/s}."""
+def llama_cpp_rates(tree, ckpt, root, threads, new_tokens, prompt) -> dict:
+    """llama.cpp on the same LLM weights: {(setting, threads, "decode" | "prefill"): tokens/s}, decoding
+    `new_tokens` from an empty context and evaluating a `prompt`-token prompt (llama-bench's tg and pp tests)."""
     from minillava.weights import load_llava, write_layout
     llama_dir = os.path.join(root, "layout-c", "llama")
     if not os.path.exists(os.path.join(llama_dir, "config.json")):
@@ -152,13 +216,23 @@ def llama_cpp_rates(tree, ckpt, root, threads, new_tokens) -> dict:
                            env={**os.environ, "PYTHONPATH": os.path.join(tree, "gguf-py")})
         if r.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    cmd = [os.path.join(tree, "build", "bin", "llama-bench"), "-m", ",".join(files.values()), "-p", "0",
-           "-n", str(new_tokens), "-t", ",".join(map(str, threads)), "-r", "1", "-o", "json"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"llama-bench failed:\n{r.stderr[-2000:]}")
-    by_file = {v: k for k, v in files.items()}
-    return {(by_file[t["model_filename"]], t["n_threads"]): t["avg_ts"] for t in json.loads(r.stdout)}
+    bench = os.path.join(tree, "build", "bin", "llama-bench")
+    rates = {}
+    for name, path in files.items():
+        for test, p, n in [("decode", 0, new_tokens), ("prefill", prompt, 0)]:
+            for extra in [[], ["--repack", "0"]]:
+                cmd = [bench, "-m", path, "-p", str(p), "-n", str(n), "-t", ",".join(map(str, threads)), "-r", "1",
+                       "-o", "json", *extra]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
+                # llama.cpp's AMX path for prompts dies on some CPUs (Q8_0 / Q4_0 on this sandbox's Xeon)
+                print(f"llama-bench exit {r.returncode} on {name} {test}: rerunning with --repack 0", flush=True)
+            else:
+                sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+            for t in json.loads(r.stdout):
+                rates[name, t["n_threads"], test] = t["avg_ts"]
+    return rates
 
 
 def main():
@@ -180,31 +254,46 @@ def main():
     if args.sizes:
         return sizes()
     import torch
+    from benchmarks.bench_common import read_bandwidth
     args.ckpt, args.image = write_checkpoint(args.dir)
     print(f"torch {torch.__version__}, {args.new_tokens} greedy tokens, one slot, same prompt and image; "
-          f"each setting in a fresh process", flush=True)
-    print(f"{'setting':12s} {'thr':>3s} {'tokens/s':>9s} {'x fp32':>7s} {'GB/step':>8s} {'GB/s':>6s} "
-          f"{'weights GB':>10s} {'peak RSS GB':>11s} {'load s':>7s} {'prefill s':>9s}  same ids as fp32")
-    results = {}
+          f"each setting in a fresh process; % read: of torch.sum's read speed at the same threads", flush=True)
+    print(f"{'setting':8s} {'thr':>3s} {'tokens/s':>9s} {'x fp32':>7s} {'GB/step':>8s} {'GB/s':>6s} {'% read':>6s} "
+          f"{'weights GB':>10s} {'peak RSS GB':>11s} {'load s':>7s} {'prefill t/s':>11s}  same ids as fp32")
+    results, bandwidth = {}, {}
     for threads in args.threads:
+        torch.set_num_threads(threads)
+        bandwidth[threads] = read_bandwidth(5)
+        print(f"{threads} thread(s): read {bandwidth[threads]:.1f} GB/s", flush=True)
         for dtype, quantize in SETTINGS:
             name = dtype if quantize == "none" else quantize
             r = results[name, threads] = run_setting(args, dtype, quantize, threads)
             base = results["fp32", threads]
             same = next((i for i, (a, b) in enumerate(zip(r["ids"], base["ids"])) if a != b), len(r["ids"]))
-            print(f"{name:12s} {threads:3d} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
-                  f"{r['step_gb']:8.2f} {r['gbps']:6.1f} {r['weights_gb']:10.2f} {r['peak_rss_gb']:11.2f} "
-                  f"{r['load_s']:7.1f} {r['prefill_s']:9.1f}  first {same} of {len(r['ids'])}", flush=True)
+            print(f"{name:8s} {threads:3d} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
+                  f"{r['step_gb']:8.2f} {r['gbps']:6.1f} {100 * r['gbps'] / bandwidth[threads]:5.0f}% "
+                  f"{r['weights_gb']:10.2f} {r['peak_rss_gb']:11.2f} {r['load_s']:7.1f} "
+                  f"{r['prefill_tokens_per_s']:11.1f}  first {same} of {len(r['ids'])}", flush=True)
+    print("\nwhere a decode step goes (ms; weights: the linear layers and the MLPs' activation, attention: the rest "
+          "of the attention modules, rest: everything else) and the step's top torch ops by self time")
+    print(f"{'setting':8s} {'thr':>3s} {'step':>6s} {'weights':>8s} {'attention':>9s} {'rest':>6s}  ops")
+    for (name, threads), r in results.items():
+        print(f"{name:8s} {threads:3d} {r['step_ms']:6.1f} {r['weights_ms']:8.1f} {r['attention_ms']:9.1f} "
+              f"{r['rest_ms']:6.1f}  {r['ops']}")
     if args.llama_cpp:
-        theirs = llama_cpp_rates(args.llama_cpp, args.ckpt, args.dir, args.threads, args.new_tokens)
-        print(f"\nllama.cpp ({args.llama_cpp}) on the same LLM weights, {args.new_tokens} tokens from an empty "
-              "context, decode tokens/s:")
-        print(f"{'setting':8s} {'llama.cpp':>9s} {'thr':>3s} {'llama.cpp t/s':>13s} {'minillava t/s':>13s} "
-              f"{'llama.cpp / minillava':>21s}")
+        prompt = results["fp32", args.threads[0]]["prompt"]
+        theirs = llama_cpp_rates(args.llama_cpp, args.ckpt, args.dir, args.threads, args.new_tokens, prompt)
+        print(f"\nllama.cpp ({args.llama_cpp}) on the same LLM weights: decode {args.new_tokens} tokens from an "
+              f"empty context, and a {prompt}-token prompt (ours: the LLM's share of the prefill, tower excluded)")
+        print(f"{'setting':8s} {'llama.cpp':>9s} {'thr':>3s} {'decode t/s: llama.cpp':>21s} {'ours':>7s} "
+              f"{'ratio':>6s} {'prefill t/s: llama.cpp':>22s} {'ours':>7s} {'ratio':>6s}   (ratio: llama.cpp / ours)")
         for threads in args.threads:
             for name, kind in LLAMA_CPP.items():
-                a, b = theirs[name, threads], results[name, threads]["tokens_per_s"]
-                print(f"{name:8s} {kind.upper():>9s} {threads:3d} {a:13.2f} {b:13.2f} {a / b:20.2f}x")
+                r = results[name, threads]
+                a, b = theirs[name, threads, "decode"], r["tokens_per_s"]
+                c, d = theirs[name, threads, "prefill"], r["prefill_tokens_per_s"]
+                print(f"{name:8s} {kind.upper():>9s} {threads:3d} {a:21.2f} {b:7.2f} {a / b:5.2f}x {c:22.1f} "
+                      f"{d:7.1f} {c / d:5.2f}x")
     if 1 in args.threads:
         for name, target in TARGETS.items():
             ratio = results[name, 1]["tokens_per_s"] / results["fp32", 1]["tokens_per_s"]
