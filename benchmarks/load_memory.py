@@ -61,8 +61,9 @@ def child(cfg: Config):
     after_load = rss_kb()["VmHWM"]
     tensors = generation.weight_tensors(model)  # a quantized layer's codes and scales too; tied weights once
     t0 = time.perf_counter()
-    # max over the raw bytes reads every byte and, unlike a sum, needs no wider temporary.
-    checksum = sum(int(t.reshape(-1).view(torch.uint8).max()) for t in tensors)
+    # max over the raw bytes reads every byte and, unlike a sum, needs no wider temporary; oneDNN's packed int8
+    # weights are opaque, read through a dense copy of one weight at a time.
+    checksum = sum(int((t.to_dense() if t.is_mkldnn else t).reshape(-1).view(torch.uint8).max()) for t in tensors)
     t_read = time.perf_counter() - t0
     after_read = rss_kb()["VmHWM"]
     with torch.no_grad():
