@@ -364,6 +364,8 @@ def test_every_kernel_launch_states_its_compile_options():
     import pathlib
     launches = 0
     for path in pathlib.Path(A.__file__).parent.glob("*.py"):
+        if "@triton.jit" not in path.read_text():  # no kernels, no launches (linear.py's PATHS[p](...) is a call)
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
                 launches += 1
