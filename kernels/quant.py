@@ -312,6 +312,7 @@ class QuantLinear(nn.Module):
                                                                             device=device))
         self.register_buffer("bias", None if not bias else torch.empty(N, dtype=dtype, device=device))
         self.cpu_packed = False  # int4 codes in PyTorch's CPU tiling (pack_for_cpu); scales_and_zeros then
+        self.parts = None  # out_features of the layers this one joins (concat), in order
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits, group_size=None):
@@ -321,6 +322,25 @@ class QuantLinear(nn.Module):
             setattr(layer, name, t)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
+        return layer
+
+    @classmethod
+    def concat(cls, layers):
+        """Layers that read the same x as one, their outputs side by side (`parts` says where each one's end):
+        one matmul reads all their weights and x is prepared once, where each call of a CPU kernel costs ~0.1 ms
+        beyond its reading (benchmarks/RESULTS.md). For inference: the joined layer has no checkpoint name."""
+        first = layers[0]
+        for m in layers:
+            if m.cpu_packed or m.bias is not None or (m.in_features, m.bits, m.group_size) != (
+                    first.in_features, first.bits, first.group_size):
+                raise ValueError(f"QuantLinear.concat joins unpacked layers without bias of one input width and "
+                                 f"format; got {m} (packed: {m.cpu_packed}, bias: {m.bias is not None}) after {first}")
+        layer = cls(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size,
+                    device=first.qweight.device)
+        layer.qweight = torch.cat([m.qweight for m in layers])  # every format keeps an output channel's row
+        layer.scales = torch.cat([m.scales for m in layers])
+        layer.offsets = None if first.bits == 8 else torch.cat([m.offsets for m in layers])
+        layer.parts = [m.out_features for m in layers]
         return layer
 
     def pack_for_cpu(self):
@@ -348,8 +368,12 @@ class QuantLinear(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        name = prefix.rstrip(".") or "QuantLinear"
+        if self.parts:
+            raise RuntimeError(f"{name}: {len(self.parts)} layers joined for inference (QuantLinear.concat) cannot "
+                               "be saved; save the model as loaded without them (python quantize.py)")
         if self.cpu_packed:
-            raise RuntimeError(f"{prefix}: int{self.bits} codes packed for the CPU kernel cannot be saved; quantize "
+            raise RuntimeError(f"{name}: int{self.bits} codes packed for the CPU kernel cannot be saved; quantize "
                                "the source checkpoint again (python quantize.py)")
         super()._save_to_state_dict(destination, prefix, keep_vars)
 

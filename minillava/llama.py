@@ -12,6 +12,7 @@ import torch.utils.checkpoint
 from minillava.kernels.attention import attention
 from minillava.kernels.linear import DecodeLinear  # nn.Linear; a CPU decoding step's rows read it faster
 from minillava.kernels.mlp import swiglu_layers
+from minillava.kernels.quant import QuantLinear
 from minillava.kernels.rmsnorm import rms_norm
 from minillava.kernels.rope import apply_rope
 from minillava.config import TextConfig
@@ -124,16 +125,27 @@ class LlamaAttention(nn.Module):
         self.k_proj = DecodeLinear(C, self.n_kv * self.hs, bias=False)
         self.v_proj = DecodeLinear(C, self.n_kv * self.hs, bias=False)
         self.o_proj = DecodeLinear(self.n_head * self.hs, C, bias=False)
+        self.qkv_proj = None  # q, k and v as one layer, for inference with quantized layers (join_quantized)
         self.kv_cache = None
+
+    def join_quantized(self):
+        """Quantized q, k and v as one layer (QuantLinear.concat): weights/load.py does it on the CPU."""
+        if all(isinstance(m, QuantLinear) for m in (self.q_proj, self.k_proj, self.v_proj)):
+            self.qkv_proj = QuantLinear.concat([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache: PrefillWrite | DecodeWrite = None):
         """x (B, T, C). key_padding_mask (B, T) bool, True = real token (no cache: training, a full forward).
         With a cache (set up by setup_cache), the new keys/values are written where `cache` says and attention
         reads the cached ones."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.qkv_proj.parts, dim=-1)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = apply_rope(q, k, cos, sin)
         seen = {"key_padding_mask": key_padding_mask}
         if cache is not None:
@@ -152,8 +164,18 @@ class LlamaMLP(nn.Module):
         self.gate_proj = DecodeLinear(C, F, bias=False)
         self.up_proj = DecodeLinear(C, F, bias=False)
         self.down_proj = DecodeLinear(F, C, bias=False)
+        self.gate_up_proj = None  # gate and up as one layer, for inference with quantized layers (join_quantized)
+
+    def join_quantized(self):
+        """Quantized gate and up as one layer (QuantLinear.concat): weights/load.py does it on the CPU."""
+        if isinstance(self.gate_proj, QuantLinear) and isinstance(self.up_proj, QuantLinear):
+            self.gate_up_proj = QuantLinear.concat([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(nn.functional.silu(gate) * up)
         return self.down_proj(swiglu_layers(x, self.gate_proj, self.up_proj))  # down(silu(gate(x)) * up(x))
 
 

@@ -28,6 +28,7 @@ import torch
 
 from minillava.config import from_hf_config
 from minillava.kernels.quant import QuantLinear
+from minillava.llama import LlamaAttention, LlamaMLP
 from minillava.llava import Llava
 from minillava.projector import Projector
 from minillava.weights import keymaps
@@ -476,11 +477,20 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     model.language_model.tie_weights()
     assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left on the meta device"
     if torch.device(device).type == "cpu":
-        for m in model.modules():
-            if isinstance(m, QuantLinear):
-                m.pack_for_cpu()  # into the CPU kernels' layouts (kernels/quant.py); the portable codes are freed
-                _return_freed_memory()
+        prepare_for_cpu(model)
     return model.eval()
+
+
+def prepare_for_cpu(model):
+    """Quantized layers for the CPU's kernels, for inference: those reading the same x joined (q, k, v; gate,
+    up), then packed into the kernels' layouts (kernels/quant.py); the portable codes are freed."""
+    for m in model.language_model.modules():
+        if isinstance(m, (LlamaAttention, LlamaMLP)):
+            m.join_quantized()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.pack_for_cpu()
+            _return_freed_memory()
 
 
 def _quantized_model(model, q, config_file):
