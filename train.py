@@ -215,6 +215,9 @@ def load_model(cfg: TrainConfig):
                          "its own type")
     model = load_llava(cfg.model, vision_path=cfg.vision or None, new_projector=fresh,
                        projector_path=cfg.projector or None, projector_type=cfg.mm_projector_type or None)
+    if getattr(model, "quantization", None):
+        raise ValueError(f"--model {cfg.model} is quantized ({model.quantization}): its layers are for inference; "
+                         "train from the dense checkpoint it was made from")
     if cfg.mm_vision_select_layer is not None:
         n = model.config.vision.num_hidden_layers
         if not -n - 1 <= cfg.mm_vision_select_layer <= n:

@@ -11,7 +11,8 @@ build --target llama-bench llama-quantize`; `pip download llama-cpp-python --no-
 vendor/llama.cpp). The LLM's weights are written as a Hugging Face LLaMA directory (layout C), converted by its
 convert_hf_to_gguf.py (which needs its gguf-py, numpy, sentencepiece and transformers) to F32, BF16 and Q8_0,
 and quantized to Q4_0 by llama-quantize; llama-bench then decodes 128 tokens from an empty context (where
-minillava's decode starts after its prompt) and evaluates a prompt as long as ours, at the same thread counts.
+minillava's decode starts after its prompt) and evaluates a prompt as long as ours, at the same thread count,
+right after our run of the same setting (interleaved: the machine's drift hits both alike).
 
 The model: a random LLaVA whose LLM has TinyLlama-1.1B's shape (22 x 2048, MLP 5632, 32 heads, 4 key/value
 heads, vocabulary 32064: 1.1 B parameters), written once in bf16, layout A (llava-hf); a small CLIP tower at
@@ -92,7 +93,7 @@ def step_breakdown(engine, model, ids, pix, steps=8) -> dict:
             spent[kind] += time.perf_counter() - start[m]
         return before, after
     handles = []
-    for m in lm.modules():  # the MLP as a whole: on the CPU its gate and up layers are not called as modules
+    for m in lm.modules():  # the MLP as a whole: on the CPU dense gate and up layers are not called as modules
         if isinstance(m, (LlamaAttention, LlamaMLP)):
             kind = "attention" if isinstance(m, LlamaAttention) else "MLP"
         elif isinstance(m, (nn.Linear, QuantLinear)) and inside.get(id(m)) is not LlamaMLP:
@@ -203,9 +204,9 @@ def sizes():
 LLAMA_CPP = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # our setting -> llama.cpp's type
 
 
-def llama_cpp_rates(tree, ckpt, root, threads, new_tokens, prompt) -> dict:
-    """llama.cpp on the same LLM weights: {(setting, threads, "decode" | "prefill"): tokens/s}, decoding
-    `new_tokens` from an empty context and evaluating a `prompt`-token prompt (llama-bench's tg and pp tests)."""
+def gguf_files(tree, ckpt, root) -> dict:
+    """The LLM's weights for llama.cpp, {setting: GGUF path}: written once (layout C, convert_hf_to_gguf.py,
+    llama-quantize for Q4_0) and reused."""
     from minillava.weights import load_llava, write_layout
     llama_dir = os.path.join(root, "layout-c", "llama")
     if not os.path.exists(os.path.join(llama_dir, "config.json")):
@@ -225,23 +226,22 @@ def llama_cpp_rates(tree, ckpt, root, threads, new_tokens, prompt) -> dict:
                            env={**os.environ, "PYTHONPATH": os.path.join(tree, "gguf-py")})
         if r.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    bench = os.path.join(tree, "build", "bin", "llama-bench")
-    rates = {}
-    for name, path in files.items():
-        for test, p, n in [("decode", 0, new_tokens), ("prefill", prompt, 0)]:
-            for extra in [[], ["--repack", "0"]]:
-                cmd = [bench, "-m", path, "-p", str(p), "-n", str(n), "-t", ",".join(map(str, threads)), "-r", "1",
-                       "-o", "json", *extra]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode == 0:
-                    break
-                # llama.cpp's AMX path for prompts dies on some CPUs (Q8_0 / Q4_0 on this sandbox's Xeon)
-                print(f"llama-bench exit {r.returncode} on {name} {test}: rerunning with --repack 0", flush=True)
-            else:
-                sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-            for t in json.loads(r.stdout):
-                rates[name, t["n_threads"], test] = t["avg_ts"]
-    return rates
+    return files
+
+
+def llama_cpp_rate(tree, gguf, threads, prompt, new_tokens) -> float:
+    """llama-bench's tokens/s: decoding `new_tokens` from an empty context (prompt 0), or evaluating a
+    `prompt`-token prompt (new_tokens 0)."""
+    for extra in [[], ["--repack", "0"]]:
+        cmd = [os.path.join(tree, "build", "bin", "llama-bench"), "-m", gguf, "-p", str(prompt), "-n",
+               str(new_tokens), "-t", str(threads), "-r", "1", "-o", "json", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            return json.loads(r.stdout)[0]["avg_ts"]
+        # llama.cpp's AMX path for prompts dies on some CPUs (Q8_0 / Q4_0 on this sandbox's Xeon)
+        print(f"llama-bench exit {r.returncode} on {os.path.basename(gguf)}, prompt {prompt}: rerunning with "
+              "--repack 0", flush=True)
+    sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
 
 
 def main():
@@ -270,11 +270,12 @@ def main():
     settings = LLMS[args.llm][1]
     first = settings[0][0] if settings[0][1] == "none" else settings[0][1]
     args.ckpt, args.image = write_checkpoint(args.dir, args.llm)
+    gguf = gguf_files(args.llama_cpp, args.ckpt, args.dir) if args.llama_cpp else {}
     print(f"torch {torch.__version__}, {args.new_tokens} greedy tokens, one slot, same prompt and image; "
           f"each setting in a fresh process; % read: of torch.sum's read speed at the same threads", flush=True)
     print(f"{'setting':8s} {'thr':>3s} {'tokens/s':>9s} {'x ' + first:>7s} {'GB/step':>8s} {'GB/s':>6s} {'% read':>6s} "
           f"{'weights GB':>10s} {'peak RSS GB':>11s} {'load s':>7s} {'prefill t/s':>11s}  same ids as {first}")
-    results, bandwidth = {}, {}
+    results, bandwidth, theirs = {}, {}, {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         bandwidth[threads] = read_bandwidth(5)
@@ -288,6 +289,9 @@ def main():
                   f"{r['step_gb']:8.2f} {r['gbps']:6.1f} {100 * r['gbps'] / bandwidth[threads]:5.0f}% "
                   f"{r['weights_gb']:10.2f} {r['peak_rss_gb']:11.2f} {r['load_s']:7.1f} "
                   f"{r['prefill_tokens_per_s']:11.1f}  first {same} of {len(r['ids'])}", flush=True)
+            if gguf:  # llama.cpp's same setting right after ours: the machine's drift hits both alike
+                theirs[name, threads] = (llama_cpp_rate(args.llama_cpp, gguf[name], threads, 0, args.new_tokens),
+                                         llama_cpp_rate(args.llama_cpp, gguf[name], threads, r["prompt"], 0))
     print("\nwhere a decode step goes (ms; weights: the linear layers and the MLPs' activation, attention: the rest "
           "of the attention modules, rest: everything else) and the step's top torch ops by self time")
     print(f"{'setting':8s} {'thr':>3s} {'step':>6s} {'weights':>8s} {'attention':>9s} {'rest':>6s}  ops")
@@ -296,7 +300,6 @@ def main():
               f"{r['rest_ms']:6.1f}  {r['ops']}")
     if args.llama_cpp:
         prompt = results["fp32", args.threads[0]]["prompt"]
-        theirs = llama_cpp_rates(args.llama_cpp, args.ckpt, args.dir, args.threads, args.new_tokens, prompt)
         print(f"\nllama.cpp ({args.llama_cpp}) on the same LLM weights: decode {args.new_tokens} tokens from an "
               f"empty context, and a {prompt}-token prompt (ours: the LLM's share of the prefill, tower excluded)")
         print(f"{'setting':8s} {'llama.cpp':>9s} {'thr':>3s} {'decode t/s: llama.cpp':>21s} {'ours':>7s} "
@@ -304,8 +307,7 @@ def main():
         for threads in args.threads:
             for name, kind in LLAMA_CPP.items():
                 r = results[name, threads]
-                a, b = theirs[name, threads, "decode"], r["tokens_per_s"]
-                c, d = theirs[name, threads, "prefill"], r["prefill_tokens_per_s"]
+                (a, c), b, d = theirs[name, threads], r["tokens_per_s"], r["prefill_tokens_per_s"]
                 print(f"{name:8s} {kind.upper():>9s} {threads:3d} {a:21.2f} {b:7.2f} {a / b:5.2f}x {c:22.1f} "
                       f"{d:7.1f} {c / d:5.2f}x")
     if 1 in args.threads and first == "fp32":

@@ -395,14 +395,16 @@ def swiglu(x, w_gate, w_up):
     return swiglu_reference(x, w_gate, w_up)
 
 
-def swiglu_layers(x, gate, up):
-    """silu(gate(x)) * up(x) for the LLM's two linear layers: the fused swiglu() on their weights when both are plain
+def swiglu_layers(x, gate, up=None):
+    """silu(gate(x)) * up(x) for the LLM's two linear layers, or for one layer giving both side by side (up None:
+    the quantized gate and up joined for the CPU): the fused swiglu() on their weights when both are plain
     weights (it never writes gate(x) and up(x) to memory); any other module there (LoRA, a quantized linear) is
     called as a module, and the decision counted as swiglu's."""
     if isinstance(gate, nn.Linear) and isinstance(up, nn.Linear):
         return swiglu(x, gate.weight, up.weight)
     use_triton("swiglu", x, "LoRA or quantized layers")  # False: counted, so that the run can say so
-    return F.silu(gate(x)) * up(x)
+    g, u = (gate(x), up(x)) if up is not None else gate(x).chunk(2, dim=-1)  # (..., F) each
+    return F.silu(g) * u
 
 
 def linear_quick_gelu(x, weight, bias):

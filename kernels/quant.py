@@ -329,14 +329,18 @@ class QuantLinear(nn.Module):
         """Layers that read the same x as one, their outputs side by side (`parts` says where each one's end):
         one matmul reads all their weights and x is prepared once, where each call of a CPU kernel costs ~0.1 ms
         beyond its reading (benchmarks/RESULTS.md). For inference: the joined layer has no checkpoint name."""
+        if not layers:
+            raise ValueError("QuantLinear.concat needs at least one layer")
         first = layers[0]
-        for m in layers:
-            if m.cpu_packed or m.bias is not None or (m.in_features, m.bits, m.group_size) != (
-                    first.in_features, first.bits, first.group_size):
-                raise ValueError(f"QuantLinear.concat joins unpacked layers without bias of one input width and "
-                                 f"format; got {m} (packed: {m.cpu_packed}, bias: {m.bias is not None}) after {first}")
-        layer = cls(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size,
-                    device=first.qweight.device)
+        for i, m in enumerate(layers):
+            problem = ("is packed for the CPU already" if m.cpu_packed else "has a bias" if m.bias is not None
+                       else f"differs from layer 0 ({first})" if (m.in_features, m.bits, m.group_size) != (
+                           first.in_features, first.bits, first.group_size) else None)
+            if problem:
+                raise ValueError(f"QuantLinear.concat: layer {i} ({m}) {problem}; it joins unpacked layers without "
+                                 "bias, of one input width and format")
+        with torch.device("meta"):  # its buffers are the parts' joined below: nothing to allocate first
+            layer = cls(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size)
         layer.qweight = torch.cat([m.qweight for m in layers])  # every format keeps an output channel's row
         layer.scales = torch.cat([m.scales for m in layers])
         layer.offsets = None if first.bits == 8 else torch.cat([m.offsets for m in layers])
@@ -371,7 +375,7 @@ class QuantLinear(nn.Module):
         name = prefix.rstrip(".") or "QuantLinear"
         if self.parts:
             raise RuntimeError(f"{name}: {len(self.parts)} layers joined for inference (QuantLinear.concat) cannot "
-                               "be saved; save the model as loaded without them (python quantize.py)")
+                               "be saved; python quantize.py writes a quantized checkpoint from the dense one")
         if self.cpu_packed:
             raise RuntimeError(f"{name}: int{self.bits} codes packed for the CPU kernel cannot be saved; quantize "
                                "the source checkpoint again (python quantize.py)")
@@ -382,7 +386,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self):
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+        parts = f", parts={self.parts}" if self.parts else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}{parts}"
 
 
 def quant_linear(x, layer: QuantLinear):

@@ -1,6 +1,7 @@
 """LLaMA / Vicuna decoder: RMSNorm, rotary positions, causal GQA attention with a slotted KV cache, SwiGLU MLP.
 
-Parameter names follow Hugging Face-format LLaMA checkpoints (`model.layers.N.self_attn.q_proj.weight`...).
+Parameter names follow Hugging Face-format LLaMA checkpoints (`model.layers.N.self_attn.q_proj.weight`...);
+a model loaded quantized on the CPU has q, k, v as one `qkv_proj` and gate, up as one `gate_up_proj`.
 Shapes: B batch, T tokens, C width, nh query heads, n_kv key/value heads, hs head size, V vocabulary.
 """
 from dataclasses import dataclass
@@ -142,7 +143,7 @@ class LlamaAttention(nn.Module):
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = self.qkv_proj(x).split(self.qkv_proj.parts, dim=-1)
+            q, k, v = self.qkv_proj(x).split(self.qkv_proj.parts, dim=-1)  # (B, T, nh*hs), (B, T, n_kv*hs) x 2
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
@@ -174,8 +175,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(nn.functional.silu(gate) * up)
+            return self.down_proj(swiglu_layers(x, self.gate_up_proj))
         return self.down_proj(swiglu_layers(x, self.gate_proj, self.up_proj))  # down(silu(gate(x)) * up(x))
 
 

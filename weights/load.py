@@ -484,9 +484,9 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
 def prepare_for_cpu(model):
     """Quantized layers for the CPU's kernels, for inference: those reading the same x joined (q, k, v; gate,
     up), then packed into the kernels' layouts (kernels/quant.py); the portable codes are freed."""
-    for m in model.language_model.modules():
-        if isinstance(m, (LlamaAttention, LlamaMLP)):
-            m.join_quantized()
+    for m in [m for m in model.language_model.modules() if isinstance(m, (LlamaAttention, LlamaMLP))]:
+        m.join_quantized()
+        _return_freed_memory()  # the separate codes, before the next join allocates
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.pack_for_cpu()
