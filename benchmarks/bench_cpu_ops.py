@@ -38,8 +38,9 @@ from minillava.kernels.quant import CPU_PACK_TILES, pack_int4_for_cpu, quantize 
 
 
 def candidates(W, x):
-    """name -> (weight tensors, a function of them and x that runs the op once); a missing op -> its error text.
-    The weight tensors are what a call reads (cloned into several copies by `main`)."""
+    """name -> (weights, a function of them and x that runs the op once); a missing op -> its error text.
+    weights: the tensors a call reads (cloned into several copies by `measure`), or, for an opaque packed weight
+    (fbgemm's and oneDNN's objects cannot be cloned), a function that packs another copy."""
     N, K = W.shape
     xb = x.bfloat16()
     ops = {"F.linear fp32": ((W,), lambda w: F.linear(x, w)),
@@ -48,20 +49,13 @@ def candidates(W, x):
     q8 = quantize(W, 8)
     ops["int8 weight, bf16 x"] = ((q8["qweight"], q8["scales"].bfloat16()),
                                   lambda q, s: torch.ops.aten._weight_int8pack_mm(xb, q, s))
-    try:
-        if Q.onednn_int8_problem():
-            raise RuntimeError(Q.onednn_int8_problem())
-        operands = Q.pack_int8_for_cpu(q8["qweight"], q8["scales"])
-        ops["int8 weight, 2x int8 x"] = (operands, lambda *w: Q._onednn_int8(x, *w))
-    except RuntimeError as e:
-        ops["int8 weight, 2x int8 x"] = f"not available: {e}".splitlines()[0]
-    try:
-        scales = (W.abs().amax(1) / 127).clamp(min=1e-12).double()
-        qw = torch.quantize_per_channel(W, scales, torch.zeros(N, dtype=torch.long), 0, torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(qw, None)
-        ops["int8 weight, int8 x"] = ((packed,), lambda pk: torch.ops.quantized.linear_dynamic(x, pk))
-    except (RuntimeError, AttributeError) as e:
-        ops["int8 weight, int8 x"] = f"not available: {e}".splitlines()[0]
+    problem = Q.onednn_int8_problem()
+    ops["int8 weight, 2x int8 x"] = f"not available: {problem}" if problem else (
+        lambda: Q.pack_int8_for_cpu(q8["qweight"], q8["scales"]), lambda *w: Q._onednn_int8(x, *w))
+    scales = (W.abs().amax(1) / 127).clamp(min=1e-12).double()
+    ops["int8 weight, int8 x"] = (lambda: (torch.ops.quantized.linear_prepack(torch.quantize_per_channel(
+        W, scales, torch.zeros(N, dtype=torch.long), 0, torch.qint8), None),),
+        lambda pk: torch.ops.quantized.linear_dynamic(x, pk))
     try:
         q4 = quantize(W, 4, 64)
         packed4, sz = pack_int4_for_cpu(q4["qweight"], q4["scales"], q4["offsets"])
@@ -69,38 +63,23 @@ def candidates(W, x):
             torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, 64, s)))
     except (RuntimeError, ValueError) as e:
         ops["int4 weight, bf16 x"] = f"not available: {e}".splitlines()[0]
-    try:
-        bias = torch.zeros(N)
-        ops["fp16 weight, fp32 x"] = ((torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(W),), lambda w: (
-            torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(x, w, bias)))
-    except RuntimeError as e:
-        ops["fp16 weight, fp32 x"] = f"not available: {e}".splitlines()[0]
+    bias = torch.zeros(N)
+    ops["fp16 weight, fp32 x"] = (lambda: (torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(W),), lambda w: (
+        torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(x, w, bias)))
     return ops
 
 
-def _repack(name, W):
-    """Another copy of an opaque packed weight (fbgemm's and oneDNN's packed objects cannot be cloned)."""
-    if name == "int8 weight, 2x int8 x":
-        q8 = quantize(W, 8)
-        return Q.pack_int8_for_cpu(q8["qweight"], q8["scales"])
-    if name == "int8 weight, int8 x":
-        scales = (W.abs().amax(1) / 127).clamp(min=1e-12).double()
-        qw = torch.quantize_per_channel(W, scales, torch.zeros(W.shape[0], dtype=torch.long), 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(qw, None)
-    return torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(W)
-
-
-PACKED = {"int8 weight, 2x int8 x": 1, "int8 weight, int8 x": 1, "fp16 weight, fp32 x": 2}  # opaque weights
+PACKED = {"int8 weight, 2x int8 x": 1, "int8 weight, int8 x": 1, "fp16 weight, fp32 x": 2}  # opaque: bytes/weight
 
 
 def measure(name, weights, fn, W, a) -> tuple[float, int]:
     """-> (best seconds per call, weight bytes per call), cycling through copies of the weights that add up to
-    a.min_mib: past the caches (this machine's L3 may hold a whole weight), so that a call reads from memory."""
+    a.min_mib: past the caches (this machine's L3 may hold a whole weight), so that a call reads from memory.
+    An opaque op this torch build lacks raises at its first packing (main prints why)."""
     size = W.numel() * PACKED[name] if name in PACKED else sum(t.numel() * t.element_size() for t in weights)
     n = -(-a.min_mib * 2**20 // size)
-    copies = [weights] + [_repack(name, W) if name == "int8 weight, 2x int8 x" else  # (codes, scales, zeros)
-                          tuple(_repack(name, W) if name in PACKED else t.clone() for t in weights)
-                          for _ in range(n - 1)]
+    copies = ([weights() for _ in range(n)] if callable(weights)
+              else [weights] + [tuple(t.clone() for t in weights) for _ in range(n - 1)])
     turn = iter(range(10**9))
     return best_seconds(lambda: fn(*copies[next(turn) % n]), a.repeat), size
 
@@ -132,7 +111,13 @@ def main():
                     print(f"  {name:24s} {op}")
                     continue
                 weights, fn = op
-                t, size = measure(name, weights, fn, W, a)
+                try:
+                    t, size = measure(name, weights, fn, W, a)
+                except (RuntimeError, AttributeError) as e:
+                    if not callable(weights):
+                        raise
+                    print(f"  {name:24s} not available: {str(e).splitlines()[0]}")  # fails at its first packing
+                    continue
                 print(f"  {name:24s} {t * 1e3:7.2f} {size / t / 1e9:8.1f} {100 * size / t / 1e9 / bw:8.0f}%")
 
 
