@@ -70,10 +70,9 @@ def peak_rss_gb() -> float:
 def step_breakdown(engine, model, ids, pix, steps=8) -> dict:
     """Where a decode step's time goes, ms per step: the LLM's linear layers (reading the weights; the MLPs' whole
     time, their activation included), attention (rope, the cache write and the scores: each attention module's
-    time less its linear layers'), the rest
-    (norms, the MLP's activation, the head's sampling, Python, these hooks), timed by forward hooks over `steps`
-    decode steps after a prefill; then the torch ops that took the most time (the profiler over 2 more steps,
-    the three largest by self time: which ops the linear layers ran)."""
+    time less its linear layers'), the rest (norms, the head, sampling, Python, these hooks), timed by forward
+    hooks over `steps` decode steps after a prefill; then the torch ops that took the most time (the profiler
+    over 2 more steps, the three largest by self time: which ops the linear layers ran)."""
     import torch
     import torch.nn as nn
     from minillava.engine import Request

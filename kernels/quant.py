@@ -333,12 +333,16 @@ class QuantLinear(nn.Module):
             raise ValueError("QuantLinear.concat needs at least one layer")
         first = layers[0]
         for i, m in enumerate(layers):
-            problem = ("is packed for the CPU already" if m.cpu_packed else "has a bias" if m.bias is not None
-                       else f"differs from layer 0 ({first})" if (m.in_features, m.bits, m.group_size) != (
-                           first.in_features, first.bits, first.group_size) else None)
-            if problem:
-                raise ValueError(f"QuantLinear.concat: layer {i} ({m}) {problem}; it joins unpacked layers without "
-                                 "bias, of one input width and format")
+            if m.cpu_packed:
+                problem = "is packed for the CPU already"
+            elif m.bias is not None:
+                problem = "has a bias"
+            elif (m.in_features, m.bits, m.group_size) != (first.in_features, first.bits, first.group_size):
+                problem = f"differs from layer 0 ({first})"
+            else:
+                continue
+            raise ValueError(f"QuantLinear.concat: layer {i} ({m}) {problem}; it joins unpacked layers without "
+                             "bias, of one input width and format")
         with torch.device("meta"):  # its buffers are the parts' joined below: nothing to allocate first
             layer = cls(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size)
         layer.qweight = torch.cat([m.qweight for m in layers])  # every format keeps an output channel's row
