@@ -33,9 +33,14 @@ Paths, chosen by `quant_linear`:
     to bf16 for them: on an AVX2 CPU their fp32 variants are 9-14x slower, measured 2026-12-01). int4 needs its
     codes in PyTorch's own tiled layout, which depends on the CPU's vector width, so `QuantLinear.pack_for_cpu`
     converts them once at load and that layout never reaches a file.
+  * CPU, int4, DEQUANT_ROWS rows or more (prefill): PyTorch's int4 kernel costs the same per row at every row
+    count (made for decoding), so here `dequantize_int4_cpu` reads its tiled layout back (`int4_cpu_tile`
+    finds the tile width once; the codes are not kept twice) and blocks of BLOCK_ROWS output channels are
+    dequantized to bf16 for one bf16 GEMM each (AMX where the CPU has it). Measured 2026-12-07, 2-core Xeon:
+    even with the kernel at ~80 rows, 2-3.7x faster at 315 (1 and 2 threads); a CPU whose layout is another
+    keeps the kernel, with a notice.
   * Otherwise (prefill on CPU, CUDA without validated kernels): the reference in blocks of BLOCK_ROWS output
-    channels, so the dequantized weight is never whole in memory. int4 packed for the CPU has no portable codes
-    left, so its prefill runs PyTorch's kernel on all rows (about 2x slower per row than fp32 on this CPU).
+    channels (`_blocked_matmul`, as above), so the dequantized weight is never whole in memory.
 Inference only: there is no backward (training quantized weights, QLoRA, is not built).
 """
 import functools
@@ -51,6 +56,7 @@ BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)  # int4 groups PyTorch's CPU kernel and the Triton kernel's BLOCK_K both accept
 SCALE_DTYPE = torch.bfloat16
 PACKED_MAX_ROWS = 4  # CPU: PyTorch's packed kernels up to here; measured faster than dequantize-and-GEMM at <= 4
+DEQUANT_ROWS = 96  # CPU int4 packed: from here on, blocks dequantized to bf16, one bf16 GEMM each (measured)
 BLOCK_ROWS = 1024  # output channels dequantized at once by the blocked reference (16 MB of fp32 at K = 4096)
 CPU_PACK_TILES = 8  # innerKTiles of PyTorch's int4 CPU packing (the value its CPU path accepts)
 
@@ -135,12 +141,18 @@ def quant_linear_reference(x, qweight, scales, offsets=None, group_size=None, bi
 def _blocked_reference(x, qweight, scales, offsets, group_size):
     """The reference BLOCK_ROWS output channels at a time, each block dequantized to x's dtype (the GEMM then runs
     in x's dtype: the prefill path, where a whole dequantized matrix would cost 4 bytes per weight)."""
+    def rows(r, e):
+        return dequantize(qweight[r:e], scales[r:e], None if offsets is None else offsets[r:e], group_size)
+    return _blocked_matmul(x, scales.shape[0], rows)
+
+
+def _blocked_matmul(x, N, dequantize_rows):
+    """x (..., K) @ W^T -> (..., N) in x's dtype, W dequantized BLOCK_ROWS output channels at a time by
+    dequantize_rows(r, e) -> W[r:e] (e - r, K) fp32, each block cast to x's dtype for one GEMM."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    N = scales.shape[0]
     y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     for r in range(0, N, BLOCK_ROWS):
-        w = dequantize(qweight[r:r + BLOCK_ROWS], scales[r:r + BLOCK_ROWS],
-                       None if offsets is None else offsets[r:r + BLOCK_ROWS], group_size)
+        w = dequantize_rows(r, min(N, r + BLOCK_ROWS))
         torch.mm(x2, w.to(x.dtype).t(), out=y[:, r:r + BLOCK_ROWS])  # (M, K) @ (K, rows) -> (M, rows)
     return y.view(*x.shape[:-1], N)
 
@@ -161,6 +173,36 @@ def pack_int4_for_cpu(qweight, scales, offsets):
         packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, CPU_PACK_TILES))
     scales_and_zeros = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
     return torch.cat(packed), scales_and_zeros
+
+
+def dequantize_int4_cpu(packed, scales_and_zeros, group_size: int, tile: int):
+    """Codes in PyTorch's CPU tiling (N, K / 2), scales_and_zeros (K/G, N, 2) -> W (N, K) fp32, the same numbers
+    as `dequantize` (as a transposed view of a (K, N) buffer: the layout's own order, ready for x @ W^T). The
+    layout, where N is a multiple of `tile` (int4_cpu_tile): tile t of output channels is K rows of t/2 bytes,
+    byte j of row k holding channel j in its low nibble and channel j + t/2 in its high one."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    v = packed.view(N // tile, K, tile // 2)  # (tiles, K, t/2)
+    wt = torch.empty(K, N // tile, 2, tile // 2)  # W^T, channel n = tile * t + half * t/2 + j
+    wt[:, :, 0] = ((v & 15).view(torch.int8) - 8).transpose(0, 1)  # codes - 8, exact in int8 and in fp32
+    wt[:, :, 1] = ((v >> 4).view(torch.int8) - 8).transpose(0, 1)
+    wt = wt.view(K // group_size, group_size, N)
+    scales, offsets = scales_and_zeros[:, None, :, 0].float(), scales_and_zeros[:, None, :, 1].float()
+    return torch.addcmul(offsets, wt, scales, out=wt).view(K, N).t()  # (q - 8) * scale + offset, as dequantize
+
+
+@functools.lru_cache(maxsize=None)
+def int4_cpu_tile() -> int | None:
+    """Output channels per tile of PyTorch's int4 CPU layout here (64 where it runs AVX-512, 32 with AVX2; it
+    follows the CPU), found by packing known codes and reading them back with dequantize_int4_cpu; None where
+    the layout is none of these (then int4 prefill stays on PyTorch's kernel)."""
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    portable = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    ones = torch.ones(128, 1, dtype=SCALE_DTYPE)
+    packed, sz = pack_int4_for_cpu(portable, ones, ones * 8)  # scale 1, offset 8: W = the codes themselves
+    for tile in (64, 32):
+        if torch.equal(dequantize_int4_cpu(packed, sz, 64, tile), codes.float()):
+            return tile
+    return None
 
 
 X_DIGIT = 254  # x's second int8 digit counts steps of 1 / X_DIGIT of the first's: |lo| <= 0.5 * 254 = 127
@@ -231,6 +273,15 @@ def _cpu_packed(x, layer):
     xb = x.to(torch.bfloat16)
     if layer.bits == 8:
         return torch.ops.aten._weight_int8pack_mm(xb, layer.qweight, layer.scales)
+    if x.shape[0] >= DEQUANT_ROWS:
+        tile = int4_cpu_tile()
+        if tile is None:
+            _say_once("int4 prefill: PyTorch's int4 CPU layout here is not one minillava reads; prefill runs its "
+                      "decoding kernel (slower)")
+        elif layer.out_features % tile == 0:
+            def rows(r, e):
+                return dequantize_int4_cpu(layer.qweight[r:e], layer.scales_and_zeros[:, r:e], layer.group_size, tile)
+            return _blocked_matmul(xb, layer.out_features, rows)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, layer.qweight, layer.group_size, layer.scales_and_zeros)
 
 

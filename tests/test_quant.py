@@ -216,6 +216,87 @@ def test_int4_packed_for_the_cpu_equals_the_reference(G, M):
         ql.state_dict()
 
 
+def packed_int4(N, K, G):
+    """(a layer packed for the CPU, its portable twin) with the same codes."""
+    _, ql = layer(N, K, 4, G)
+    portable = Q.QuantLinear(K, N, 4, G)
+    for name in ("qweight", "scales", "offsets"):
+        setattr(portable, name, getattr(ql, name).clone())
+    return ql.pack_for_cpu(), portable
+
+
+def cpu_tile() -> int:
+    """The tile width int4_cpu_tile must find on the CPUs whose layouts minillava reads (others: the test skips)."""
+    want = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
+    if want is None:
+        pytest.skip(f"PyTorch's int4 CPU layout for {torch.backends.cpu.get_cpu_capability()} is not one minillava "
+                    "reads (its prefill keeps the kernel)")
+    assert Q.int4_cpu_tile() == want
+    return want
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_int4_cpu_layout_reads_back_to_the_same_numbers(G):
+    tile = cpu_tile()
+    packed, portable = packed_int4(192, 256, G)  # 3 tiles of 64, 6 of 32
+    want = Q.dequantize(portable.qweight, portable.scales, portable.offsets, G)
+    got = Q.dequantize_int4_cpu(packed.qweight, packed.scales_and_zeros, G, tile)
+    assert torch.equal(got, want)
+    other = Q.dequantize_int4_cpu(packed.qweight, packed.scales_and_zeros, G, 96 - tile)  # the other tile width
+    assert (other - want).abs().max() > 0.1  # a wrong layout gives other numbers: the comparison can fail
+
+
+def test_int4_cpu_layout_follows_the_cpus_kernels():
+    """PyTorch picks the layout by the kernels it dispatches (ATEN_CPU_CAPABILITY): AVX2's is read too."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("a CPU without AVX2")
+    code = ("import torch; import minillava.kernels.quant as Q; t = Q.int4_cpu_tile(); W = torch.randn(96, 128); "
+            "q = Q.quantize(W, 4, 32); p, sz = Q.pack_int4_for_cpu(q['qweight'], q['scales'], q['offsets']); "
+            "print(torch.backends.cpu.get_cpu_capability(), t, torch.equal(Q.dequantize_int4_cpu(p, sz, 32, t), "
+            "Q.dequantize(q['qweight'], q['scales'], q['offsets'], 32)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["AVX2", "32", "True"]
+
+
+@pytest.mark.parametrize("G", [32, 128])
+def test_int4_prefill_rows_run_a_bf16_gemm_on_dequantized_blocks(G, monkeypatch):
+    cpu_tile()
+    calls = []
+    read_back = Q.dequantize_int4_cpu
+    monkeypatch.setattr(Q, "dequantize_int4_cpu", lambda *a: (calls.append(a[0].shape[0]), read_back(*a))[1])
+    monkeypatch.setattr(Q, "BLOCK_ROWS", 128)  # two blocks: 128 and 64 output channels
+    N, K = 192, 256
+    packed, portable = packed_int4(N, K, G)
+    W = Q.dequantize(portable.qweight, portable.scales, portable.offsets, G).double()
+    for M in (Q.DEQUANT_ROWS - 1, Q.DEQUANT_ROWS, 130):
+        calls.clear()
+        x = torch.randn(M, K)
+        y = packed(x).double()
+        assert calls == ([128, 64] if M >= Q.DEQUANT_ROWS else []), M
+        xb = x.bfloat16().double()  # both paths take x in bf16
+        want, size = xb @ W.t(), xb.abs() @ W.abs().t()
+        # each weight rounded to bf16 (2^-8 of it), fp32 sums over K, the output rounded to bf16 (2^-8 of it)
+        bound = (2 ** -8 + K * 2 ** -24) * size * (1 + 2 ** -8) + 2 ** -8 * want.abs()
+        assert ((y - want).abs() <= bound).all(), M
+
+
+def test_int4_prefill_keeps_the_kernel_where_the_layout_is_unknown_or_the_width_is_not_whole_tiles(monkeypatch,
+                                                                                                   capsys):
+    monkeypatch.setattr(Q, "dequantize_int4_cpu", lambda *a: pytest.fail("dequantized"))
+    x = torch.randn(Q.DEQUANT_ROWS, 256)
+    packed, portable = packed_int4(96 + 16, 256, 32)  # not whole tiles of 32 or 64
+    bf16_close(packed(x), reference(x.bfloat16().float(), portable))
+    monkeypatch.setattr(Q, "int4_cpu_tile", lambda: None)
+    Q._say_once.cache_clear()
+    packed, portable = packed_int4(128, 256, 32)
+    bf16_close(packed(x), reference(x.bfloat16().float(), portable))
+    bf16_close(packed(x), reference(x.bfloat16().float(), portable))
+    assert capsys.readouterr().err.count("int4 prefill: PyTorch's int4 CPU layout here is not one minillava reads; "
+                                         "prefill runs its decoding kernel (slower)") == 1
+
+
 # Triton, in the interpreter: decode and prefill row counts, N and K not multiples of the blocks (int8)
 TRITON_CASES = [(1, 100, 256), (3, 70, 40), (37, 64, 128)]
 
