@@ -5,6 +5,7 @@
     python benchmarks/bench_quant.py --sizes                 # bytes of LLaVA-1.5-7B / 13B in each form
     python benchmarks/bench_quant.py --llama-cpp DIR         # and llama.cpp on the same LLM weights, side by side
     python benchmarks/bench_quant.py --llm 7b --new-tokens 32  # LLaVA-1.5-7B's LLM: bf16, int8, int4 (no fp32)
+    python benchmarks/bench_quant.py --compile               # the decode step compiled (generate.py --compile)
 
 --llama-cpp: a llama.cpp source tree with llama-bench and llama-quantize built (`cmake -B build && cmake --build
 build --target llama-bench llama-quantize`; `pip download llama-cpp-python --no-binary :all:` holds one in
@@ -24,6 +25,10 @@ the embedding table), their GB/s and its % of the machine's read speed (torch.su
 count, measured in the same run), the prefill's LLM tokens/s (the vision tower's time excluded), and the
 process's peak RSS (VmHWM, which counts the mapped file's pages once touched). A second table says where one
 decode step's time goes (forward hooks: linear layers, attention, the rest) and which torch ops took it.
+
+--compile: each setting's decode step through torch.compile (inductor's C++ on the CPU: what `generate.py
+--compile` runs); tokens/s then leave out the first step, which compiles (its seconds are printed), and the
+step's parts are not measured (forward hooks see no modules inside compiled code).
 
 --llm 7b: the LLM has LLaVA-1.5-7B's shape (32 x 4096, MLP 11008, 32 heads, 6.7 B parameters, 13.5 GB in bf16
 on disk); fp32 (27 GB) does not fit a 24 GiB machine, so it starts at bf16 and the ratios are against bf16.
@@ -138,14 +143,17 @@ def child(args):
     embed = lm.model.embed_tokens.weight
     step_bytes = sum(t.numel() * t.element_size() for t in generation.weight_tensors(lm) if t is not embed)
     room = model.config.llm_length(ids) + args.new_tokens
-    engine = Engine(model, slots=1, max_seq_len=room)
+    engine = Engine(model, slots=1, max_seq_len=room, compile=args.compile)
     out = engine.run([Request(ids, pix, max_new_tokens=args.new_tokens)])[0].out
     s = engine.stats
-    parts = step_breakdown(Engine(model, slots=1, max_seq_len=room, image_cache_mb=0), model, ids, pix)
-    print(json.dumps({"tokens_per_s": s.decode_tokens / s.decode_s, "prefill_s": s.prefill_s, "load_s": load_s,
+    steps, decode_s = s.decode_steps - bool(s.compile_s), s.decode_s - s.compile_s  # compiled: the first step out
+    parts = {} if args.compile else step_breakdown(Engine(model, slots=1, max_seq_len=room, image_cache_mb=0),
+                                                    model, ids, pix)
+    print(json.dumps({"tokens_per_s": steps / decode_s, "prefill_s": s.prefill_s, "load_s": load_s,
+                      "compile_s": s.compile_s,
                       "prefill_tokens_per_s": s.prefill_tokens / (s.prefill_s - s.vision_s),  # the LLM's alone
                       "prompt": s.prefill_tokens,
-                      "step_gb": step_bytes / 1e9, "gbps": step_bytes * s.decode_steps / s.decode_s / 1e9,
+                      "step_gb": step_bytes / 1e9, "gbps": step_bytes * steps / decode_s / 1e9,
                       "peak_rss_gb": peak_rss_gb(), "ids": out, **parts,
                       "weights_gb": sum(t.numel() * t.element_size() for t in generation.weight_tensors(model)) / 1e9}))
 
@@ -153,6 +161,7 @@ def child(args):
 def run_setting(args, dtype, quantize, threads) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--ckpt", args.ckpt, "--image", args.image,
            "--dtype", dtype, "--quantize", quantize, "--threads", str(threads), "--new-tokens", str(args.new_tokens)]
+    cmd += ["--compile"] if args.compile else []
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if r.returncode != 0:
         sys.exit(f"{dtype}/{quantize} failed:\n{r.stderr}")
@@ -250,6 +259,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dir", default="/tmp/minillava_bench_quant", help="where the checkpoint is written (reused)")
     p.add_argument("--llama-cpp", default="", help="a llama.cpp tree with llama-bench built: measure it too")
+    p.add_argument("--compile", action="store_true", help="the decode step compiled (generate.py --compile)")
     p.add_argument("--sizes", action="store_true", help="print what LLaVA-1.5-7B/13B take in each form, and stop")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -271,7 +281,9 @@ def main():
     args.ckpt, args.image = write_checkpoint(args.dir, args.llm)
     gguf = gguf_files(args.llama_cpp, args.ckpt, args.dir) if args.llama_cpp else {}
     print(f"torch {torch.__version__}, {args.new_tokens} greedy tokens, one slot, same prompt and image; "
-          f"each setting in a fresh process; % read: of torch.sum's read speed at the same threads", flush=True)
+          f"each setting in a fresh process; % read: of torch.sum's read speed at the same threads"
+          + ("; decode step compiled (tokens/s without the first step, which compiles)" if args.compile else ""),
+          flush=True)
     print(f"{'setting':8s} {'thr':>3s} {'tokens/s':>9s} {'x ' + first:>7s} {'GB/step':>8s} {'GB/s':>6s} {'% read':>6s} "
           f"{'weights GB':>10s} {'peak RSS GB':>11s} {'load s':>7s} {'prefill t/s':>11s}  same ids as {first}")
     results, bandwidth, theirs = {}, {}, {}
@@ -287,16 +299,20 @@ def main():
             print(f"{name:8s} {threads:3d} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
                   f"{r['step_gb']:8.2f} {r['gbps']:6.1f} {100 * r['gbps'] / bandwidth[threads]:5.0f}% "
                   f"{r['weights_gb']:10.2f} {r['peak_rss_gb']:11.2f} {r['load_s']:7.1f} "
-                  f"{r['prefill_tokens_per_s']:11.1f}  first {same} of {len(r['ids'])}", flush=True)
+                  f"{r['prefill_tokens_per_s']:11.1f}  first {same} of {len(r['ids'])}"
+                  + (f", compiled in {r['compile_s']:.0f} s" if args.compile else ""), flush=True)
             if gguf:  # llama.cpp's same setting right after ours: the machine's drift hits both alike
                 theirs[name, threads] = (llama_cpp_rate(args.llama_cpp, gguf[name], threads, 0, args.new_tokens),
                                          llama_cpp_rate(args.llama_cpp, gguf[name], threads, r["prompt"], 0))
-    print("\nwhere a decode step goes (ms; weights: the linear layers and the MLPs' activation, attention: the rest "
-          "of the attention modules, rest: everything else) and the step's top torch ops by self time")
-    print(f"{'setting':8s} {'thr':>3s} {'step':>6s} {'weights':>8s} {'attention':>9s} {'rest':>6s}  ops")
-    for (name, threads), r in results.items():
-        print(f"{name:8s} {threads:3d} {r['step_ms']:6.1f} {r['weights_ms']:8.1f} {r['attention_ms']:9.1f} "
-              f"{r['rest_ms']:6.1f}  {r['ops']}")
+    if args.compile:
+        print("\nwhere a decode step goes: not measured with --compile (hooks see no modules in compiled code)")
+    else:
+        print("\nwhere a decode step goes (ms; weights: the linear layers and the MLPs' activation, attention: the "
+              "rest of the attention modules, rest: everything else) and the step's top torch ops by self time")
+        print(f"{'setting':8s} {'thr':>3s} {'step':>6s} {'weights':>8s} {'attention':>9s} {'rest':>6s}  ops")
+        for (name, threads), r in results.items():
+            print(f"{name:8s} {threads:3d} {r['step_ms']:6.1f} {r['weights_ms']:8.1f} {r['attention_ms']:9.1f} "
+                  f"{r['rest_ms']:6.1f}  {r['ops']}")
     if args.llama_cpp:
         prompt = results["fp32", args.threads[0]]["prompt"]
         print(f"\nllama.cpp ({args.llama_cpp}) on the same LLM weights: decode {args.new_tokens} tokens from an "
