@@ -229,7 +229,7 @@ def pack_int8_for_cpu(qweight, scales):
 
 def _int8_matmul(digits, packed, scales, zeros):
     """int8 (M, K) x packed int8 codes -> (M, N) fp32: sum_k digit * code, times the output channel's scale.
-    In a compiled step (Engine(compile=True)) through the opaque op below: inductor's own lowering of oneDNN's
+    In a compiled step (Engine(compile=True)) through `onednn_int8_matmul`: inductor's own lowering of oneDNN's
     op wants the packed weight frozen into the graph as a constant, and fails on a module's buffer."""
     if torch.compiler.is_compiling():
         return onednn_int8_matmul(digits, packed, scales, zeros)
@@ -240,13 +240,13 @@ def _int8_matmul(digits, packed, scales, zeros):
 @torch.library.custom_op("minillava::onednn_int8_matmul", mutates_args=())
 def onednn_int8_matmul(digits: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                        zeros: torch.Tensor) -> torch.Tensor:
-    """_int8_matmul as one op that torch.compile calls as it is (its output's shape: `_`)."""
-    return torch.ops.onednn.qlinear_pointwise(digits, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+    """_int8_matmul as one opaque op, which compiled code calls as it is (it runs eagerly inside)."""
+    return _int8_matmul(digits, packed, scales, zeros)
 
 
 @onednn_int8_matmul.register_fake
-def _(digits, packed, scales, zeros):
+def _int8_matmul_shape(digits, packed, scales, zeros):
+    """What a trace needs of the op: its output's shape and dtype."""
     return digits.new_empty(digits.shape[0], scales.shape[0], dtype=torch.float32)
 
 
