@@ -37,8 +37,8 @@ Paths, chosen by `quant_linear`:
     count (made for decoding), so here `dequantize_int4_cpu` reads its tiled layout back (`int4_cpu_tile`
     finds the tile width once; the codes are not kept twice) and blocks of BLOCK_ROWS output channels are
     dequantized to bf16 for one bf16 GEMM each (AMX where the CPU has it). Measured 2026-12-07, 2-core Xeon:
-    even with the kernel at ~80 rows, 2-3.7x faster at 315 (1 and 2 threads); a CPU whose layout is another
-    keeps the kernel, with a notice.
+    even with the kernel at 64-128 rows (by shape), 2-3.7x faster at 315 (1 and 2 threads); a CPU whose layout
+    is another keeps the kernel, with a notice.
   * Otherwise (prefill on CPU, CUDA without validated kernels): the reference in blocks of BLOCK_ROWS output
     channels (`_blocked_matmul`, as above), so the dequantized weight is never whole in memory.
 Inference only: there is no backward (training quantized weights, QLoRA, is not built).
@@ -56,8 +56,8 @@ BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)  # int4 groups PyTorch's CPU kernel and the Triton kernel's BLOCK_K both accept
 SCALE_DTYPE = torch.bfloat16
 PACKED_MAX_ROWS = 4  # CPU: PyTorch's packed kernels up to here; measured faster than dequantize-and-GEMM at <= 4
-DEQUANT_ROWS = 96  # CPU int4 packed: from here on, blocks dequantized to bf16, one bf16 GEMM each (measured)
-BLOCK_ROWS = 1024  # output channels dequantized at once by the blocked reference (16 MB of fp32 at K = 4096)
+DEQUANT_ROWS = 96  # CPU int4 packed: from here on, dequantized blocks in bf16 GEMMs (measured: even at 64-128 rows)
+BLOCK_ROWS = 1024  # output channels dequantized at once (16 MB of fp32 at K = 4096); whole int4 CPU tiles (32, 64)
 CPU_PACK_TILES = 8  # innerKTiles of PyTorch's int4 CPU packing (the value its CPU path accepts)
 
 
@@ -233,6 +233,10 @@ def _int8_matmul(digits, packed, scales, zeros):
     op wants the packed weight frozen into the graph as a constant, and fails on a module's buffer."""
     if torch.compiler.is_compiling():
         return onednn_int8_matmul(digits, packed, scales, zeros)
+    return _qlinear(digits, packed, scales, zeros)
+
+
+def _qlinear(digits, packed, scales, zeros):
     return torch.ops.onednn.qlinear_pointwise(digits, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
                                               "none", [], "")
 
@@ -240,8 +244,8 @@ def _int8_matmul(digits, packed, scales, zeros):
 @torch.library.custom_op("minillava::onednn_int8_matmul", mutates_args=())
 def onednn_int8_matmul(digits: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                        zeros: torch.Tensor) -> torch.Tensor:
-    """_int8_matmul as one opaque op, which compiled code calls as it is (it runs eagerly inside)."""
-    return _int8_matmul(digits, packed, scales, zeros)
+    """_int8_matmul as one opaque op, which compiled code calls as it is."""
+    return _qlinear(digits, packed, scales, zeros)
 
 
 @onednn_int8_matmul.register_fake
