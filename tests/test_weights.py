@@ -15,6 +15,7 @@ from minillava.tokenizer import Tokenizer
 from minillava.weights import (CheckpointError, load_llava, random_llava, save_llava, save_projector, write_layout,
                      write_random_checkpoint)
 from minillava.weights import keymaps
+from minillava.weights.load import ALIGN, read_safetensors_header
 from minillava.weights import save as save_module
 from tests.spm_util import train_tiny_spm
 
@@ -168,7 +169,8 @@ def _mapped_ranges(file: Path):
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_same_dtype_load_is_zero_copy_memory_mapped(ckpts):
-    """Every parameter's data lies inside the memory-mapped checkpoint file: no copy was made."""
+    """Every parameter's data lies inside the memory-mapped checkpoint file, ALIGN-aligned (our files put every
+    weight there): no copy was made."""
     model = load(ckpts["B"])
     files = [(ckpts["B"]["model"] / "model.safetensors").resolve(),
              (ckpts["B"]["vision"] / "model.safetensors").resolve()]
@@ -176,6 +178,47 @@ def test_same_dtype_load_is_zero_copy_memory_mapped(ckpts):
     assert ranges
     for name, p in model.named_parameters():
         assert any(lo <= p.data_ptr() < hi for lo, hi in ranges), f"{name} was copied"
+        assert p.data_ptr() % ALIGN == 0, name
+
+
+def _misaligned_copy(file: Path, dst: Path):
+    """file's tensors and metadata written by safetensors' own save_file (data aligned to 8 bytes only), its
+    header padded until the data starts off an ALIGN boundary."""
+    sd, meta = load_file(file), read_safetensors_header(file)[1].get("__metadata__", {})
+    for pad in range(ALIGN):
+        save_file(sd, str(dst), metadata={**meta, "pad": "x" * pad})
+        if read_safetensors_header(dst)[0] % ALIGN:
+            return
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_a_misaligned_file_is_read_into_aligned_memory_on_the_cpu(tmp_path, ckpts, ref):
+    """safetensors' save_file aligns the data to 8 bytes: mapped, a weight would make the CPU's vector loads
+    straddle cache lines; loaded on the CPU without a cast, each such tensor is read into memory of its own."""
+    paths = copy_ckpt(ckpts["B"], tmp_path)
+    file = paths["model"] / "model.safetensors"
+    _misaligned_copy(ckpts["B"]["model"] / "model.safetensors", file)
+    model = load(paths)
+    assert_same_state(model, ref)
+    llm = dict(model.language_model.named_parameters())
+    assert not _mapped_ranges(file.resolve())  # nothing of it stays mapped
+    assert all(p.data_ptr() % ALIGN == 0 for p in llm.values())
+
+
+def test_write_safetensors_aligns_the_data_and_keeps_every_tensor(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"odd": torch.randn(3, generator=g), "w": torch.randn(16, 16, generator=g),
+               "b": torch.randn(5, generator=g).bfloat16(), "i": torch.arange(4), "h": torch.randn(8, 4).half(),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    save_module.write_safetensors(tensors, tmp_path, metadata={"a": "b"})
+    file = tmp_path / "model.safetensors"
+    back = load_file(file)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], t) and back[k].dtype == t.dtype
+                                                 for k, t in tensors.items())
+    start, header = read_safetensors_header(file)
+    assert header["__metadata__"] == {"format": "pt", "a": "b"} and start % ALIGN == 0
+    for key in ("w", "h"):  # whole multiples of ALIGN bytes: first, so aligned
+        assert header[key]["data_offsets"][0] % ALIGN == 0, key
 
 
 def test_tied_embeddings(tmp_path):

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from minillava.config import to_hf_config
 from minillava.weights import keymaps
+from minillava.weights.load import ALIGN, SAFETENSORS_DTYPES
 from minillava.weights.quantize import QUANT_KEY
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size ("5GB")
@@ -86,10 +88,28 @@ def atomic_dir(out_dir):
 
 
 def _save_file(tensors: dict, path, metadata: dict):
-    """safetensors' save_file, with the file mode the umask gives (save_file itself creates files 0600, which
-    would keep a trained model from the other users of a shared machine)."""
-    from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata=metadata)
+    """A safetensors file: the header's length (u64, little-endian), the JSON header {key: {dtype, shape,
+    data_offsets}, "__metadata__": {str: str}}, then every tensor's bytes, back to back. Written here, not by
+    safetensors' save_file, for what that one does not do: the header is padded with spaces (as the format allows)
+    so that the data starts ALIGN bytes into a page, and the tensors whose sizes are whole multiples of ALIGN come
+    first, so every weight of a LLaMA-shaped model lies aligned when the file is mapped (on the CPU a misaligned
+    one is read into memory of its own: weights/load.py); and the file gets the mode the umask gives (save_file
+    creates files 0600, which would keep a trained model from the other users of a shared machine)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    order = sorted(tensors, key=lambda k: tensors[k].nbytes % ALIGN != 0)  # stable: the aligned sizes first
+    header, offset = {"__metadata__": metadata}, 0
+    for key in order:
+        t = tensors[key]
+        if t.dtype not in names:
+            raise ValueError(f"cannot save tensor {key}: dtype {t.dtype} has no safetensors name here")
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key in order:
+            f.write(tensors[key].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
