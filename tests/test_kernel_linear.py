@@ -69,42 +69,84 @@ def test_gradients_flow_through_the_fast_path(batched):
 
 
 def test_auto_takes_the_path_that_measured_faster(monkeypatch):
-    """MODE auto: the first call of a shape times every path and keeps another than F.linear only when it is MARGIN
-    faster; later calls of that shape reuse the verdict, other row counts are measured apart."""
+    """MODE auto: the first calls of a shape take turns among the paths, TRIALS timed calls each, and return
+    F.linear's product meanwhile; the verdict keeps another path than F.linear only when it is MARGIN faster;
+    later calls of that shape reuse it, other row counts are measured apart."""
     monkeypatch.setattr(L, "FASTER", {})
-    slow = {"f": set()}
+    monkeypatch.setattr(L, "TIMES", {})
+    slow, ran = {"f": set()}, []
     real_bmm, real_mv = torch.bmm, torch.mv
 
     def bmm(*a):  # the batched GEMM, made slow or not
+        ran.append("batched GEMM")
         if "batched" in slow["f"]:
             time.sleep(0.002)
         return real_bmm(*a)
 
     def mv(*a):
+        ran.append("torch.mv")
         if "mv" in slow["f"]:
             time.sleep(0.002)
         return real_mv(*a)
 
     def f_linear(*a):
+        ran.append("F.linear")
         if "f.linear" in slow["f"]:
             time.sleep(0.002)
         return F.linear(*a)
 
+    def measure(x, w):
+        """Calls until the shape's verdict; each call returns F.linear's product exactly."""
+        for call in range(len(L.PATHS) * L.TRIALS):
+            assert (*w.shape, w.dtype, x.shape[0], threads) not in L.FASTER
+            assert torch.equal(L.linear(x, w), F.linear(x, w))
+        return L.FASTER[(*w.shape, w.dtype, x.shape[0], threads)]
+
     monkeypatch.setattr(L.torch, "bmm", bmm)
     monkeypatch.setattr(L.torch, "mv", mv)
     monkeypatch.setattr(L, "F", types.SimpleNamespace(linear=f_linear))
-    w, threads = torch.randn(64, 16), torch.get_num_threads()
+    g = torch.Generator().manual_seed(2)
+    w, threads = torch.randn(64, 16, generator=g), torch.get_num_threads()
+    x1, x3 = torch.randn(1, 16, generator=g), torch.randn(3, 16, generator=g)
     slow["f"] = {"batched", "mv"}
-    y = L.linear(torch.randn(1, 16), w)
-    assert L.FASTER[(64, 16, torch.float32, 1, threads)][0] == "F.linear"
-    slow["f"] = {"f.linear"}
-    L.linear(torch.randn(1, 16), w)  # the verdict stays: no new measurement
-    assert len(L.FASTER) == 1
+    used, best = measure(x1, w)
+    assert used == "F.linear" and set(best) == set(L.PATHS)
+    # each path timed TRIALS times; after each of the others, F.linear's product
+    assert sorted(ran) == sorted(["F.linear"] * len(L.PATHS) * L.TRIALS + ["batched GEMM", "torch.mv"] * L.TRIALS)
+    slow["f"], ran[:] = {"f.linear"}, []
+    L.linear(x1, w)  # the verdict stays: no new measurement
+    assert len(L.FASTER) == 1 and ran == ["F.linear"]
     slow["f"] = {"f.linear", "mv"}
-    y = L.linear(torch.randn(3, 16), w)  # another row count: measured, and now the batched GEMM wins
-    assert L.FASTER[(64, 16, torch.float32, 3, threads)][0] == "batched GEMM" and y.shape == (3, 64)
-    assert "torch.mv" not in L.FASTER[(64, 16, torch.float32, 3, threads)][1]  # one row only
+    for call in range(2 * L.TRIALS):  # another row count: measured apart, no torch.mv (one row only)
+        assert torch.equal(L.linear(x3, w), F.linear(x3, w))
+    used, best = L.FASTER[(64, 16, torch.float32, 3, threads)]
+    assert used == "batched GEMM" and "torch.mv" not in best
+    torch.testing.assert_close(L.linear(x3, w), F.linear(x3, w), atol=2e-5, rtol=1e-5)  # now the batched GEMM's
     slow["f"] = {"f.linear", "batched"}
-    y = L.linear(torch.randn(1, 16, dtype=torch.float64), w.double())  # and here torch.mv
-    assert L.FASTER[(64, 16, torch.float64, 1, threads)][0] == "torch.mv" and y.shape == (1, 64)
+    used, _ = measure(x1.double(), w.double())  # and here torch.mv
+    assert used == "torch.mv"
     assert "64 x 16 float32, 3 row(s)" in L.describe() and "batched GEMM" in L.describe()
+
+
+def test_compiled_code_takes_the_chosen_path_through_one_opaque_op(monkeypatch):
+    """torch.compile does not trace into the choice (inductor would rewrite torch.mv): the compiled function runs
+    the path chosen for the shape at run time, and gives the eager answer."""
+    monkeypatch.setattr(L, "MODE", "torch.mv")
+    calls = []
+    mv = torch.mv
+    monkeypatch.setattr(L.torch, "mv", lambda *a: (calls.append(a[0].shape), mv(*a))[1])
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(1, 1, 48, generator=g), torch.randn(32, 48, generator=g), torch.randn(32, generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w, b: L.linear(x, w, b).relu(), fullgraph=True)
+    with torch.no_grad():
+        y = compiled(x, w, b)
+        calls.clear()
+        y = compiled(x, w, b)
+    assert calls == [(32, 48)]  # torch.mv itself, at run time
+    torch.testing.assert_close(y, (F.linear(x, w) + b).relu(), atol=2e-5, rtol=1e-5)
+    w.requires_grad_(True)  # a product that needs its gradient: F.linear, traced as usual
+    calls.clear()
+    gw, = torch.autograd.grad(compiled(x, w, b).sum(), (w,))
+    assert calls == []
+    torch.testing.assert_close(gw, torch.autograd.grad((F.linear(x, w) + b).relu().sum(), (w,))[0])
