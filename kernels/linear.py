@@ -15,12 +15,13 @@ Measured:
         torch.mv 1.1-1.25x faster than F.linear (12.0 against 10.2 GB/s at 5632 x 2048, 1 thread).
 So the first calls of a shape (N, K, dtype, rows, threads) take turns among the candidates, each timed on the
 weight it was given, where it stands: in a decode step the other layers' reads have just pushed that weight out of
-the caches, and that is the speed that matters (the same products timed again at once, from the cache, measured
-even where, from memory, torch.mv reads bf16 15% faster than F.linear). After TRIALS timings of each, the fastest
+the caches, and that is the speed that matters (timed again at once, from the cache, the paths measured even
+where, from memory, torch.mv reads bf16 1.1-1.25x faster than F.linear). After TRIALS timings of each, the fastest
 is kept only when it is at least MARGIN times faster than F.linear (FASTER holds the verdicts; `describe()` says
 them). While a shape is measured its calls return F.linear's product (computed after the timed path when that was
-another one), so no answer depends on the measuring. Same operands, fp32 accumulation; only the order of the
-additions differs, so each path is F.linear within rounding (the tests compare them).
+another one), so no answer depends on the order of the turns; a shape's first answers and its later ones may
+differ in the last bit, as two processes whose verdicts differ do. Same operands, fp32 accumulation; only the
+order of the additions differs, so each path is F.linear within rounding (the tests compare them).
 Compiled code (Engine(compile=True)) takes the same choice through one opaque op, `measured_linear`: a timing
 cannot run inside a trace, and inductor would rewrite torch.mv into a reduction of its own (16% slower, measured).
 
@@ -81,8 +82,8 @@ def _product(x2, weight):
     t0 = time.perf_counter()
     y = PATHS[path](x2, weight)
     times[path].append(time.perf_counter() - t0)
-    if all(len(t) == TRIALS for t in times.values()):
-        best = {p: min(t) for p, t in TIMES.pop(key).items()}
+    if all(len(t) >= TRIALS for t in times.values()) and TIMES.pop(key, None):  # (>=, None: two threads at once)
+        best = {p: min(t) for p, t in times.items()}
         fastest = min(best, key=best.get)
         FASTER[key] = (fastest if best[fastest] * MARGIN < best["F.linear"] else "F.linear", best)
     return y if path == "F.linear" else F.linear(x2, weight)
@@ -108,8 +109,8 @@ def linear(x, weight, bias=None):
 
 @torch.library.custom_op("minillava::measured_linear", mutates_args=())
 def measured_linear(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`_product` as one opaque op, which compiled code calls as it is."""
-    return _product(x2, weight)
+    """`_product` as one opaque op, which compiled code calls as it is (contiguous, as the trace was told)."""
+    return _product(x2, weight).contiguous()
 
 
 @measured_linear.register_fake
@@ -120,10 +121,13 @@ def _measured_linear_shape(x2, weight):
 
 def describe() -> str:
     """The measured verdicts so far, one per shape: 'N x K dtype, rows, threads: path (F.linear 1.20 ms, batched
-    GEMM 0.80 ms, ...)'."""
-    return "; ".join(f"{n} x {k} {str(dt).removeprefix('torch.')}, {rows} row(s), {threads} thread(s): {used} ("
-                     + ", ".join(f"{p} {t * 1e3:.2f} ms" for p, t in times.items()) + ")"
-                     for (n, k, dt, rows, threads), (used, times) in FASTER.items())
+    GEMM 0.80 ms, ...)', then the shapes still being measured."""
+    def shape(n, k, dt, rows, threads):
+        return f"{n} x {k} {str(dt).removeprefix('torch.')}, {rows} row(s), {threads} thread(s)"
+    return "; ".join([f"{shape(*key)}: {used} (" + ", ".join(f"{p} {t * 1e3:.2f} ms" for p, t in times.items()) + ")"
+                      for key, (used, times) in FASTER.items()]
+                     + [f"{shape(*key)}: measuring ({sum(map(len, times.values()))} of {TRIALS * len(times)} "
+                        "timings)" for key, times in list(TIMES.items())])
 
 
 class DecodeLinear(nn.Linear):

@@ -100,6 +100,8 @@ def test_auto_takes_the_path_that_measured_faster(monkeypatch):
         for call in range(len(L.PATHS) * L.TRIALS):
             assert (*w.shape, w.dtype, x.shape[0], threads) not in L.FASTER
             assert torch.equal(L.linear(x, w), F.linear(x, w))
+            if call + 1 < len(L.PATHS) * L.TRIALS:
+                assert f"measuring ({call + 1} of {len(L.PATHS) * L.TRIALS} timings)" in L.describe()
         return L.FASTER[(*w.shape, w.dtype, x.shape[0], threads)]
 
     monkeypatch.setattr(L.torch, "bmm", bmm)
@@ -128,25 +130,31 @@ def test_auto_takes_the_path_that_measured_faster(monkeypatch):
     assert "64 x 16 float32, 3 row(s)" in L.describe() and "batched GEMM" in L.describe()
 
 
-def test_compiled_code_takes_the_chosen_path_through_one_opaque_op(monkeypatch):
+@pytest.mark.parametrize("mode, rows, dtype", [("torch.mv", 1, torch.float32), ("batched GEMM", 3, torch.bfloat16)])
+def test_compiled_code_takes_the_chosen_path_through_one_opaque_op(monkeypatch, mode, rows, dtype):
     """torch.compile does not trace into the choice (inductor would rewrite torch.mv): the compiled function runs
-    the path chosen for the shape at run time, and gives the eager answer."""
-    monkeypatch.setattr(L, "MODE", "torch.mv")
+    the path chosen for the shape at run time, and gives the eager answer, of its shape and dtype."""
+    monkeypatch.setattr(L, "MODE", mode)
     calls = []
-    mv = torch.mv
-    monkeypatch.setattr(L.torch, "mv", lambda *a: (calls.append(a[0].shape), mv(*a))[1])
+    name = {"torch.mv": "mv", "batched GEMM": "bmm"}[mode]
+    real = getattr(torch, name)
+    monkeypatch.setattr(L.torch, name, lambda *a: (calls.append(a[0].shape), real(*a))[1])
     g = torch.Generator().manual_seed(3)
-    x, w, b = torch.randn(1, 1, 48, generator=g), torch.randn(32, 48, generator=g), torch.randn(32, generator=g)
+    x, w, b = (torch.randn(rows, 1, 48, generator=g).to(dtype), torch.randn(32, 48, generator=g).to(dtype),
+               torch.randn(32, generator=g).to(dtype))
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, w, b: L.linear(x, w, b).relu(), fullgraph=True)
     with torch.no_grad():
         y = compiled(x, w, b)
         calls.clear()
         y = compiled(x, w, b)
-    assert calls == [(32, 48)]  # torch.mv itself, at run time
-    torch.testing.assert_close(y, (F.linear(x, w) + b).relu(), atol=2e-5, rtol=1e-5)
+    assert len(calls) == 1  # torch.mv or bmm itself, at run time
+    assert y.shape == (rows, 1, 32) and y.dtype == dtype
+    # fp32 sums in both; bf16 rounds the product once more before the bias (2^-8 relative)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2 ** -8 * 20, rtol=2 ** -7)
+    torch.testing.assert_close(y, (F.linear(x, w) + b).relu(), **tol)
     w.requires_grad_(True)  # a product that needs its gradient: F.linear, traced as usual
     calls.clear()
     gw, = torch.autograd.grad(compiled(x, w, b).sum(), (w,))
     assert calls == []
-    torch.testing.assert_close(gw, torch.autograd.grad((F.linear(x, w) + b).relu().sum(), (w,))[0])
+    torch.testing.assert_close(gw, torch.autograd.grad((F.linear(x, w) + b).relu().sum(), (w,))[0], **tol)

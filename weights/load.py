@@ -14,14 +14,15 @@ How, in five steps (as gpt-fast does it):
    of dtype or device copies, one tensor at a time; and on the CPU a tensor whose bytes do not start on a
    64-byte boundary of memory is read into memory of its own, with plain file reads (`TensorFiles.read`):
    safetensors writers align the data to 8 bytes only, a misaligned weight makes every 64-byte vector load
-   straddle two cache lines, and a CPU decode step of bf16 weights mapped so measured 6-12% slower.
+   straddle two cache lines, and a CPU decode step of bf16 weights mapped so measured 6-12% slower. (Such a
+   copy is the process's own memory: processes loading the same file no longer share its pages.)
 Quantizing while loading (`quantize=`, weights/quantize.py) reads each of the LLM's linear weights in blocks of
 rows with plain file reads instead (`TensorFiles.rows`), so the dense weight never stays in memory beside its
 codes; a quantized checkpoint (its config.json says so) is loaded as stored, its codes and scales checked.
 """
 import ctypes
 import json
-import os
+import math
 import struct
 import sys
 import time
@@ -197,7 +198,7 @@ def read_safetensors_header(file: Path) -> tuple:
 
 
 class _FileRows:
-    """Rows of one tensor of a safetensors file (row-major), read with os.preadv."""
+    """Rows of one tensor of a safetensors file (row-major), read with plain file reads."""
 
     def __init__(self, file: Path, key: str, shape: tuple, entry: dict, data_start: int):
         if entry["dtype"] not in SAFETENSORS_DTYPES:
@@ -205,7 +206,7 @@ class _FileRows:
         self.file, self.key, self.shape = file, key, shape
         self.dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         self.start = data_start + entry["data_offsets"][0]
-        self.row_bytes = self.dtype.itemsize * (shape[1] if len(shape) > 1 else 1)
+        self.row_bytes = self.dtype.itemsize * math.prod(shape[1:])
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         start, stop, _ = rows.indices(self.shape[0])
@@ -217,12 +218,13 @@ class _FileRows:
         return self._read_into(torch.empty(self.shape, dtype=self.dtype), self.start)
 
     def _read_into(self, out: torch.Tensor, offset: int) -> torch.Tensor:
-        buf = out.reshape(-1).view(torch.uint8).numpy()  # out's own bytes
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # out's own bytes
         done = 0
         with open(self.file, "rb", buffering=0) as f:
+            f.seek(offset)
             while done < len(buf):  # one read returns at most ~2 GiB on Linux
-                got = os.preadv(f.fileno(), [buf[done:]], offset + done)
-                if got == 0:
+                got = f.readinto(buf[done:])
+                if not got:
                     raise CheckpointError(f"{self.file}: tensor {self.key} is cut short (truncated file?)")
                 done += got
         return out

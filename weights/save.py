@@ -91,10 +91,13 @@ def _save_file(tensors: dict, path, metadata: dict):
     """A safetensors file: the header's length (u64, little-endian), the JSON header {key: {dtype, shape,
     data_offsets}, "__metadata__": {str: str}}, then every tensor's bytes, back to back. Written here, not by
     safetensors' save_file, for what that one does not do: the header is padded with spaces (as the format allows)
-    so that the data starts ALIGN bytes into a page, and the tensors whose sizes are whole multiples of ALIGN come
-    first, so every weight of a LLaMA-shaped model lies aligned when the file is mapped (on the CPU a misaligned
-    one is read into memory of its own: weights/load.py); and the file gets the mode the umask gives (save_file
-    creates files 0600, which would keep a trained model from the other users of a shared machine)."""
+    so that the data starts a multiple of ALIGN bytes into the file, and the tensors whose sizes are whole multiples
+    of ALIGN come first, so that every weight of a LLaMA-shaped model lies aligned when the file is mapped (on the
+    CPU a misaligned one is read into memory of its own: weights/load.py). Tensors that share memory are
+    each written in full (the callers drop a tied lm_head themselves)."""
+    if "__metadata__" in tensors or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"cannot save {path}: metadata must map str to str and no tensor may be named "
+                         f"__metadata__ (metadata {metadata!r})")
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     order = sorted(tensors, key=lambda k: tensors[k].nbytes % ALIGN != 0)  # stable: the aligned sizes first
     header, offset = {"__metadata__": metadata}, 0
@@ -106,13 +109,10 @@ def _save_file(tensors: dict, path, metadata: dict):
         offset += t.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % ALIGN)
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:  # mode 0666 less the umask (save_file made files 0600: unreadable to a team)
         f.write(struct.pack("<Q", len(text)) + text)
         for key in order:
             f.write(tensors[key].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def write_json(path: Path, d: dict):
