@@ -97,7 +97,8 @@ def test_every_layout_loads_the_same_model(ckpts, ref, layout):
     assert model.config.vision == TINY.vision and model.config.text == TINY.text
     assert_same_state(model, ref)
     # Bitwise-equal weights; the logits may still differ in the last bit where BLAS picks its path by the
-    # alignment of the data (memory-mapped tensors are 8-byte aligned, fresh ones 64).
+    # alignment of the data (a file written by safetensors' save_file maps its tensors 8-byte aligned; ours, and
+    # fresh tensors, are 64-byte aligned: weights/save.py).
     torch.testing.assert_close(logits(model), logits(ref, TINY.image_token_id), atol=1e-6, rtol=1e-6)
 
 
