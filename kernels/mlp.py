@@ -397,7 +397,7 @@ def swiglu(x, w_gate, w_up):
 
 def swiglu_layers(x, gate, up=None):
     """silu(gate(x)) * up(x) for the LLM's two linear layers, or for one layer giving both side by side (up None:
-    the quantized gate and up joined for the CPU): the fused swiglu() on their weights when both are plain
+    gate and up joined for inference on the CPU): the fused swiglu() on their weights when both are plain
     weights (it never writes gate(x) and up(x) to memory); any other module there (LoRA, a quantized linear) is
     called as a module, and the decision counted as swiglu's."""
     if isinstance(gate, nn.Linear) and isinstance(up, nn.Linear):

@@ -76,7 +76,8 @@ def kernels_line(model) -> str:
 
 def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", tokenizer_legacy=None,
          quantize="none", group_size=DEFAULT_GROUP_SIZE, projector=None, model_base=None):
-    """A checkpoint directory (any official layout) -> (Llava in eval mode, Tokenizer). The tokenizer follows
+    """A checkpoint directory (any official layout) -> (Llava in eval mode, for inference only: on the CPU its
+    q, k, v and gate, up layers are joined, see load_llava; Tokenizer). The tokenizer follows
     its tokenizer_config.json (legacy, add_bos_token, add_eos_token); tokenizer_legacy (bool) overrides.
     quantize: none | int8 | int4 (groups of group_size), done while loading; a quantized checkpoint needs none.
     Layout C (a stage-1 result): model_dir the LLaMA dir, vision the CLIP dir, projector the stage-1 file (or the
@@ -93,7 +94,7 @@ def load(model_dir, vision=None, tokenizer=None, dtype="auto", device="auto", to
     tok = Tokenizer(tok_path, legacy=tokenizer_legacy)
     device, dtype = resolve_device_dtype(device, dtype)
     model = load_llava(model_dir, vision_path=vision, projector_path=projector, dtype=dtype, device=device,
-                       quantize=Quantization.parse(quantize, group_size)).eval()
+                       quantize=Quantization.parse(quantize, group_size), inference=True).eval()
     cfg = model.config
     if tok.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "

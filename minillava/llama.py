@@ -1,7 +1,8 @@
 """LLaMA / Vicuna decoder: RMSNorm, rotary positions, causal GQA attention with a slotted KV cache, SwiGLU MLP.
 
 Parameter names follow Hugging Face-format LLaMA checkpoints (`model.layers.N.self_attn.q_proj.weight`...);
-a model loaded quantized on the CPU has q, k, v as one `qkv_proj` and gate, up as one `gate_up_proj`.
+a model loaded for inference on the CPU (quantized, or with load_llava's inference=True) has q, k, v as one
+`qkv_proj` and gate, up as one `gate_up_proj` (`join`).
 Shapes: B batch, T tokens, C width, nh query heads, n_kv key/value heads, hs head size, V vocabulary.
 """
 from dataclasses import dataclass
@@ -115,7 +116,19 @@ class KVCache(nn.Module):
         return self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], {"key_lengths": lengths}
 
 
+def _joined(layers, dense: bool):
+    """One layer for layers that read the same x: quantized ones joined, plain ones too when dense; else None
+    (LoRA-wrapped or mixed layers stay as they are)."""
+    if all(isinstance(m, QuantLinear) for m in layers):
+        return QuantLinear.concat(layers)
+    if dense and all(type(m) is DecodeLinear for m in layers):
+        return DecodeLinear.concat(layers)
+    return None
+
+
 class LlamaAttention(nn.Module):
+    JOINED = ("q_proj", "k_proj", "v_proj")  # the layers `join` makes one, in this order (weights/load.py reads so)
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.n_head, self.n_kv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -126,14 +139,16 @@ class LlamaAttention(nn.Module):
         self.k_proj = DecodeLinear(C, self.n_kv * self.hs, bias=False)
         self.v_proj = DecodeLinear(C, self.n_kv * self.hs, bias=False)
         self.o_proj = DecodeLinear(self.n_head * self.hs, C, bias=False)
-        self.qkv_proj = None  # q, k and v as one layer, for inference with quantized layers (join_quantized)
+        self.qkv_proj = None  # q, k and v as one layer, for inference on the CPU (join)
         self.kv_cache = None
 
-    def join_quantized(self):
-        """Quantized q, k and v as one layer (QuantLinear.concat): weights/load.py does it on the CPU."""
-        if all(isinstance(m, QuantLinear) for m in (self.q_proj, self.k_proj, self.v_proj)):
-            self.qkv_proj = QuantLinear.concat([self.q_proj, self.k_proj, self.v_proj])
-            del self.q_proj, self.k_proj, self.v_proj
+    def join(self, dense: bool):
+        """q, k and v as one layer, quantized (QuantLinear.concat) or, with dense, plain (DecodeLinear.concat):
+        weights/load.py does it on the CPU, for inference."""
+        self.qkv_proj = _joined([getattr(self, name) for name in self.JOINED], dense)
+        if self.qkv_proj is not None:
+            for name in self.JOINED:
+                delattr(self, name)
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache: PrefillWrite | DecodeWrite = None):
         """x (B, T, C). key_padding_mask (B, T) bool, True = real token (no cache: training, a full forward).
@@ -159,19 +174,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    JOINED = ("gate_proj", "up_proj")
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         C, F = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = DecodeLinear(C, F, bias=False)
         self.up_proj = DecodeLinear(C, F, bias=False)
         self.down_proj = DecodeLinear(F, C, bias=False)
-        self.gate_up_proj = None  # gate and up as one layer, for inference with quantized layers (join_quantized)
+        self.gate_up_proj = None  # gate and up as one layer, for inference on the CPU (join)
 
-    def join_quantized(self):
-        """Quantized gate and up as one layer (QuantLinear.concat): weights/load.py does it on the CPU."""
-        if isinstance(self.gate_proj, QuantLinear) and isinstance(self.up_proj, QuantLinear):
-            self.gate_up_proj = QuantLinear.concat([self.gate_proj, self.up_proj])
-            del self.gate_proj, self.up_proj
+    def join(self, dense: bool):
+        """gate and up as one layer, as LlamaAttention.join does q, k and v."""
+        self.gate_up_proj = _joined([getattr(self, name) for name in self.JOINED], dense)
+        if self.gate_up_proj is not None:
+            for name in self.JOINED:
+                delattr(self, name)
 
     def forward(self, x):
         if self.gate_up_proj is not None:

@@ -365,7 +365,7 @@ def test_quantized_while_loading_matches_its_dequantized_reference_and_the_fp32_
     dense = load_llava(ckpt["A"]["model"])
     model = load_llava(ckpt["A"]["model"], quantize=q)  # on the CPU: joined and packed (L.prepare_for_cpu)
     with monkeypatch.context() as m:
-        m.setattr(L, "prepare_for_cpu", lambda model: None)
+        m.setattr(L, "prepare_for_cpu", lambda model, dense=False: None)
         portable = load_llava(ckpt["A"]["model"], quantize=q)
     names = wq.targets(dense)
     assert len(names) == 2 * 7 + 1 and all(isinstance(portable.get_submodule(n), Q.QuantLinear) for n in names)
@@ -410,8 +410,8 @@ def test_joined_layers_give_the_same_logits_as_the_layers_one_by_one(ckpt, q, on
         monkeypatch.setattr(Q, "onednn_int8_problem", lambda: "is not available in this torch build (test)")
     joined = load_llava(ckpt["A"]["model"], quantize=q)
     with monkeypatch.context() as m:
-        m.setattr(LlamaAttention, "join_quantized", lambda self: None)
-        m.setattr(LlamaMLP, "join_quantized", lambda self: None)
+        m.setattr(LlamaAttention, "join", lambda self, dense: None)
+        m.setattr(LlamaMLP, "join", lambda self, dense: None)
         separate = load_llava(ckpt["A"]["model"], quantize=q)
     a, b = joined.language_model.model.layers[0], separate.language_model.model.layers[0]
     assert a.self_attn.qkv_proj.parts == [64, 32, 32] and b.self_attn.qkv_proj is None
@@ -436,7 +436,7 @@ def test_a_compiled_decode_step_runs_the_int8_layers_and_gives_the_same_answers(
 
 
 def test_int8_model_equals_its_dequantized_reference(ckpt, monkeypatch):
-    monkeypatch.setattr(L, "prepare_for_cpu", lambda model: None)  # the portable codes, to copy them
+    monkeypatch.setattr(L, "prepare_for_cpu", lambda model, dense=False: None)  # the portable codes, to copy them
     model = load_llava(ckpt["A"]["model"], quantize=Quantization(8))
     torch.testing.assert_close(logits(model), logits(dequantized_copy(model)), atol=1e-4, rtol=1e-4)
 
@@ -474,7 +474,7 @@ def test_saving_an_int8_model_round_trips(ckpt, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"layers\.0\.self_attn\.(qkv|o)_proj: .* cannot be saved"):
         save_llava(load_llava(ckpt["A"]["model"], quantize=Quantization(8)), tmp_path / "joined")
     assert not (tmp_path / "joined").exists()  # nothing half-written
-    monkeypatch.setattr(L, "prepare_for_cpu", lambda model: None)  # the layers as the checkpoint names them
+    monkeypatch.setattr(L, "prepare_for_cpu", lambda model, dense=False: None)  # the layers as the checkpoint names them
     model = load_llava(ckpt["A"]["model"], quantize=Quantization(8))
     save_llava(model, tmp_path / "s")
     back = load_llava(tmp_path / "s")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minillava.config import IMAGE_TOKEN_INDEX, get_preset
+from minillava.kernels.linear import DecodeLinear
 from minillava.tokenizer import Tokenizer
 from minillava.weights import (CheckpointError, load_llava, random_llava, save_llava, save_projector, write_layout,
                      write_random_checkpoint)
@@ -206,6 +207,34 @@ def test_a_misaligned_file_is_read_into_aligned_memory_on_the_cpu(tmp_path, ckpt
     assert all(p.data_ptr() % ALIGN == 0 for p in llm.values())
     ranges = _mapped_ranges(file.resolve())
     assert any(not any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in llm.values())  # read, not mapped
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_inference_loads_q_k_v_and_gate_up_as_one_layer_each(tmp_path, ckpts, ref):
+    """load_llava(inference=True) on the CPU: each attention's q, k, v one DecodeLinear, each MLP's gate, up another,
+    their weights the separate ones side by side: mapped, no copy, from our files (which write them so); read from a
+    file written by safetensors' save_file (names sorted: q, k, v apart; data misaligned) and when cast; the same
+    logits as the layers one by one; such a model cannot be saved."""
+    copied = copy_ckpt(ckpts["B"], tmp_path)
+    theirs = copied["model"] / "model.safetensors"
+    _misaligned_copy(ckpts["B"]["model"] / "model.safetensors", theirs)
+    ours = (ckpts["B"]["model"] / "model.safetensors").resolve()
+    for paths, dtype, file in ((ckpts["B"], None, ours), (copied, None, theirs), (ckpts["B"], torch.bfloat16, ours)):
+        model = load(paths, dtype=dtype, inference=True)
+        mapped = _mapped_ranges(file.resolve())
+        for layer, want in zip(model.language_model.model.layers, ref.language_model.model.layers):
+            for joined, parts in ((layer.self_attn.qkv_proj, [want.self_attn.q_proj, want.self_attn.k_proj,
+                                                              want.self_attn.v_proj]),
+                                  (layer.mlp.gate_up_proj, [want.mlp.gate_proj, want.mlp.up_proj])):
+                w = joined.weight
+                assert type(joined) is DecodeLinear and joined.parts == [p.out_features for p in parts]
+                assert torch.equal(w, torch.cat([p.weight for p in parts]).to(w.dtype)), (file, dtype)
+                in_file = any(lo <= w.data_ptr() < hi for lo, hi in mapped)
+                assert w.data_ptr() % ALIGN == 0 and in_file == (file == ours and dtype is None), (file, dtype)
+            assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")  # not kept twice
+        torch.testing.assert_close(logits(model), logits(load(paths, dtype=dtype)), atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="joined for inference"):
+            model.state_dict()
 
 
 def test_write_safetensors_aligns_the_data_and_keeps_every_tensor(tmp_path):

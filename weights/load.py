@@ -18,6 +18,10 @@ How, in five steps (as gpt-fast does it):
    copy is the process's own memory: processes loading the same file no longer share its pages; and the read
    costs ~0.8 s per GB up front, page faults mostly, where a mapping costs little: a 1.1B bf16 model's first
    token came 1.5-1.8 s later, paid back after ~100 decoded tokens. Files we write are aligned: no read.)
+For inference (`inference=True`: generation.load) on the CPU, each layer's q, k, v weights are read into one block
+of rows, in order, as are its gate and up, and the model's `join` makes each block one layer (a decode step then
+reads one larger matrix where it read several: kernels/linear.py's DecodeLinear.concat); where a file already lays
+a group out so, aligned (ours do), the block is the file mapped, no copy.
 Quantizing while loading (`quantize=`, weights/quantize.py) reads each of the LLM's linear weights in blocks of
 rows with plain file reads instead (`TensorFiles.rows`), so the dense weight never stays in memory beside its
 codes; a quantized checkpoint (its config.json says so) is loaded as stored, its codes and scales checked.
@@ -122,6 +126,7 @@ class TensorFiles:
         self.path = path
         self._handles = {}  # file -> safe_open handle or state dict
         self._headers = {}  # file -> its safetensors header, read once (for rows())
+        self._mapped = {}  # file -> the whole file mapped as bytes (for block())
         self.file_of = {}  # key -> file
         if path.name.endswith(".index.json"):
             self._read_index(path)
@@ -159,6 +164,7 @@ class TensorFiles:
 
     def close(self, file: Path):
         self._handles.pop(file, None)
+        self._mapped.pop(file, None)  # the tensors viewing it keep it mapped
 
     def shape(self, key: str) -> tuple:
         h = self._handle(self.file_of[key])
@@ -185,10 +191,49 @@ class TensorFiles:
         file = self.file_of[key]
         if file.suffix == ".bin":
             return self.get(key)  # a pickle is mapped by torch.load; its rows are read from the mapping
+        data_start, header = self._header(file)
+        return _FileRows(file, key, self.shape(key), header[key], data_start)
+
+    def _header(self, file: Path) -> tuple:
         if file not in self._headers:
             self._headers[file] = read_safetensors_header(file)
-        data_start, header = self._headers[file]
-        return _FileRows(file, key, self.shape(key), header[key], data_start)
+        return self._headers[file]
+
+    def block(self, keys: list, dtype=None) -> tuple:
+        """Room for the 2-D tensors of keys (one width) as one block of rows, in this order -> (block, filled):
+        the file mapped (filled, no copy) where they lie back to back in one safetensors file, the first 64-byte
+        aligned, of dtype (None: as stored); else memory of its own, empty, for `read_into`."""
+        shapes, files = [self.shape(k) for k in keys], {self.file_of[k] for k in keys}
+        file = self.file_of[keys[0]]
+        if len(files) == 1 and file.suffix != ".bin":
+            data_start, header = self._header(file)
+            entries = [header[k] for k in keys]
+            stored = SAFETENSORS_DTYPES.get(entries[0]["dtype"])
+            start, end = data_start + entries[0]["data_offsets"][0], data_start + entries[-1]["data_offsets"][1]
+            if (stored is not None and stored.is_floating_point and dtype in (None, stored) and start % ALIGN == 0
+                    and all(e["dtype"] == entries[0]["dtype"] for e in entries)
+                    and all(a["data_offsets"][1] == b["data_offsets"][0] for a, b in zip(entries, entries[1:]))):
+                if file not in self._mapped:  # the whole file, once (private: writes to it stay in memory)
+                    self._mapped[file] = torch.from_file(str(file), shared=False, size=file.stat().st_size,
+                                                         dtype=torch.uint8)
+                return self._mapped[file][start:end].view(stored).view(-1, shapes[0][1]), True
+        stored = self.rows(keys[0]).dtype
+        return torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype or stored), False
+
+    def read_into(self, key: str, out: torch.Tensor):
+        """The tensor of key into out (its shape; cast to its dtype), with plain file reads: nothing stays mapped."""
+        rows = self.rows(key)
+        if not rows.dtype.is_floating_point:
+            raise CheckpointError(f"tensor {key} in {self.file_of[key]} has dtype {rows.dtype}, expected floating "
+                                  "point")
+        if not isinstance(rows, _FileRows):  # a pickle's tensor, mapped by torch.load
+            out.copy_(rows)
+        elif rows.dtype == out.dtype:
+            rows.read_into(out)
+        else:  # a cast: 64 MB of the file at a time
+            step = max(1, (64 << 20) // max(1, rows.row_bytes))
+            for r in range(0, out.shape[0], step):
+                out[r:r + step].copy_(rows[r:r + step])
 
 
 def read_safetensors_header(file: Path) -> tuple:
@@ -218,6 +263,10 @@ class _FileRows:
     def all(self) -> torch.Tensor:
         """The whole tensor (of any number of dims)."""
         return self._read_into(torch.empty(self.shape, dtype=self.dtype), self.start)
+
+    def read_into(self, out: torch.Tensor) -> torch.Tensor:
+        """The whole tensor into out (contiguous, of its shape and dtype)."""
+        return self._read_into(out, self.start)
 
     def _read_into(self, out: torch.Tensor, offset: int) -> torch.Tensor:
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # out's own bytes
@@ -370,18 +419,25 @@ def _layout(path: Path, d: dict, vision_path, projector_path, projector_type, ne
     return cfg, parts
 
 
-def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=()) -> dict:
+def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=(), joined=()) -> dict:
     """{name: (TensorFiles, key)} -> {name: tensor}, file by file, letting each file's mapping go after it.
     Without a cast the tensors keep their mapping alive (they ARE it); with one, only one shard's pages are
     resident beside the converted copies. stored: {name: dtype} of a quantized checkpoint's codes and scales,
     read as stored; to_quantize: dense weights quantized as they are read, block by block (name.weight ->
-    name.qweight, name.scales[, name.offsets])."""
+    name.qweight, name.scales[, name.offsets]); joined: groups of names (a layer's q, k, v weights; gate, up)
+    that inference multiplies as one matrix (DecodeLinear.concat), each read into one block of rows, in order,
+    whose views they are: mapped, no copy, where the file lays them out so (TensorFiles.block; ours do)."""
     by_file = {}
     for name, (files, key) in found.items():
         by_file.setdefault(files.file_of[key], []).append((name, files, key))
+    group_of = {name: group for group in joined for name in group}
+    blocks = {}  # group -> (its block, filled already, where each part's rows start), made at its first part
     state, progress = {}, Progress(len(to_quantize), "quantizing while loading")
     for file, items in by_file.items():
         for name, files, key in items:
+            if name in group_of:
+                state[name] = _part(group_of[name], name, blocks, found, dtype)
+                continue
             if name in to_quantize:
                 rows = files.rows(key)
                 if not rows.dtype.is_floating_point:
@@ -402,6 +458,23 @@ def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=(
             state[name] = t.to(device=device, dtype=dtype)  # a no-op (no copy) when both already match
         files.close(file)
     return state
+
+
+def _part(group: tuple, name: str, blocks: dict, found: dict, dtype) -> torch.Tensor:
+    """name's rows of its group's block (see _read), read now unless the block is the file mapped."""
+    files = found[name][0]
+    if group not in blocks:
+        block, filled = files.block([found[n][1] for n in group], dtype)
+        starts = [0]
+        for n in group:
+            starts.append(starts[-1] + files.shape(found[n][1])[0])
+        blocks[group] = block, filled, starts
+    block, filled, starts = blocks[group]
+    i = group.index(name)
+    part = block[starts[i]:starts[i + 1]]
+    if not filled:
+        files.read_into(found[name][1], part)
+    return part
 
 
 def _return_freed_memory():
@@ -446,7 +519,7 @@ def _checked_quantized(t, dtype, key, file):
 
 
 def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32, device="cpu",
-               projector_type=None, new_projector=False, quantize=None) -> Llava:
+               projector_type=None, new_projector=False, quantize=None, inference=False) -> Llava:
     """Load a LLaVA checkpoint in any official layout; see the module docstring.
 
     path:           checkpoint dir; config.json's model_type picks the layout: "llava" (A and its variants),
@@ -458,6 +531,8 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     dtype:          of every floating-point weight; None keeps each as stored (no copy).
     quantize:       a minillava.weights.quantize.Quantization: quantize the LLM's linear layers while loading.
                     A quantized checkpoint (its config.json says so) loads quantized without it.
+    inference:      for inference only (generation.load): on the CPU the LLM's q, k, v weights are one layer, as
+                    are gate and up (`join`, as quantized layers always are there); such a model cannot be saved.
     """
     if dtype not in DTYPES + (None,):
         raise ValueError(f"dtype {dtype} not supported: use one of {DTYPES}")
@@ -492,7 +567,9 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     if quantize:
         _quantized_model(model, quantize, config_file)  # checked before reading; filled by _read's quantization
     found = match_tensors(parts, expected, config_file, {keymaps.LM_HEAD_KEY} if tied else ())
-    state = _read(found, dtype, device, stored, quantize, to_quantize)
+    on_cpu = torch.device(device).type == "cpu"
+    joined = [group for group in _joinable(model) if not set(group) & (to_quantize | set(stored))]
+    state = _read(found, dtype, device, stored, quantize, to_quantize, joined if inference and on_cpu else ())
     state.update({k: v.to(device=device, dtype=dtype) for k, v in fresh.items()})
     if tied:
         head = state.pop(keymaps.LM_HEAD_KEY, None)
@@ -504,16 +581,23 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
     del state  # the model holds the tensors now (packing below frees the portable codes)
     model.language_model.tie_weights()
     assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left on the meta device"
-    if torch.device(device).type == "cpu":
-        prepare_for_cpu(model)
+    if on_cpu:
+        prepare_for_cpu(model, dense=inference)
     return model.eval()
 
 
-def prepare_for_cpu(model):
-    """Quantized layers for the CPU's kernels, for inference: those reading the same x joined (q, k, v; gate,
-    up), then packed into the kernels' layouts (kernels/quant.py); the portable codes are freed."""
+def _joinable(model) -> list:
+    """The groups of weight names that `join` makes one layer of: each attention's q, k, v; each MLP's gate, up."""
+    return [tuple(f"{prefix}.{layer}.weight" for layer in m.JOINED) for prefix, m in model.named_modules()
+            if isinstance(m, (LlamaAttention, LlamaMLP))]
+
+
+def prepare_for_cpu(model, dense=False):
+    """The CPU's layers for inference: those reading the same x joined (q, k, v; gate, up): quantized ones always,
+    dense ones with dense; quantized layers then packed into the kernels' layouts (kernels/quant.py), the
+    portable codes freed."""
     for m in [m for m in model.language_model.modules() if isinstance(m, (LlamaAttention, LlamaMLP))]:
-        m.join_quantized()
+        m.join(dense)
         _return_freed_memory()  # the separate codes, before the next join allocates
     for m in model.modules():
         if isinstance(m, QuantLinear):
