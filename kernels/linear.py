@@ -132,26 +132,30 @@ def describe() -> str:
 
 class DecodeLinear(nn.Linear):
     """nn.Linear (same parameters, same names, same math) computed by `linear` above, so that a CPU decoding step's
-    few rows take whichever of its paths reads the weight fastest here: the LLaMA decoder's layers."""
+    few rows take whichever of its paths reads the weight fastest here: the LLaMA decoder's layers (or, for
+    inference, several of them joined into one: `concat`)."""
     parts = None  # out_features of the layers this one joins (concat), in order
 
     @classmethod
-    def concat(cls, layers):
+    def concat(cls, layers, copy=True):
         """Layers without bias that read the same x as one, their outputs side by side (`parts` says where each
         one's end), for inference: a decode step then reads one larger matrix where it read several (q, k, v: three;
         gate, up: two), and pays the cost of each product beyond its reading once (measured, 1.1B bf16 on the CPU:
         steps 5% shorter eager, 7-20% compiled; benchmarks/RESULTS.md). The weight is a view of the parts' memory
         when they lie back to back in one storage, in order (weights/load.py reads them so for inference), else
-        their copy. The joined layer has no checkpoint name: it cannot be saved."""
+        their copy, or, with copy False, no layer (None). The joined layer has no checkpoint name: it cannot be
+        saved."""
         first = layers[0]
         for i, m in enumerate(layers):
             if type(m) is not cls or m.bias is not None or m.in_features != first.in_features or m.parts:
                 raise ValueError(f"DecodeLinear.concat: layer {i} ({m}) is not a DecodeLinear without bias, not "
                                  f"joined, of in_features {first.in_features}")
         weights = [m.weight.detach() for m in layers]
+        joined = _adjacent(weights)
+        if joined is None and not copy:
+            return None
         with torch.device("meta"):  # its weight is the parts' joined below: nothing to allocate first
             layer = cls(first.in_features, sum(m.out_features for m in layers), bias=False)
-        joined = _adjacent(weights)
         layer.weight = nn.Parameter(torch.cat(weights) if joined is None else joined, requires_grad=False)
         layer.parts = [m.out_features for m in layers]
         return layer

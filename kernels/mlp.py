@@ -402,7 +402,7 @@ def swiglu_layers(x, gate, up=None):
     called as a module, and the decision counted as swiglu's."""
     if isinstance(gate, nn.Linear) and isinstance(up, nn.Linear):
         return swiglu(x, gate.weight, up.weight)
-    use_triton("swiglu", x, "LoRA or quantized layers")  # False: counted, so that the run can say so
+    use_triton("swiglu", x, "LoRA, quantized or joined layers")  # False: counted, so that the run can say so
     g, u = (gate(x), up(x)) if up is not None else gate(x).chunk(2, dim=-1)  # (..., F) each
     return F.silu(g) * u
 

@@ -117,12 +117,13 @@ class KVCache(nn.Module):
 
 
 def _joined(layers, dense: bool):
-    """One layer for layers that read the same x: quantized ones joined, plain ones too when dense; else None
-    (LoRA-wrapped or mixed layers stay as they are)."""
+    """One layer for layers that read the same x: quantized ones joined, plain ones too when dense and their
+    weights already lie as one block (weights/load.py reads them so: joining never copies); else None (LoRA-wrapped
+    or mixed layers, weights apart, stay as they are)."""
     if all(isinstance(m, QuantLinear) for m in layers):
         return QuantLinear.concat(layers)
     if dense and all(type(m) is DecodeLinear for m in layers):
-        return DecodeLinear.concat(layers)
+        return DecodeLinear.concat(layers, copy=False)
     return None
 
 

@@ -102,4 +102,4 @@ def test_the_report_names_each_op_its_path_and_why(monkeypatch):
     assert dispatch.report() == (
         "kernels ran (eager calls; compiled code is not counted):\n  rms_norm: torch (inputs its kernel does not cover) x 1, first torch.float64 (2, 3)\n"
         "  attention: torch (head size 8, not one of (16, 32, 64, 128)) x 1, first torch.float32 (1, 2, 3, 8)\n"
-        f"  swiglu: torch (LoRA or quantized layers) x 1, first torch.float32 (1, 2, {cfg.text.hidden_size})")
+        f"  swiglu: torch (LoRA, quantized or joined layers) x 1, first torch.float32 (1, 2, {cfg.text.hidden_size})")

@@ -212,29 +212,57 @@ def test_a_misaligned_file_is_read_into_aligned_memory_on_the_cpu(tmp_path, ckpt
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_inference_loads_q_k_v_and_gate_up_as_one_layer_each(tmp_path, ckpts, ref):
     """load_llava(inference=True) on the CPU: each attention's q, k, v one DecodeLinear, each MLP's gate, up another,
-    their weights the separate ones side by side: mapped, no copy, from our files (which write them so); read from a
-    file written by safetensors' save_file (names sorted: q, k, v apart; data misaligned) and when cast; the same
-    logits as the layers one by one; such a model cannot be saved."""
-    copied = copy_ckpt(ckpts["B"], tmp_path)
-    theirs = copied["model"] / "model.safetensors"
-    _misaligned_copy(ckpts["B"]["model"] / "model.safetensors", theirs)
-    ours = (ckpts["B"]["model"] / "model.safetensors").resolve()
-    for paths, dtype, file in ((ckpts["B"], None, ours), (copied, None, theirs), (ckpts["B"], torch.bfloat16, ours)):
+    their weights the separate ones side by side, never at the price of a copy the separate layers would not make:
+    mapped from our files (which write them so); read from a file written by safetensors' save_file (names sorted:
+    q, k, v apart; misaligned, so read anyway) and when cast; left apart where they stay mapped apart (a group split
+    between two shards, a pickle). The same logits as a training load; such a model cannot be saved."""
+    theirs = copy_ckpt(ckpts["B"], tmp_path / "theirs")
+    _misaligned_copy(ckpts["B"]["model"] / "model.safetensors", theirs["model"] / "model.safetensors")
+    sharded = {**ckpts["B"], "model": tmp_path / "sharded"}
+    sharded["model"].mkdir()
+    save_module.write_safetensors(load_file(ckpts["B"]["model"] / "model.safetensors"), sharded["model"],
+                                  max_shard_bytes=40_000)
+    shutil.copyfile(ckpts["B"]["model"] / "config.json", sharded["model"] / "config.json")
+    pickled = copy_ckpt(ckpts["B"], tmp_path / "pickled")
+    torch.save(load_file(pickled["model"] / "model.safetensors"), pickled["model"] / "pytorch_model.bin")
+    (pickled["model"] / "model.safetensors").unlink()
+    shard_of = json.loads((sharded["model"] / "model.safetensors.index.json").read_text())["weight_map"]
+    ours, seen = ckpts["B"]["model"] / "model.safetensors", {}
+    split = lambda keys: len({shard_of[k] for k in keys}) > 1  # noqa: E731
+    for label, paths, dtype, mapped, apart in (("ours", ckpts["B"], None, True, None),
+                                               ("theirs", theirs, None, False, None),
+                                               ("ours", ckpts["B"], torch.bfloat16, False, None),
+                                               ("pickled", pickled, torch.bfloat16, False, None),
+                                               ("sharded", sharded, None, True, split),
+                                               ("pickled", pickled, None, None, lambda keys: True)):
+        cases = seen.setdefault((label, dtype), [])
         model = load(paths, dtype=dtype, inference=True)
-        mapped = _mapped_ranges(file.resolve())
-        for layer, want in zip(model.language_model.model.layers, ref.language_model.model.layers):
-            for joined, parts in ((layer.self_attn.qkv_proj, [want.self_attn.q_proj, want.self_attn.k_proj,
-                                                              want.self_attn.v_proj]),
-                                  (layer.mlp.gate_up_proj, [want.mlp.gate_proj, want.mlp.up_proj])):
+        files = [ours, theirs["model"] / "model.safetensors", *(sharded["model"] / f for f in set(shard_of.values()))]
+        ranges = [r for f in files for r in _mapped_ranges(f.resolve())]
+        for i, (layer, want) in enumerate(zip(model.language_model.model.layers, ref.language_model.model.layers)):
+            for module, joined_name, names in ((layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                               (layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))):
+                parts = [getattr(getattr(want, "self_attn" if joined_name == "qkv_proj" else "mlp"), n) for n in names]
+                keys = [f"model.layers.{i}.{'self_attn' if joined_name == 'qkv_proj' else 'mlp'}.{n}.weight"
+                        for n in names]
+                joined = getattr(module, joined_name)
+                if apart is not None and apart(keys):  # left as stored: mapped apart, no block
+                    assert joined is None and all(hasattr(module, n) for n in names), (paths, keys)
+                    cases.append("apart")
+                    continue
                 w = joined.weight
                 assert type(joined) is DecodeLinear and joined.parts == [p.out_features for p in parts]
-                assert torch.equal(w, torch.cat([p.weight for p in parts]).to(w.dtype)), (file, dtype)
-                in_file = any(lo <= w.data_ptr() < hi for lo, hi in mapped)
-                assert w.data_ptr() % ALIGN == 0 and in_file == (file == ours and dtype is None), (file, dtype)
-            assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")  # not kept twice
+                assert torch.equal(w, torch.cat([p.weight for p in parts]).to(w.dtype)), (paths, dtype)
+                in_file = any(lo <= w.data_ptr() < hi for lo, hi in ranges)
+                assert w.data_ptr() % ALIGN == 0 and in_file == mapped, (paths, dtype, keys)
+                assert not any(hasattr(module, n) for n in names)  # not kept twice
+                cases.append("mapped" if mapped else "read")
         torch.testing.assert_close(logits(model), logits(load(paths, dtype=dtype)), atol=1e-5, rtol=1e-5)
-        with pytest.raises(RuntimeError, match="joined for inference"):
-            model.state_dict()
+        if model.language_model.model.layers[0].self_attn.qkv_proj is not None:
+            with pytest.raises(RuntimeError, match="joined for inference"):
+                model.state_dict()
+    assert set(seen[("sharded", None)]) == {"mapped", "apart"}  # the shards split some groups, not all
+    assert set(seen[("pickled", None)]) == {"apart"} and set(seen[("theirs", None)]) == {"read"}
 
 
 def test_write_safetensors_aligns_the_data_and_keeps_every_tensor(tmp_path):

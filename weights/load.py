@@ -125,7 +125,7 @@ class TensorFiles:
             path = found[0]
         self.path = path
         self._handles = {}  # file -> safe_open handle or state dict
-        self._headers = {}  # file -> its safetensors header, read once (for rows())
+        self._headers = {}  # file -> its safetensors header, read once
         self._mapped = {}  # file -> the whole file mapped as bytes (for block())
         self.file_of = {}  # key -> file
         if path.name.endswith(".index.json"):
@@ -199,26 +199,47 @@ class TensorFiles:
             self._headers[file] = read_safetensors_header(file)
         return self._headers[file]
 
-    def block(self, keys: list, dtype=None) -> tuple:
-        """Room for the 2-D tensors of keys (one width) as one block of rows, in this order -> (block, filled):
-        the file mapped (filled, no copy) where they lie back to back in one safetensors file, the first 64-byte
-        aligned, of dtype (None: as stored); else memory of its own, empty, for `read_into`."""
-        shapes, files = [self.shape(k) for k in keys], {self.file_of[k] for k in keys}
-        file = self.file_of[keys[0]]
-        if len(files) == 1 and file.suffix != ".bin":
-            data_start, header = self._header(file)
-            entries = [header[k] for k in keys]
-            stored = SAFETENSORS_DTYPES.get(entries[0]["dtype"])
-            start, end = data_start + entries[0]["data_offsets"][0], data_start + entries[-1]["data_offsets"][1]
-            if (stored is not None and stored.is_floating_point and dtype in (None, stored) and start % ALIGN == 0
-                    and all(e["dtype"] == entries[0]["dtype"] for e in entries)
-                    and all(a["data_offsets"][1] == b["data_offsets"][0] for a, b in zip(entries, entries[1:]))):
+    def block(self, keys: list, dtype=None):
+        """Room for the 2-D tensors of keys (one width, one floating-point dtype) as one block of rows, in this
+        order, where that costs no memory beyond theirs -> (block, filled) or None. The file mapped (filled) where
+        they lie back to back in one safetensors file, aligned, of dtype (None: as stored); memory of its own
+        (empty, for `read_into`) where each would be copied anyway: cast to dtype, or misaligned in its file (read,
+        not mapped: _read); else None: they stay as stored, apart (a pickle's, those of several files...)."""
+        stored = {self.stored_dtype(k) for k in keys}
+        if len(stored) != 1 or None in stored or not next(iter(stored)).is_floating_point:
+            return None  # _read takes them one by one (and names any problem)
+        stored = stored.pop()
+        places = [self._place(k) for k in keys]
+        rows, width = sum(self.shape(k)[0] for k in keys), self.shape(keys[0])[1]
+        if dtype in (None, stored):
+            if None in places:
+                return None  # a pickle's tensors: mapped by torch.load
+            file, start, end = places[0][0], places[0][1], places[-1][2]
+            if (start % ALIGN == 0 and all(p[0] == file for p in places)
+                    and all(a[2] == b[1] for a, b in zip(places, places[1:]))):
                 if file not in self._mapped:  # the whole file, once (private: writes to it stay in memory)
                     self._mapped[file] = torch.from_file(str(file), shared=False, size=file.stat().st_size,
                                                          dtype=torch.uint8)
-                return self._mapped[file][start:end].view(stored).view(-1, shapes[0][1]), True
-        stored = self.rows(keys[0]).dtype
-        return torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype or stored), False
+                return self._mapped[file][start:end].view(stored).view(rows, width), True
+            if any(p[1] % ALIGN == 0 for p in places):
+                return None  # some would stay mapped: a block would copy them
+        return torch.empty(rows, width, dtype=dtype or stored), False
+
+    def stored_dtype(self, key: str):
+        """The dtype key is stored in (None: one not read here)."""
+        file = self.file_of[key]
+        if file.suffix == ".bin":
+            return self.get(key).dtype
+        return SAFETENSORS_DTYPES.get(self._header(file)[1][key]["dtype"])
+
+    def _place(self, key: str):
+        """(file, where key's bytes start in it, where they end) in a safetensors file; None in a pickle."""
+        file = self.file_of[key]
+        if file.suffix == ".bin":
+            return None
+        data_start, header = self._header(file)
+        first, end = header[key]["data_offsets"]
+        return file, data_start + first, data_start + end
 
     def read_into(self, key: str, out: torch.Tensor):
         """The tensor of key into out (its shape; cast to its dtype), with plain file reads: nothing stays mapped."""
@@ -431,12 +452,13 @@ def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=(
     for name, (files, key) in found.items():
         by_file.setdefault(files.file_of[key], []).append((name, files, key))
     group_of = {name: group for group in joined for name in group}
-    blocks = {}  # group -> (its block, filled already, where each part's rows start), made at its first part
+    blocks = {}  # group -> (its block, filled already, where each part's rows start) or None, made at its first part
     state, progress = {}, Progress(len(to_quantize), "quantizing while loading")
     for file, items in by_file.items():
         for name, files, key in items:
-            if name in group_of:
-                state[name] = _part(group_of[name], name, blocks, found, dtype)
+            part = _part(group_of[name], name, blocks, found, dtype) if name in group_of else None
+            if part is not None:
+                state[name] = part
                 continue
             if name in to_quantize:
                 rows = files.rows(key)
@@ -460,15 +482,19 @@ def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=(
     return state
 
 
-def _part(group: tuple, name: str, blocks: dict, found: dict, dtype) -> torch.Tensor:
-    """name's rows of its group's block (see _read), read now unless the block is the file mapped."""
+def _part(group: tuple, name: str, blocks: dict, found: dict, dtype):
+    """name's rows of its group's block (see _read), read now unless the block is the file mapped; None where the
+    group gets no block (TensorFiles.block)."""
     files = found[name][0]
     if group not in blocks:
-        block, filled = files.block([found[n][1] for n in group], dtype)
-        starts = [0]
-        for n in group:
-            starts.append(starts[-1] + files.shape(found[n][1])[0])
-        blocks[group] = block, filled, starts
+        blocks[group] = files.block([found[n][1] for n in group], dtype)
+        if blocks[group] is not None:
+            starts = [0]
+            for n in group:
+                starts.append(starts[-1] + files.shape(found[n][1])[0])
+            blocks[group] = (*blocks[group], starts)
+    if blocks[group] is None:
+        return None
     block, filled, starts = blocks[group]
     i = group.index(name)
     part = block[starts[i]:starts[i + 1]]
@@ -568,7 +594,7 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
         _quantized_model(model, quantize, config_file)  # checked before reading; filled by _read's quantization
     found = match_tensors(parts, expected, config_file, {keymaps.LM_HEAD_KEY} if tied else ())
     on_cpu = torch.device(device).type == "cpu"
-    joined = [group for group in _joinable(model) if not set(group) & (to_quantize | set(stored))]
+    joined = [group for group in _joinable(model) if all(n in found and n not in to_quantize for n in group)]
     state = _read(found, dtype, device, stored, quantize, to_quantize, joined if inference and on_cpu else ())
     state.update({k: v.to(device=device, dtype=dtype) for k, v in fresh.items()})
     if tied:
