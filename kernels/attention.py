@@ -101,11 +101,13 @@ def attention_torch(q, k, v, causal: bool, key_padding_mask=None, scale=None):
 def _decode_torch(q, k, v, key_padding_mask, scale):
     """One query per head against the cache with two batched matrix-vector products. On CPU this is several times
     faster than SDPA's flash kernel, whose blocking is built for many query rows. GQA needs no copy of k and v:
-    the G = nh // n_kv query heads that share a kv head become G rows against it."""
+    the G = nh // n_kv query heads that share a kv head become G rows against it. The scores are K q^T: a bf16
+    matmul copies the cache's K slice each step (its batch stride is the cache's length, not Tk), and K's rows as
+    stored copy faster than K transposed (measured: a 7B bf16 decode step 4% shorter, 1.1B the same)."""
     B, nh, _, hs = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
     qg = q.reshape(B, n_kv, nh // n_kv, hs)  # (B, n_kv, G, hs)
-    s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, n_kv, G, Tk), softmax in fp32
+    s = torch.matmul(k, qg.transpose(-1, -2)).transpose(-1, -2).float() * scale  # (B, n_kv, G, Tk), softmax in fp32
     if key_padding_mask is None:  # every key visible (e.g. one sequence at its exact length): nothing to mask
         p = torch.softmax(s, dim=-1)
     else:
