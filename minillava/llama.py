@@ -2,7 +2,7 @@
 
 Parameter names follow Hugging Face-format LLaMA checkpoints (`model.layers.N.self_attn.q_proj.weight`...);
 a model loaded for inference on the CPU (quantized, or with load_llava's inference=True) has q, k, v as one
-`qkv_proj` and gate, up as one `gate_up_proj` (`join`).
+`qkv_proj` and gate, up as one `gate_up_proj` (`join`; dense ones where the loader could give them one block).
 Shapes: B batch, T tokens, C width, nh query heads, n_kv key/value heads, hs head size, V vocabulary.
 """
 from dataclasses import dataclass
