@@ -116,15 +116,20 @@ class KVCache(nn.Module):
         return self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], {"key_lengths": lengths}
 
 
-def _joined(layers, dense: bool):
-    """One layer for layers that read the same x: quantized ones joined, plain ones too when dense and their
-    weights already lie as one block (weights/load.py reads them so: joining never copies); else None (LoRA-wrapped
-    or mixed layers, weights apart, stay as they are)."""
+def _join(module, name: str, dense: bool):
+    """module.JOINED's layers, which read the same x, as one layer module.<name> (theirs deleted): quantized ones
+    joined, plain ones too when dense and their weights already lie as one block (weights/load.py reads them so:
+    joining never copies); else module.<name> stays None (LoRA-wrapped or mixed layers, weights apart)."""
+    layers = [getattr(module, n) for n in module.JOINED]
+    joined = None
     if all(isinstance(m, QuantLinear) for m in layers):
-        return QuantLinear.concat(layers)
-    if dense and all(type(m) is DecodeLinear for m in layers):
-        return DecodeLinear.concat(layers, copy=False)
-    return None
+        joined = QuantLinear.concat(layers)
+    elif dense and all(type(m) is DecodeLinear for m in layers):
+        joined = DecodeLinear.concat(layers, copy=False)
+    setattr(module, name, joined)
+    if joined is not None:
+        for n in module.JOINED:
+            delattr(module, n)
 
 
 class LlamaAttention(nn.Module):
@@ -146,10 +151,7 @@ class LlamaAttention(nn.Module):
     def join(self, dense: bool):
         """q, k and v as one layer, quantized (QuantLinear.concat) or, with dense, plain (DecodeLinear.concat):
         weights/load.py does it on the CPU, for inference."""
-        self.qkv_proj = _joined([getattr(self, name) for name in self.JOINED], dense)
-        if self.qkv_proj is not None:
-            for name in self.JOINED:
-                delattr(self, name)
+        _join(self, "qkv_proj", dense)
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache: PrefillWrite | DecodeWrite = None):
         """x (B, T, C). key_padding_mask (B, T) bool, True = real token (no cache: training, a full forward).
@@ -187,10 +189,7 @@ class LlamaMLP(nn.Module):
 
     def join(self, dense: bool):
         """gate and up as one layer, as LlamaAttention.join does q, k and v."""
-        self.gate_up_proj = _joined([getattr(self, name) for name in self.JOINED], dense)
-        if self.gate_up_proj is not None:
-            for name in self.JOINED:
-                delattr(self, name)
+        _join(self, "gate_up_proj", dense)
 
     def forward(self, x):
         if self.gate_up_proj is not None:

@@ -180,10 +180,9 @@ class TensorFiles:
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor in memory of its own (torch's allocator: ALIGN-aligned), read with plain file reads."""
-        file = self.file_of[key]
-        if file.suffix == ".bin":
-            return self.get(key).clone()
-        return self.rows(key).all()
+        out = torch.empty(self.shape(key), dtype=self.stored_dtype(key))
+        self.read_into(key, out)
+        return out
 
     def rows(self, key: str):
         """The tensor as something sliceable by rows, read with plain file reads: a block's bytes are copied and
@@ -201,16 +200,17 @@ class TensorFiles:
 
     def block(self, keys: list, dtype=None):
         """Room for the 2-D tensors of keys (one width, one floating-point dtype) as one block of rows, in this
-        order, where that costs no memory beyond theirs -> (block, filled) or None. The file mapped (filled) where
-        they lie back to back in one safetensors file, aligned, of dtype (None: as stored); memory of its own
-        (empty, for `read_into`) where each would be copied anyway: cast to dtype, or misaligned in its file (read,
-        not mapped: _read); else None: they stay as stored, apart (a pickle's, those of several files...)."""
+        order, where that costs no memory beyond theirs -> (each one's rows of it, filled) or None. The file
+        mapped (filled) where they lie back to back in one safetensors file, aligned, of dtype (None: as stored);
+        memory of its own (empty, for `read_into`) where each would be copied anyway: cast to dtype, or misaligned
+        in its file (read, not mapped: _read); else None: they stay as stored, apart (a pickle's, those of several
+        files...)."""
         stored = {self.stored_dtype(k) for k in keys}
         if len(stored) != 1 or None in stored or not next(iter(stored)).is_floating_point:
             return None  # _read takes them one by one (and names any problem)
         stored = stored.pop()
         places = [self._place(k) for k in keys]
-        rows, width = sum(self.shape(k)[0] for k in keys), self.shape(keys[0])[1]
+        rows, width = [self.shape(k)[0] for k in keys], self.shape(keys[0])[1]
         if dtype in (None, stored):
             if None in places:
                 return None  # a pickle's tensors: mapped by torch.load
@@ -220,10 +220,10 @@ class TensorFiles:
                 if file not in self._mapped:  # the whole file, once (private: writes to it stay in memory)
                     self._mapped[file] = torch.from_file(str(file), shared=False, size=file.stat().st_size,
                                                          dtype=torch.uint8)
-                return self._mapped[file][start:end].view(stored).view(rows, width), True
+                return self._mapped[file][start:end].view(stored).view(-1, width).split(rows), True
             if any(p[1] % ALIGN == 0 for p in places):
                 return None  # some would stay mapped: a block would copy them
-        return torch.empty(rows, width, dtype=dtype or stored), False
+        return torch.empty(sum(rows), width, dtype=dtype or stored).split(rows), False
 
     def stored_dtype(self, key: str):
         """The dtype key is stored in (None: one not read here)."""
@@ -280,10 +280,6 @@ class _FileRows:
         start, stop, _ = rows.indices(self.shape[0])
         out = torch.empty(max(stop - start, 0), *self.shape[1:], dtype=self.dtype)
         return self._read_into(out, self.start + start * self.row_bytes)
-
-    def all(self) -> torch.Tensor:
-        """The whole tensor (of any number of dims)."""
-        return self._read_into(torch.empty(self.shape, dtype=self.dtype), self.start)
 
     def read_into(self, out: torch.Tensor) -> torch.Tensor:
         """The whole tensor into out (contiguous, of its shape and dtype)."""
@@ -452,7 +448,7 @@ def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=(
     for name, (files, key) in found.items():
         by_file.setdefault(files.file_of[key], []).append((name, files, key))
     group_of = {name: group for group in joined for name in group}
-    blocks = {}  # group -> (its block, filled already, where each part's rows start) or None, made at its first part
+    blocks = {}  # group -> (each part's rows of its block, filled already) or None, made at its first part
     state, progress = {}, Progress(len(to_quantize), "quantizing while loading")
     for file, items in by_file.items():
         for name, files, key in items:
@@ -485,21 +481,15 @@ def _read(found: dict, dtype, device, stored: dict, quantize=None, to_quantize=(
 def _part(group: tuple, name: str, blocks: dict, found: dict, dtype):
     """name's rows of its group's block (see _read), read now unless the block is the file mapped; None where the
     group gets no block (TensorFiles.block)."""
-    files = found[name][0]
+    files, key = found[name]
     if group not in blocks:
         blocks[group] = files.block([found[n][1] for n in group], dtype)
-        if blocks[group] is not None:
-            starts = [0]
-            for n in group:
-                starts.append(starts[-1] + files.shape(found[n][1])[0])
-            blocks[group] = (*blocks[group], starts)
     if blocks[group] is None:
         return None
-    block, filled, starts = blocks[group]
-    i = group.index(name)
-    part = block[starts[i]:starts[i + 1]]
+    parts, filled = blocks[group]
+    part = parts[group.index(name)]
     if not filled:
-        files.read_into(found[name][1], part)
+        files.read_into(key, part)
     return part
 
 
@@ -594,8 +584,9 @@ def load_llava(path, vision_path=None, projector_path=None, dtype=torch.float32,
         _quantized_model(model, quantize, config_file)  # checked before reading; filled by _read's quantization
     found = match_tensors(parts, expected, config_file, {keymaps.LM_HEAD_KEY} if tied else ())
     on_cpu = torch.device(device).type == "cpu"
-    joined = [group for group in _joinable(model) if all(n in found and n not in to_quantize for n in group)]
-    state = _read(found, dtype, device, stored, quantize, to_quantize, joined if inference and on_cpu else ())
+    joined = [group for group in _joinable(model) if all(n in found and n not in to_quantize for n in group)
+              ] if inference and on_cpu else []
+    state = _read(found, dtype, device, stored, quantize, to_quantize, joined)
     state.update({k: v.to(device=device, dtype=dtype) for k, v in fresh.items()})
     if tied:
         head = state.pop(keymaps.LM_HEAD_KEY, None)
