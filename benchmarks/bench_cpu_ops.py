@@ -18,7 +18,12 @@ an op this torch build or CPU does not have prints why instead of a figure. What
                                where oneDNN's int8 works: kernels/quant.py); the numbers of x to 15 bits of its range
     int8 weight, int8 x        fbgemm's dynamic quantized linear (x quantized per call, int8 x int8 -> int32),
                                as llama.cpp's Q8_0 multiplies; other numerics than ours (x is rounded to 8 bits)
+    int8 x int8, _int_mm       torch._int_mm, the plain int8 x int8 -> int32 product (x already in int8; the
+                               weight as the transpose of its (N, K) rows, the faster of its two layouts)
+    fp8 weight, fp8 x          oneDNN's quantized matmul with float8_e4m3fn weights (qlinear_prepack's other dtype)
     int4 weight, bf16 x        torch._weight_int4pack_mm_for_cpu, groups of 64 (minillava's --quantize int4)
+    int4 weight, int8 x        torch._dyn_quant_matmul_4bit, groups of 32 (x quantized per call; KleidiAI's
+                               kernels on Arm, a generic fallback elsewhere)
     fp16 weight, fp32 x        fbgemm's fp16-weight linear (weights stored in half, converted in registers)
 """
 import argparse
@@ -49,13 +54,21 @@ def candidates(W, x):
     q8 = quantize(W, 8)
     ops["int8 weight, bf16 x"] = ((q8["qweight"], q8["scales"].bfloat16()),
                                   lambda q, s: torch.ops.aten._weight_int8pack_mm(xb, q, s))
+    zeros = torch.zeros(N, dtype=torch.long)
     problem = Q.onednn_int8_problem()
     ops["int8 weight, 2x int8 x"] = f"not available: {problem}" if problem else (
         lambda: Q.pack_int8_for_cpu(q8["qweight"], q8["scales"]), lambda *w: Q._onednn_int8(x, *w))
     scales = (W.abs().amax(1) / 127).clamp(min=1e-12).double()
     ops["int8 weight, int8 x"] = (lambda: (torch.ops.quantized.linear_prepack(torch.quantize_per_channel(
-        W, scales, torch.zeros(N, dtype=torch.long), 0, torch.qint8), None),),
+        W, scales, zeros, 0, torch.qint8), None),),
         lambda pk: torch.ops.quantized.linear_dynamic(x, pk))
+    x8 = torch.randint(-127, 128, x.shape, dtype=torch.int8)
+    ops["int8 x int8, _int_mm"] = ((q8["qweight"],), lambda q: torch._int_mm(x8, q.t()))
+    s8 = (W.abs().amax(1) / 448).clamp(min=1e-12)  # e4m3's largest value is 448
+    ops["fp8 weight, fp8 x"] = (lambda: (torch.ops.onednn.qlinear_prepack((W / s8[:, None]).to(torch.float8_e4m3fn),
+                                                                          [1, K]),), lambda pk: (
+        torch.ops.onednn.qlinear_pointwise(x.to(torch.float8_e4m3fn), 1.0, 0, pk, s8, zeros,
+                                           None, 1.0, 0, torch.float32, "none", [], "")))
     try:
         q4 = quantize(W, 4, 64)
         packed4, sz = pack_int4_for_cpu(q4["qweight"], q4["scales"], q4["offsets"])
@@ -63,20 +76,25 @@ def candidates(W, x):
             torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, 64, s)))
     except (RuntimeError, ValueError) as e:
         ops["int4 weight, bf16 x"] = f"not available: {e}".splitlines()[0]
+    g32 = quantize(W, 4, 32)  # qweight (N, K / 2) uint8, two codes a byte
+    ops["int4 weight, int8 x"] = (lambda: (torch.ops.aten._dyn_quant_pack_4bit_weight(
+        g32["qweight"], g32["scales"].float(), None, 32, K, N),), lambda pk: (
+        torch.ops.aten._dyn_quant_matmul_4bit(x, pk, 32, K, N)))
     bias = torch.zeros(N)
     ops["fp16 weight, fp32 x"] = (lambda: (torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(W),), lambda w: (
         torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(x, w, bias)))
     return ops
 
 
-PACKED = {"int8 weight, 2x int8 x": 1, "int8 weight, int8 x": 1, "fp16 weight, fp32 x": 2}  # opaque: bytes/weight
+PACKED = {"int8 weight, 2x int8 x": 1, "int8 weight, int8 x": 1, "fp8 weight, fp8 x": 1, "int4 weight, int8 x": 0.5,
+          "fp16 weight, fp32 x": 2}  # opaque: bytes/weight
 
 
 def measure(name, weights, fn, W, a) -> tuple[float, int]:
     """-> (best seconds per call, weight bytes per call), cycling through copies of the weights that add up to
     a.min_mib: past the caches (this machine's L3 may hold a whole weight), so that a call reads from memory.
     An opaque op this torch build lacks raises at its first packing (main prints why)."""
-    size = W.numel() * PACKED[name] if name in PACKED else sum(t.numel() * t.element_size() for t in weights)
+    size = int(W.numel() * PACKED[name]) if name in PACKED else sum(t.numel() * t.element_size() for t in weights)
     n = -(-a.min_mib * 2**20 // size)
     copies = ([weights() for _ in range(n)] if callable(weights)
               else [weights] + [tuple(t.clone() for t in weights) for _ in range(n - 1)])
