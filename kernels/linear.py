@@ -137,26 +137,24 @@ class DecodeLinear(nn.Linear):
     parts = None  # out_features of the layers this one joins (concat), in order
 
     @classmethod
-    def concat(cls, layers, copy=True):
+    def concat(cls, layers):
         """Layers without bias that read the same x as one, their outputs side by side (`parts` says where each
         one's end), for inference: a decode step then reads one larger matrix where it read several (q, k, v: three;
         gate, up: two), and pays the cost of each product beyond its reading once (measured, 1.1B bf16 on the CPU:
-        steps 5% shorter eager, 7-20% compiled; benchmarks/RESULTS.md). The weight is a view of the parts' memory
-        when they lie back to back in one storage, in order (weights/load.py reads them so for inference), else
-        their copy, or, with copy False, no layer (None). The joined layer has no checkpoint name: it cannot be
-        saved."""
+        steps 5% shorter eager, 7-20% compiled; benchmarks/RESULTS.md). The weight is a view of the parts' memory,
+        which must lie back to back in one storage, in order (weights/load.py reads them so for inference); else
+        None: joining never copies. The joined layer has no checkpoint name: it cannot be saved."""
         first = layers[0]
         for i, m in enumerate(layers):
             if type(m) is not cls or m.bias is not None or m.in_features != first.in_features or m.parts:
                 raise ValueError(f"DecodeLinear.concat: layer {i} ({m}) is not a DecodeLinear without bias, not "
                                  f"joined, of in_features {first.in_features}")
-        weights = [m.weight.detach() for m in layers]
-        joined = _adjacent(weights)
-        if joined is None and not copy:
+        joined = _adjacent([m.weight.detach() for m in layers])
+        if joined is None:
             return None
-        with torch.device("meta"):  # its weight is the parts' joined below: nothing to allocate first
+        with torch.device("meta"):  # its weight is the parts' block below: nothing to allocate first
             layer = cls(first.in_features, sum(m.out_features for m in layers), bias=False)
-        layer.weight = nn.Parameter(torch.cat(weights) if joined is None else joined, requires_grad=False)
+        layer.weight = nn.Parameter(joined, requires_grad=False)
         layer.parts = [m.out_features for m in layers]
         return layer
 

@@ -125,7 +125,7 @@ def _join(module, name: str, dense: bool):
     if all(isinstance(m, QuantLinear) for m in layers):
         joined = QuantLinear.concat(layers)
     elif dense and all(type(m) is DecodeLinear for m in layers):
-        joined = DecodeLinear.concat(layers, copy=False)
+        joined = DecodeLinear.concat(layers)
     setattr(module, name, joined)
     if joined is not None:
         for n in module.JOINED:
